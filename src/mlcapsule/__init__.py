@@ -1,0 +1,31 @@
+"""mlcapsule: guarded offline deployment of machine learning as a service.
+
+A provider packs an ONNX model into an encrypted, signed capsule (:func:`pack`). A client runs it
+inside an enclave worker process on its own machine (:func:`open_capsule`), so the client's data
+stays local and the weights never leave the enclave in plaintext.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "pack", "open_capsule", "Capsule"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client import Capsule, open_capsule
+    from .packer import pack
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import mlcapsule` stays cheap and the enclave worker imports only what it needs.
+    if name == "pack":
+        from .packer import pack
+
+        return pack
+    if name in ("open_capsule", "Capsule"):
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(name)

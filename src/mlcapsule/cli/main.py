@@ -1,0 +1,356 @@
+"""The `mlcapsule` command line. Errors are caught in exactly one place: :func:`main`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .. import __version__
+from .._util import data_home
+from ..errors import EXIT_CODES, MlcapsuleError, UsageError
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+SOFTWARE_WARNING = ("The 'software' backend does NOT protect against the machine's owner or root: "
+                    "they can read the model's weights and restore old state. It protects against "
+                    "other unprivileged users and keeps data from leaving through the enclave.")
+
+
+def default_provider_key() -> Path:
+    return data_home() / "provider" / "provider-key.pem"
+
+
+def _passphrase(passphrase_file: str | None) -> bytes | None:
+    if passphrase_file:
+        return Path(passphrase_file).read_bytes().rstrip(b"\r\n")
+    env = os.environ.get("MLCAPSULE_PASSPHRASE")
+    return env.encode() if env else None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
+@click.version_option(__version__, prog_name="mlcapsule")
+def cli() -> None:
+    """mlcapsule: run a provider's model on your machine, inside an enclave, under the provider's terms."""
+
+
+# -- provider ----------------------------------------------------------------------------------
+@cli.group()
+def provider() -> None:
+    """Provider keys."""
+
+
+@provider.command("init")
+@click.option("--key", "key_path", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the Ed25519 signing key [default: $MLCAPSULE_HOME/provider/provider-key.pem].")
+@click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False),
+              help="Encrypt the key with the passphrase in this file (or set MLCAPSULE_PASSPHRASE).")
+@click.option("--force", is_flag=True, help="Replace an existing key (capsules signed with it can no longer be re-signed).")
+def provider_init(key_path: str | None, passphrase_file: str | None, force: bool) -> None:
+    """Create the provider's signing key (mode 0600)."""
+    from ..crypto.keys import generate_provider_key, key_id
+
+    path = Path(key_path) if key_path else default_provider_key()
+    pub = generate_provider_key(path, passphrase=_passphrase(passphrase_file), overwrite=force)
+    console.print(f"provider key written to {path} (mode 0600), public key {path}.pub, key id {key_id(pub)}")
+
+
+# -- pack, inspect, verify ---------------------------------------------------------------------
+def _parse_expiry(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    now = dt.datetime.now(dt.timezone.utc)
+    if text[-1] in "dh" and text[:-1].isdigit():
+        n = int(text[:-1])
+        return (now + (dt.timedelta(days=n) if text[-1] == "d" else dt.timedelta(hours=n))).replace(microsecond=0)
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError as e:
+        raise UsageError(f"--expires {text!r} is neither an ISO 8601 time nor a duration like 30d or 12h") from e
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def _preprocessing(image_size: str | None, channels: int, layout: str, scale: float | None,
+                   mean: str | None, std: str | None) -> dict[str, Any] | None:
+    if image_size is None and scale is None:
+        return None
+    size = None
+    if image_size:
+        try:
+            h, _, w = image_size.lower().partition("x")
+            size = [int(h), int(w or h)]
+        except ValueError as e:
+            raise UsageError(f"--image-size {image_size!r} must look like 224x224") from e
+
+    def floats(s: str | None) -> list[float] | None:
+        if s is None:
+            return None
+        try:
+            return [float(v) for v in s.split(",")]
+        except ValueError as e:
+            raise UsageError(f"{s!r} must be comma-separated numbers") from e
+
+    return {"kind": "image" if size else "tensor", "image_size": size, "channels": channels, "layout": layout,
+            "scale": 1.0 if scale is None else scale, "mean": floats(mean), "std": floats(std), "dtype": "float32"}
+
+
+def _class_names(spec: str | None) -> list[str] | None:
+    if not spec:
+        return None
+    p = Path(spec)
+    if p.is_file():
+        return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    return [c.strip() for c in spec.split(",")]
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The capsule file to write.")
+@click.option("--key", "key_path", type=click.Path(dir_okay=False), default=None, help="Provider signing key.")
+@click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", help="Capsule name [default: output file stem].")
+@click.option("--capsule-id", help="Keep the id of an earlier version (a UUID) [default: new].")
+@click.option("--version", "cversion", type=click.IntRange(0, 2**31 - 1), default=1, show_default=True)
+@click.option("--description", default="")
+@click.option("--provider-name", default="")
+@click.option("--server-url", help="The provider's provisioning server, recorded in the manifest.")
+@click.option("--image-size", help="Images are resized to HxW, e.g. 224x224.")
+@click.option("--channels", type=click.Choice(["1", "3"]), default="3", show_default=True)
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC", "flat"]), default="NCHW", show_default=True)
+@click.option("--scale", type=float, help="Multiply pixel values (0-255) by this, e.g. 0.00392156862745098.")
+@click.option("--mean", help="Per-channel mean to subtract after scaling, comma-separated.")
+@click.option("--std", help="Per-channel std to divide by, comma-separated.")
+@click.option("--class-names", help="Comma-separated class names, or a file with one per line.")
+@click.option("--budget", type=click.IntRange(0), help="Default query budget [default: unlimited].")
+@click.option("--expires", help="Default expiry: ISO 8601 time or a duration like 30d.")
+@click.option("--lease-size", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
+@click.option("--public-architecture", is_flag=True, help="Leave the graph in the clear (weights stay encrypted).")
+@click.option("--key-output", type=click.Path(dir_okay=False), help="Content key file [default: OUTPUT.key].")
+def pack(model: str, output: str, key_path: str | None, passphrase_file: str | None, name: str | None,
+         capsule_id: str | None, cversion: int, description: str, provider_name: str, server_url: str | None,
+         image_size: str | None, channels: str, layout: str, scale: float | None, mean: str | None, std: str | None,
+         class_names: str | None, budget: int | None, expires: str | None, lease_size: int,
+         public_architecture: bool, key_output: str | None) -> None:
+    """Pack an ONNX MODEL into an encrypted, signed capsule."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from ..format.manifest import Policy
+    from ..packer import pack as do_pack
+
+    policy = Policy(budget=budget, expires=_parse_expiry(expires), lease_size=lease_size)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=err_console,
+                  transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        res = do_pack(model, output, provider_key=key_path or default_provider_key(),
+                      passphrase=_passphrase(passphrase_file), name=name, version=cversion, capsule_id=capsule_id,
+                      description=description, provider_name=provider_name, server_url=server_url,
+                      preprocessing=_preprocessing(image_size, int(channels), layout, scale, mean, std),
+                      class_names=_class_names(class_names), policy=policy,
+                      public_architecture=public_architecture, key_output=key_output, progress=progress)
+    m = res.manifest
+    console.print(f"packed {res.capsule_path} (capsule {m.capsule_id} v{m.version}, "
+                  f"runtime optimization '{m.runtime.optimization}' verified against plain ONNX Runtime)")
+    console.print(f"content key: {res.key_path} (mode 0600; keep it at the provider, never ship it)")
+
+
+def _load_trusted(trust: str | None) -> bytes | None:
+    if not trust:
+        return None
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        pub = serialization.load_pem_public_key(Path(trust).read_bytes())
+    except (ValueError, OSError) as e:
+        raise UsageError(f"{trust} is not a PEM public key") from e
+    if not isinstance(pub, Ed25519PublicKey):
+        raise UsageError(f"{trust} is not an Ed25519 public key")
+    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+@cli.command()
+@click.argument("capsule", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def inspect(capsule: str, as_json: bool) -> None:
+    """Show a capsule's public manifest (checks its signature; needs no key)."""
+    from ..crypto.keys import ed25519_public_from_raw, key_id
+    from ..format.container import CapsuleFile
+
+    with CapsuleFile(capsule) as cf:
+        m = cf.manifest
+    if as_json:
+        console.print_json(json.dumps(m.to_dict()))
+        return
+    t = Table(show_header=False, box=None)
+    t.add_row("capsule", f"{m.name}  id {m.capsule_id}  version {m.version}")
+    t.add_row("created", m.created.isoformat())
+    t.add_row("provider", f"{m.provider_name or '(unnamed)'}  key id {key_id(ed25519_public_from_raw(m.provider_key))}")
+    t.add_row("server", m.server_url or "-")
+    for s in m.inputs:
+        t.add_row("input", f"{s.name}: {s.dtype} {list(s.shape)}")
+    for s in m.outputs:
+        t.add_row("output", f"{s.name}: {s.dtype} {list(s.shape)}")
+    if m.preprocessing:
+        t.add_row("preprocessing", json.dumps(m.preprocessing))
+    if m.class_names:
+        shown = ", ".join(m.class_names[:10]) + (f", ... ({len(m.class_names)} classes)" if len(m.class_names) > 10 else "")
+        t.add_row("classes", shown)
+    t.add_row("architecture", "public (graph in the clear)" if m.public_architecture else "encrypted")
+    p = m.policy
+    t.add_row("default policy", f"budget {'unlimited' if p.budget is None else p.budget}, "
+              f"expires {p.expires.isoformat() if p.expires else 'never'}, lease {p.lease_size}")
+    t.add_row("runtime", f"optimization {m.runtime.optimization}, prepacking {'on' if m.runtime.prepacking else 'off'}")
+    for s in m.segments:
+        t.add_row(f"segment {s.index}", f"{s.name}: {s.length} bytes, {'encrypted' if s.encrypted else 'plaintext'}")
+    console.print(t)
+
+
+@cli.command()
+@click.argument("capsule", type=click.Path(dir_okay=False))
+@click.option("--trust", type=click.Path(exists=True, dir_okay=False),
+              help="The provider's public key (PEM); without it, origin is not checked, only integrity.")
+def verify(capsule: str, trust: str | None) -> None:
+    """Check a capsule's signature, structure and segment hashes, without the key."""
+    from ..format.container import CapsuleFile
+
+    with CapsuleFile(capsule, trusted_key=_load_trusted(trust)) as cf:
+        cf.verify_segments()
+        m = cf.manifest
+    origin = "signed by the trusted provider key" if trust else "self-consistent (pass --trust to check the provider)"
+    console.print(f"OK: {capsule} is intact: capsule {m.capsule_id} v{m.version}, {len(m.segments)} segments, {origin}")
+
+
+# -- run and status ----------------------------------------------------------------------------
+def _print_predictions(outputs: Any, manifest: Any, out: str | None, top_k: int) -> None:
+    from ..io import format_outputs, write_outputs
+
+    first = outputs[manifest.outputs[0].name]
+    if out:
+        write_outputs(first, Path(out))
+        console.print(f"wrote {first.shape[0]} predictions to {out}")
+        return
+    rows = format_outputs(first, manifest.class_names, top_k=top_k)
+    console.print_json(json.dumps(rows))
+
+
+@cli.command()
+@click.argument("capsule", type=click.Path(exists=True, dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--unsafe-dev-key", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="UNSAFE, for development: load the capsule with the provider's content key file.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write outputs to .json or .npy.")
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--state-dir", type=click.Path(file_okay=False))
+def run(capsule: str, inputs: tuple[str, ...], unsafe_dev_key: str, output: str | None, top_k: int,
+        state_dir: str | None) -> None:
+    """Run CAPSULE on INPUTS with the provider's key file (development only)."""
+    from ..client import open_capsule
+
+    err_console.print("[yellow]warning:[/] --unsafe-dev-key bypasses the license: for development and tests only")
+    with open_capsule(capsule, unsafe_dev_key=unsafe_dev_key, state_dir=state_dir) as cap:
+        x = _load_inputs(inputs, cap.manifest)
+        outputs = cap.run({cap.manifest.inputs[0].name: x})
+        _print_predictions(outputs, cap.manifest, output, top_k)
+
+
+def _load_inputs(inputs: tuple[str, ...], manifest: Any) -> Any:
+    from ..io import Preprocessing, load_inputs
+
+    if len(manifest.inputs) != 1:
+        raise UsageError("the CLI runs models with one input; use the Python API for several")
+    spec = manifest.inputs[0]
+    prep = Preprocessing.from_dict(manifest.preprocessing) if manifest.preprocessing else None
+    x = load_inputs([Path(p) for p in inputs], prep, spec.shape) if prep else load_inputs([Path(p) for p in inputs], None, spec.shape)
+    return x.astype(spec.dtype, copy=False)
+
+
+@cli.command()
+@click.argument("capsule", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--unsafe-dev-key", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def status(capsule: str | None, unsafe_dev_key: str | None, as_json: bool) -> None:
+    """What the enclave backend protects against, its hardening, and (with CAPSULE) the capsule's state."""
+    from ..client import open_capsule
+    from ..enclave.host import EnclaveProcess
+
+    if capsule and unsafe_dev_key:
+        with open_capsule(capsule, unsafe_dev_key=unsafe_dev_key) as cap:
+            info = cap.status()
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mlcapsule-status-") as tmp:
+            dummy = Path(tmp) / "none"
+            dummy.touch()
+            with EnclaveProcess(capsule or dummy, state_dir=Path(tmp) / "state") as enc:
+                info = enc.call("status")
+    if as_json:
+        console.print_json(json.dumps(info))
+        return
+    tm = info["threat_model"]
+    console.print(f"[bold]backend:[/] {info['backend']}    measurement {info['measurement'][:16]}…")
+    console.print("[green]protects against:[/]")
+    for s in tm["protects_against"]:
+        console.print(f"  + {s}")
+    console.print("[red]does NOT protect against:[/]")
+    for s in tm["does_not_protect_against"]:
+        console.print(f"  - {s}")
+    if info["backend"] == "software":
+        console.print(f"[bold red]warning:[/] {SOFTWARE_WARNING}")
+    h = info.get("hardening", {})
+    console.print("[bold]worker hardening:[/] " + "; ".join(f"{k}: {v}" for k, v in h.items()))
+    if info.get("capsule"):
+        c = info["capsule"]
+        console.print(f"[bold]capsule:[/] {c['name']} {c['capsule_id']} v{c['version']}, license: {info['license']}, "
+                      f"queries this session: {info['queries_this_session']}")
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), help="Keep the demo's files here [default: a temp folder].")
+def demo(workdir: str | None) -> None:
+    """The end-to-end demo on scikit-learn's digits."""
+    from .demo import run_demo
+
+    run_demo(Path(workdir) if workdir else None, console)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="mlcapsule", standalone_mode=False)
+    except MlcapsuleError as e:
+        err_console.print(f"[bold red]error:[/] {e.diagnostics()}", soft_wrap=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a bug: one line, unless the user asks for the traceback
+        if os.environ.get("MLCAPSULE_DEBUG"):
+            raise
+        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} "
+                          "(this is a bug; re-run with MLCAPSULE_DEBUG=1 for a traceback and report it)", soft_wrap=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

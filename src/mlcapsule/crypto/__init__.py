@@ -1,0 +1,1 @@
+"""Cryptographic building blocks. Everything here calls pyca `cryptography`; nothing is hand-made."""

@@ -1,0 +1,146 @@
+"""Host side (untrusted): start the enclave worker and make ECALLs to it.
+
+Nothing here ever sees the content key, the plaintext graph or the weights: it passes paths to
+the worker, and gets back public status and model outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import errors
+from . import protocol
+
+_ERRORS: dict[str, type[errors.MlcapsuleError]] = {
+    name: cls for name, cls in vars(errors).items()
+    if isinstance(cls, type) and issubclass(cls, errors.MlcapsuleError)
+}
+
+
+class EnclaveProcess:
+    """One enclave worker serving one capsule. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, capsule: str | os.PathLike[str], *, state_dir: str | os.PathLike[str],
+                 backend: str = "software", platform_dir: str | os.PathLike[str] | None = None,
+                 dev_key: str | os.PathLike[str] | None = None, threads: int | None = None,
+                 require_hardening: bool = False) -> None:
+        self.capsule = Path(capsule).resolve()
+        self.state_dir = Path(state_dir).resolve()
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._run = tempfile.TemporaryDirectory(prefix="run-", dir=self.state_dir)
+        self._lock = threading.Lock()
+        self._log = open(Path(self._run.name) / "worker.log", "w+b")
+        to_worker_r, self._to_worker = os.pipe()
+        self._from_worker, from_worker_w = os.pipe()
+        cmd = [sys.executable, "-m", "mlcapsule.enclave.worker",
+               "--fd-in", str(to_worker_r), "--fd-out", str(from_worker_w),
+               "--capsule", str(self.capsule), "--state-dir", str(self.state_dir),
+               "--run-dir", self._run.name, "--backend", backend]
+        if platform_dir:
+            cmd += ["--platform-dir", str(Path(platform_dir).resolve())]
+        if dev_key:
+            cmd += ["--dev-key", str(Path(dev_key).resolve())]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        if require_hardening:
+            cmd.append("--require-hardening")
+        env = dict(os.environ)
+        src = str(Path(__file__).resolve().parent.parent.parent)
+        # No BLAS worker threads: Landlock restricts only the thread that applies it and threads
+        # started after, so helper threads started by imports would escape it.
+        env.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            self.proc = subprocess.Popen(cmd, pass_fds=(to_worker_r, from_worker_w), stdin=subprocess.DEVNULL,
+                                         stdout=self._log, stderr=self._log, env=env, close_fds=True)
+        finally:
+            os.close(to_worker_r)
+            os.close(from_worker_w)
+        self.closed = False
+        self.info = self.call("hello")
+
+    # -- calls --------------------------------------------------------------------------------
+    def call(self, op: str, args: Mapping[str, Any] | None = None,
+             tensors: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Make one ECALL. Returns the reply's result; raises the enclave's error as our own."""
+        buffers: list[memoryview | bytes] = []
+        a = dict(args or {})
+        if tensors is not None:
+            a["tensors"] = protocol.pack_tensors(tensors, buffers)
+        frame = protocol.encode(protocol.REQUEST, {"op": op, "args": a}, buffers)
+        with self._lock:
+            if self.closed:
+                raise errors.EnclaveError("the enclave has been closed")
+            try:
+                protocol.write_frame(self._to_worker, frame)
+                reply = protocol.read_frame(self._from_worker)
+            except (EOFError, BrokenPipeError, OSError) as e:
+                raise errors.EnclaveError(f"the enclave worker stopped: {self._log_tail()}") from e
+        if "error" in reply.header:
+            err = reply.header["error"]
+            cls = _ERRORS.get(str(err.get("type")), errors.EnclaveError)
+            raise cls(str(err.get("message")), hint=err.get("hint"))
+        result = reply.header.get("ok")
+        if not isinstance(result, dict):
+            raise errors.ProtocolError("malformed reply from the enclave")
+        if "tensors" in result:
+            result["tensors"] = protocol.unpack_tensors(result["tensors"], reply.buffers)
+        return result
+
+    def _log_tail(self) -> str:
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.flush()
+        self._log.seek(0)
+        lines = [ln for ln in self._log.read().decode(errors="replace").splitlines() if ln.strip()]
+        code = self.proc.returncode
+        return (lines[-1] if lines else "no output") + (f" (exit status {code})" if code is not None else "")
+
+    def kill(self) -> None:
+        """Kill the worker without a clean shutdown (as a crash would)."""
+        self.proc.kill()
+        self.proc.wait()
+        self._cleanup()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self.proc.poll() is None:
+                with self._lock:
+                    protocol.write_frame(self._to_worker, protocol.encode(protocol.REQUEST, {"op": "shutdown", "args": {}}))
+                    protocol.read_frame(self._from_worker)
+                self.proc.wait(timeout=10)
+        except (EOFError, OSError, subprocess.TimeoutExpired, errors.MlcapsuleError):
+            self.proc.kill()
+            self.proc.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for fd in (self._to_worker, self._from_worker):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._log.close()
+        self._run.cleanup()
+
+    def __enter__(self) -> "EnclaveProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

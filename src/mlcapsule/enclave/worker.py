@@ -1,0 +1,133 @@
+"""The enclave worker process: ``python -m mlcapsule.enclave.worker``.
+
+Started by :mod:`mlcapsule.enclave.host` with two inherited pipe descriptors. In order, it:
+
+1. asks the kernel to kill it when the host dies (PR_SET_PDEATHSIG);
+2. imports everything it will ever need (ONNX Runtime, numpy, onnx, cryptography);
+3. hardens itself (non-dumpable, mlock, Landlock, seccomp: :mod:`.hardening`) *before* it
+   touches any secret: the platform secret, a key file, or the capsule's ciphertext;
+4. serves ECALLs from the host until ``shutdown`` or end of input.
+
+It has no network code, and after step 3 the kernel would refuse it any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import site
+import sys
+import sysconfig
+import traceback
+from pathlib import Path
+from typing import Any
+
+# Step 2: import everything up front, so nothing is loaded from disk after Landlock applies.
+import numpy as np  # noqa: F401
+import onnx  # noqa: F401
+import onnxruntime  # noqa: F401
+
+from .. import errors
+from . import protocol
+from .backends import get_backend
+from .core import EnclaveCore
+from .hardening import harden
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the host died before we got here
+        os._exit(1)
+
+
+def python_read_paths() -> list[str]:
+    """What the interpreter and the installed packages may still need to read."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        p = sysconfig.get_paths().get(key)
+        if p:
+            paths.add(p)
+    paths.update(site.getsitepackages())
+    paths.add(str(Path(__file__).resolve().parent.parent.parent))  # the folder holding mlcapsule
+    return sorted(paths)
+
+
+def _error_reply(e: BaseException) -> dict[str, Any]:
+    if isinstance(e, errors.MlcapsuleError):
+        return {"error": {"type": type(e).__name__, "message": e.message, "hint": e.hint}}
+    # Unexpected: say so without leaking internals; the detail goes to the worker's stderr log.
+    traceback.print_exc(file=sys.stderr)
+    return {"error": {"type": "EnclaveError", "message": f"internal enclave error ({type(e).__name__})", "hint": None}}
+
+
+def serve(core: EnclaveCore, fd_in: int, fd_out: int) -> None:
+    while True:
+        try:
+            msg = protocol.read_frame(fd_in)
+        except EOFError:
+            return
+        except errors.ProtocolError as e:
+            protocol.write_frame(fd_out, protocol.encode(protocol.REPLY, _error_reply(e)))
+            return
+        op = msg.header.get("op")
+        args = msg.header.get("args") or {}
+        buffers: list[memoryview | bytes] = []
+        try:
+            if msg.kind != protocol.REQUEST or op not in protocol.OPS or not isinstance(args, dict):
+                raise errors.ProtocolError(f"unknown request {op!r}")
+            if op == "hello":
+                result: dict[str, Any] = core.hello()
+            elif op == "load":
+                result = core.load(dev_key=args.get("dev_key"))
+            elif op == "infer":
+                outputs = core.infer(protocol.unpack_tensors(args.get("tensors"), msg.buffers))
+                result = {"tensors": protocol.pack_tensors(outputs, buffers)}
+            elif op == "status":
+                result = core.status()
+            else:  # shutdown
+                if core.model is not None:
+                    core.model.close()
+                protocol.write_frame(fd_out, protocol.encode(protocol.REPLY, {"ok": {}}))
+                return
+            reply: dict[str, Any] = {"ok": result}
+        except Exception as e:  # every failure becomes a reply; the worker keeps serving
+            reply, buffers = _error_reply(e), []
+        protocol.write_frame(fd_out, protocol.encode(protocol.REPLY, reply, buffers))
+
+
+def main(argv: list[str] | None = None) -> int:
+    _die_with_parent()
+    ap = argparse.ArgumentParser(prog="mlcapsule-enclave-worker")
+    ap.add_argument("--fd-in", type=int, required=True)
+    ap.add_argument("--fd-out", type=int, required=True)
+    ap.add_argument("--capsule", required=True)
+    ap.add_argument("--state-dir", required=True)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--backend", default="software")
+    ap.add_argument("--platform-dir")
+    ap.add_argument("--dev-key")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--require-hardening", action="store_true")
+    a = ap.parse_args(argv)
+
+    backend = get_backend(a.backend, **({"platform_dir": a.platform_dir} if a.platform_dir else {}))
+    b_read, b_write = backend.paths()
+    read_paths = python_read_paths() + [a.capsule] + ([a.dev_key] if a.dev_key else []) + b_read
+    write_paths = [a.state_dir, a.run_dir] + b_write
+    for p in write_paths:
+        Path(p).mkdir(parents=True, exist_ok=True)
+    report = harden(read_paths=read_paths, write_paths=write_paths, require=a.require_hardening)
+    os.chdir(a.run_dir)
+    core = EnclaveCore(backend, Path(a.capsule), Path(a.state_dir), Path(a.run_dir),
+                       hardening=report.as_dict(), threads=a.threads or None)
+    serve(core, a.fd_in, a.fd_out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""The capsule file format: container (header, signed manifest, data region) and manifest schema."""
+
+from .container import CapsuleFile, MAGIC, MAJOR, MINOR
+from .manifest import Manifest, Policy, RuntimeConfig, SegmentInfo, TensorSpec
+
+__all__ = ["CapsuleFile", "MAGIC", "MAJOR", "MINOR", "Manifest", "Policy", "RuntimeConfig", "SegmentInfo", "TensorSpec"]

@@ -1,0 +1,245 @@
+"""The capsule container, format v1: header, signed manifest, data region.
+
+The byte layout is documented in docs/format.md. In short (all integers little-endian)::
+
+    0   8  magic  b"\\x89MLCAPS\\n"
+    8   2  major version (1)          10  2  minor version (0)
+    12  4  flags (0 in v1)            16  4  manifest length (<= 4 MiB)
+    20  2  signature length (64)      22  2  reserved (0)
+    24  8  data offset (4096-aligned) 32  8  data length
+    40 24  reserved (0)
+    64  .  manifest (canonical JSON), then the Ed25519 signature, then zero padding
+    data offset: the segments, at the offsets the manifest gives
+
+The signature covers ``"mlcapsule-manifest-signature/v1\\0" || header || manifest``, so every
+header field is signed too. The reader checks, in this order: magic, major version, the fixed
+fields, every length against its cap and against the file size, the JSON, the signature, the
+manifest's schema, and that the segments tile the data region exactly. Only then does anything
+look at segment bytes, through a read-only mmap: the file is never read whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import BinaryIO
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .._util import b64d, canonical_json
+from ..crypto.chunks import MAX_CHUNK_SIZE, stored_length
+from ..crypto.keys import ed25519_public_from_raw, raw_public, verify_ed25519
+from ..errors import FormatError, IntegrityError, SignatureError, UnsupportedVersionError
+from .manifest import Manifest, SegmentInfo
+
+MAGIC = b"\x89MLCAPS\n"
+MAJOR = 1
+MINOR = 0
+HEADER_LEN = 64
+SIG_LEN = 64
+MAX_MANIFEST = 4 * 1024 * 1024
+ALIGN = 4096
+_HEADER = struct.Struct("<8sHHIIHHQQ24s")
+_SIG_CONTEXT = b"mlcapsule-manifest-signature/v1\x00"
+assert _HEADER.size == HEADER_LEN
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _pack_header(manifest_len: int, data_offset: int, data_length: int) -> bytes:
+    return _HEADER.pack(MAGIC, MAJOR, MINOR, 0, manifest_len, SIG_LEN, 0, data_offset, data_length, bytes(24))
+
+
+def signed_message(header: bytes, manifest_bytes: bytes) -> bytes:
+    return _SIG_CONTEXT + header + manifest_bytes
+
+
+def parse_header(header: bytes, file_size: int) -> tuple[int, int, int]:
+    """Check the fixed header; return (manifest length, data offset, data length)."""
+    if len(header) < HEADER_LEN:
+        raise FormatError("file is too short to be a capsule")
+    magic, major, minor, flags, mlen, slen, res1, doff, dlen, res2 = _HEADER.unpack(header[:HEADER_LEN])
+    if magic != MAGIC:
+        raise FormatError("not an mlcapsule file (bad magic number)")
+    if major != MAJOR:
+        raise UnsupportedVersionError(f"capsule format version {major}.{minor} is not supported (this build reads {MAJOR}.x)")
+    if flags != 0 or res1 != 0 or res2 != bytes(24):
+        raise FormatError("capsule header has unknown flags or non-zero reserved bytes")
+    if slen != SIG_LEN:
+        raise FormatError("capsule header has a bad signature length")
+    if not 2 <= mlen <= MAX_MANIFEST:
+        raise FormatError("capsule manifest length is out of range")
+    if doff != _align(HEADER_LEN + mlen + SIG_LEN):
+        raise FormatError("capsule data offset does not follow the manifest")
+    if doff > file_size or dlen != file_size - doff:
+        raise FormatError("capsule file is truncated or has trailing bytes")
+    return mlen, doff, dlen
+
+
+def check_segments(segments: tuple[SegmentInfo, ...], data_length: int) -> None:
+    """Segments must tile the data region in order, with consistent lengths."""
+    pos = 0
+    for s in segments:
+        if s.offset != pos:
+            raise FormatError(f"segment {s.index} does not start where the previous one ends")
+        if s.encrypted:
+            if not 16 <= s.chunk_size <= MAX_CHUNK_SIZE:
+                raise FormatError(f"segment {s.index} has a chunk size out of range")
+            if s.length != stored_length(s.plain_length, s.chunk_size):
+                raise FormatError(f"segment {s.index} length does not match its chunking")
+        elif s.length != s.plain_length:
+            raise FormatError(f"segment {s.index} length does not match")
+        pos += s.length
+    if pos != data_length:
+        raise FormatError("segments do not cover the data region exactly")
+
+
+class CapsuleFile:
+    """A capsule opened for reading. Parses and verifies the header and manifest at open.
+
+    ``trusted_key`` (raw Ed25519 public key) pins the provider; without it the manifest is
+    checked against the key it names itself, which proves integrity but not origin.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, trusted_key: bytes | None = None) -> None:
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError as e:
+            raise FormatError(f"no capsule at {self.path}", hint="check the path") from e
+        except IsADirectoryError as e:
+            raise FormatError(f"{self.path} is a directory, not a capsule", hint="check the path") from e
+        self._mmap: mmap.mmap | None = None
+        try:
+            self._open(trusted_key)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, trusted_key: bytes | None) -> None:
+        size = os.fstat(self._fd).st_size
+        header = os.pread(self._fd, HEADER_LEN, 0)
+        mlen, self.data_offset, self.data_length = parse_header(header, size)
+        body = os.pread(self._fd, mlen + SIG_LEN, HEADER_LEN)
+        if len(body) != mlen + SIG_LEN:
+            raise FormatError("capsule file is truncated")
+        self.manifest_bytes, signature = body[:mlen], body[mlen:]
+        try:
+            raw = json.loads(self.manifest_bytes.decode("utf-8"))
+            key = b64d(raw["provider"]["key"])
+            pub = ed25519_public_from_raw(key)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise FormatError("capsule manifest is not valid") from e
+        except SignatureError as e:
+            raise FormatError("capsule manifest names an invalid provider key") from e
+        if trusted_key is not None and key != trusted_key:
+            raise SignatureError("capsule is signed by a provider key that is not the trusted one",
+                                 hint="check that the capsule comes from the provider you expect")
+        verify_ed25519(pub, signature, signed_message(header, self.manifest_bytes), what="capsule manifest")
+        self.manifest = Manifest.from_dict(raw)
+        check_segments(self.manifest.segments, self.data_length)
+
+    def __enter__(self) -> "CapsuleFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a caller still holds a view; the mapping goes with it
+                pass
+            self._mmap = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def segment_view(self, seg: SegmentInfo) -> memoryview:
+        """The stored bytes of a segment, as a read-only view of the mapped file (no copy)."""
+        if self._mmap is None:
+            if self.data_offset + self.data_length == 0:
+                raise FormatError("capsule has no data")
+            self._mmap = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        start = self.data_offset + seg.offset
+        return memoryview(self._mmap)[start:start + seg.length]
+
+    def verify_segments(self) -> None:
+        """Check every segment's SHA-256 against the signed manifest (no key needed)."""
+        for seg in self.manifest.segments:
+            h = hashlib.sha256()
+            view = self.segment_view(seg)
+            step = 8 * 1024 * 1024
+            for i in range(0, len(view), step):
+                h.update(view[i:i + step])
+            view.release()
+            if h.hexdigest() != seg.sha256:
+                raise IntegrityError(f"segment {seg.index} ({seg.name}) does not match its hash in the manifest")
+
+
+class SegmentWriter:
+    """Collects segment bytes into a temporary file, tracking offsets and hashes."""
+
+    def __init__(self, tmpdir: str | os.PathLike[str] | None = None) -> None:
+        self._f: BinaryIO = tempfile.TemporaryFile(dir=tmpdir)
+        self.segments: list[SegmentInfo] = []
+
+    def begin(self) -> tuple[int, "hashlib._Hash"]:
+        return self._f.tell(), hashlib.sha256()
+
+    def write(self, data: bytes | memoryview, h: "hashlib._Hash") -> None:
+        self._f.write(data)
+        h.update(data)
+
+    @property
+    def file(self) -> BinaryIO:
+        return self._f
+
+    def end(self, name: str, start: int, h: "hashlib._Hash", *, encrypted: bool, plain_length: int, chunk_size: int) -> SegmentInfo:
+        seg = SegmentInfo(index=len(self.segments), name=name, encrypted=encrypted, offset=start,
+                          length=self._f.tell() - start, plain_length=plain_length, chunk_size=chunk_size,
+                          sha256=h.hexdigest())
+        self.segments.append(seg)
+        return seg
+
+    def finish(self, path: str | os.PathLike[str], manifest: Manifest, signing_key: Ed25519PrivateKey) -> Manifest:
+        """Write the capsule atomically: header, manifest, signature, padding, data."""
+        if raw_public(signing_key.public_key()) != manifest.provider_key:
+            raise SignatureError("the signing key is not the provider key the manifest names")
+        manifest = replace(manifest, segments=tuple(self.segments))
+        mbytes = canonical_json(manifest.to_dict())
+        if len(mbytes) > MAX_MANIFEST:
+            raise FormatError("manifest is too large")
+        data_len = self._f.tell()
+        doff = _align(HEADER_LEN + len(mbytes) + SIG_LEN)
+        header = _pack_header(len(mbytes), doff, data_len)
+        sig = signing_key.sign(signed_message(header, mbytes))
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(header + mbytes + sig)
+                out.write(bytes(doff - out.tell()))
+                self._f.seek(0)
+                shutil.copyfileobj(self._f, out, 8 * 1024 * 1024)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        finally:
+            self._f.close()
+        return manifest

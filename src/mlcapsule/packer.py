@@ -1,0 +1,227 @@
+"""Provider side: pack an ONNX model into a capsule.
+
+``pack`` splits the model into an (encrypted) graph and one encrypted weights blob, checks
+that the enclave's zero-copy session gives the same outputs as plain ONNX Runtime at the
+optimization level it will use, and writes a signed capsule plus a content-key file that
+stays with the provider.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .crypto.chunks import MAX_CHUNK_SIZE, SegmentCipher
+from .crypto.keys import ContentKey, load_provider_key, raw_public
+from .errors import FormatError, UsageError
+from .format.container import SegmentWriter
+from .format.manifest import Manifest, Policy, RuntimeConfig, TensorSpec
+from .runtime.resident import ResidentModel, aligned_empty, plain_session
+from .runtime.split import SplitModel, split_model
+
+Progress = Callable[[str, int, int], None]
+
+_ONNX_TO_NAME = {
+    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64", onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool", onnx.TensorProto.STRING: "string",
+}
+#: Order in which optimization levels are tried; the first whose outputs match is used.
+LEVELS_TO_TRY = ("extended", "basic", "disable")
+PUBLIC_ATTRIBUTE_LIMIT = 1024
+
+
+@dataclass(frozen=True)
+class PackResult:
+    capsule_path: Path
+    key_path: Path
+    manifest: Manifest
+
+
+def _specs(values: Sequence[onnx.ValueInfoProto], skip: set[str]) -> tuple[TensorSpec, ...]:
+    out = []
+    for v in values:
+        if v.name in skip:
+            continue
+        tt = v.type.tensor_type
+        if not v.type.HasField("tensor_type") or tt.elem_type not in _ONNX_TO_NAME:
+            raise UsageError(f"model input/output {v.name!r} is not a supported tensor type",
+                             hint="export the model with plain tensor inputs and outputs (for skl2onnx, zipmap=False)")
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+        out.append(TensorSpec(v.name, _ONNX_TO_NAME[tt.elem_type], tuple(dims)))
+    return tuple(out)
+
+
+def sample_feeds(inputs: Sequence[TensorSpec], *, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs that fit the model's input description (dynamic dimensions set to ``batch``)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in inputs:
+        shape = tuple(d if isinstance(d, int) and d > 0 else batch for d in spec.shape)
+        if spec.dtype.startswith("float"):
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype == "bool":
+            feeds[spec.name] = np.zeros(shape, dtype=bool)
+        elif spec.dtype == "string":
+            raise UsageError("models with string inputs are not supported")
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return feeds
+
+
+def outputs_match(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], *, rtol: float = 1e-5) -> bool:
+    if len(ref) != len(got):
+        return False
+    for a, b in zip(ref, got):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.dtype.kind in "fc":
+            scale = max(1.0, float(np.max(np.abs(a))) if a.size else 1.0)
+            if not np.allclose(a, b, rtol=rtol, atol=rtol * scale, equal_nan=True):
+                return False
+        elif not np.array_equal(a, b):
+            return False
+    return True
+
+
+def choose_runtime(model: onnx.ModelProto, split: SplitModel, inputs: Sequence[TensorSpec]) -> RuntimeConfig:
+    """The first optimization level at which the zero-copy session equals plain ONNX Runtime."""
+    feeds = sample_feeds(inputs)
+    ref = plain_session(model.SerializeToString()).run(None, feeds)
+    weights = aligned_empty(len(split.blob))
+    weights[:] = np.frombuffer(split.blob, dtype=np.uint8)
+    graph = split.graph_bytes
+    with tempfile.TemporaryDirectory(prefix="mlcapsule-pack-") as tmp:
+        for level in LEVELS_TO_TRY:
+            cfg = RuntimeConfig(optimization=level, prepacking=False)
+            rm = ResidentModel(graph, weights, cfg, placeholder_dir=Path(tmp))
+            try:
+                if outputs_match(ref, rm.run(feeds)):
+                    return cfg
+            finally:
+                rm.close()
+    raise FormatError("the capsule runtime cannot reproduce this model's outputs at any optimization level",
+                      hint="please report this model to the mlcapsule developers")
+
+
+def _load_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise UsageError(f"no model file at {path}")
+    try:
+        return onnx.load(str(path), load_external_data=True)
+    except Exception as e:
+        raise FormatError(f"{path} is not a readable ONNX model: {e}") from e
+
+
+def pack(
+    model: str | os.PathLike[str] | onnx.ModelProto,
+    output: str | os.PathLike[str],
+    *,
+    provider_key: str | os.PathLike[str],
+    passphrase: bytes | None = None,
+    name: str | None = None,
+    version: int = 1,
+    capsule_id: uuid.UUID | str | None = None,
+    description: str = "",
+    provider_name: str = "",
+    server_url: str | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    policy: Policy | None = None,
+    public_architecture: bool = False,
+    key_output: str | os.PathLike[str] | None = None,
+    chunk_size: int = MAX_CHUNK_SIZE,
+    progress: Progress | None = None,
+) -> PackResult:
+    """Pack ``model`` (a path or an ``onnx.ModelProto``) into the capsule file ``output``.
+
+    The content key goes to ``key_output`` (default: ``output`` + ``.key``), mode 0600. Keep it
+    at the provider: the provisioning server needs it, clients must never get it.
+    """
+    signing_key = load_provider_key(provider_key, passphrase=passphrase)
+    proto = _load_model(model)
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:
+        raise FormatError(f"the model does not pass the ONNX checker: {e}") from e
+    init_names = {t.name for t in proto.graph.initializer}
+    inputs = _specs(proto.graph.input, init_names)
+    outputs = _specs(proto.graph.output, set())
+    if class_names is not None and len(class_names) == 0:
+        class_names = None
+    try:
+        split = split_model(proto)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if public_architecture and split.attribute_params > PUBLIC_ATTRIBUTE_LIMIT:
+        raise UsageError(
+            f"this model keeps {split.attribute_params} bytes of parameters in node attributes (tree ensembles do); "
+            "with --public-architecture they would be readable by anyone",
+            hint="pack it without --public-architecture, so the graph is encrypted too")
+    if progress:
+        progress("verify", 0, 1)
+    runtime = choose_runtime(proto, split, inputs)
+    if progress:
+        progress("verify", 1, 1)
+
+    cid = uuid.UUID(str(capsule_id)) if capsule_id is not None else uuid.uuid4()
+    ckey = ContentKey.generate(cid, version)
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise UsageError(f"output folder {output.parent} does not exist")
+    writer = SegmentWriter(tmpdir=output.parent)
+    graph = split.graph_bytes
+    total = len(graph) + len(split.blob)
+    done = 0
+    for seg_name, data, encrypt in (("graph", graph, not public_architecture), ("weights", split.blob, True)):
+        start, h = writer.begin()
+        view = memoryview(data)
+        if encrypt:
+            cipher = SegmentCipher(ckey.key, cid, version, len(writer.segments), chunk_size)
+            hashing = _HashingWriter(writer, h)
+            for n in cipher.encrypt_to(view, hashing):  # type: ignore[arg-type]
+                done += n
+                if progress:
+                    progress("encrypt", done, total)
+        else:
+            writer.write(view, h)
+            done += len(view)
+        writer.end(seg_name, start, h, encrypted=encrypt, plain_length=len(data), chunk_size=chunk_size)
+    manifest = Manifest(
+        capsule_id=cid, version=version, name=name or output.stem, description=description,
+        created=dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
+        provider_key=raw_public(signing_key.public_key()), provider_name=provider_name, server_url=server_url,
+        inputs=inputs, outputs=outputs, preprocessing=preprocessing,
+        class_names=tuple(class_names) if class_names is not None else None,
+        public_architecture=public_architecture, policy=policy or Policy(), runtime=runtime, segments=(),
+    )
+    manifest = writer.finish(output, manifest, signing_key)
+    key_path = Path(key_output) if key_output else output.with_name(output.name + ".key")
+    ckey.save(key_path)
+    return PackResult(output, key_path, manifest)
+
+
+class _HashingWriter:
+    """File-like adapter: writes into the segment writer and its running hash."""
+
+    def __init__(self, writer: SegmentWriter, h: Any) -> None:
+        self._w, self._h = writer, h
+
+    def write(self, data: memoryview) -> int:
+        self._w.write(data, self._h)
+        return len(data)

@@ -1,0 +1,1 @@
+"""Running ONNX models from decrypted buffers (enclave side) and splitting them (provider side)."""

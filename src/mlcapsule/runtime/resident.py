@@ -1,0 +1,130 @@
+"""Resident mode: the whole model decrypted once, straight into one buffer, served by ONNX Runtime.
+
+Enclave side. ``add_initializer`` hands ORT a view of the decrypted buffer without copying it.
+The ORT session options that matter (see docs/design.md, "Runtime"):
+
+* ``session.model_external_initializers_file_folder_path`` points ORT at a private folder that
+  holds an *empty* placeholder file, which satisfies ORT's check that the external-data file
+  exists; ORT reads nothing from it because every placeholder tensor is overridden.
+* the graph optimization level is the one the packer verified against the plain model
+  (``add_initializer`` gives wrong outputs at some levels on some models: DESIGN.md §6).
+* ``session.disable_prepacking`` unless the manifest enables prepacking: prepacking copies
+  weights into a packed layout, doubling their memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto
+
+from ..errors import FormatError
+from ..format.manifest import RuntimeConfig
+from .split import PLACEHOLDER
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+BUFFER_ALIGN = 64
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 buffer whose data pointer is 64-byte aligned."""
+    raw = np.empty(nbytes + BUFFER_ALIGN, dtype=np.uint8)
+    shift = (-raw.ctypes.data) % BUFFER_ALIGN
+    return raw[shift:shift + nbytes]
+
+
+def ensure_placeholder(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / PLACEHOLDER
+    if not p.exists():
+        p.touch(mode=0o600)
+
+
+def placeholder_views(model: onnx.ModelProto, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Zero-copy numpy views of ``weights`` for every placeholder initializer of ``model``."""
+    views: dict[str, np.ndarray] = {}
+    size = weights.nbytes
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        ext = {e.key: e.value for e in t.external_data}
+        if ext.get("location") != PLACEHOLDER:
+            raise FormatError(f"tensor {t.name!r} points outside the capsule")
+        try:
+            offset, length = int(ext["offset"]), int(ext["length"])
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+        except (KeyError, ValueError, TypeError) as e:
+            raise FormatError(f"tensor {t.name!r} has a malformed placeholder") from e
+        count = int(np.prod(t.dims, dtype=np.int64))
+        if offset < 0 or length != count * dtype.itemsize or offset + length > size or offset % dtype.itemsize:
+            raise FormatError(f"tensor {t.name!r} does not fit the weights segment")
+        views[t.name] = weights[offset:offset + length].view(dtype).reshape(tuple(t.dims))
+    return views
+
+
+def session_options(cfg: RuntimeConfig, placeholder_dir: Path, *, threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _LEVELS[cfg.optimization]
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(placeholder_dir))
+    if not cfg.prepacking:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return so
+
+
+class ResidentModel:
+    """An ORT session over weights that live in one caller-owned buffer."""
+
+    def __init__(self, graph_bytes: bytes | bytearray, weights: np.ndarray, cfg: RuntimeConfig, *,
+                 placeholder_dir: Path, threads: int | None = None) -> None:
+        try:
+            model = onnx.ModelProto.FromString(bytes(graph_bytes))
+        except Exception as e:  # protobuf raises its own DecodeError
+            raise FormatError("the capsule's graph does not parse as ONNX") from e
+        self.weights = weights
+        views = placeholder_views(model, weights)
+        ensure_placeholder(placeholder_dir)
+        so = session_options(cfg, placeholder_dir, threads=threads)
+        # ORT does not keep the OrtValues alive: we must, for as long as the session lives.
+        self._values = {name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in views.items()}
+        for name, value in self._values.items():
+            so.add_initializer(name, value)
+        try:
+            self.session = ort.InferenceSession(bytes(graph_bytes), so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise FormatError(f"ONNX Runtime cannot load the model: {e}") from e
+        self.inputs = self.session.get_inputs()
+        self.outputs = self.session.get_outputs()
+        self.output_names = [o.name for o in self.outputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.session.run(self.output_names, dict(feeds)))
+
+    def close(self) -> None:
+        """Drop the session and overwrite the plaintext weights (best effort)."""
+        self.session = None  # type: ignore[assignment]
+        self._values = {}
+        if self.weights.flags.writeable:
+            self.weights.fill(0)
+
+
+def plain_session(model_bytes: bytes, *, threads: int | None = None, **_: Any) -> ort.InferenceSession:
+    """Plain ONNX Runtime on an unprotected model: the baseline the capsule must equal."""
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
