@@ -1,8 +1,10 @@
 """The client's Python API: open a capsule and call it with numpy arrays.
 
     >>> import mlcapsule
-    >>> with mlcapsule.open_capsule("digits.capsule", unsafe_dev_key="digits.capsule.key") as cap:
-    ...     probs = cap.predict(x)            # x: np.ndarray batch
+    >>> with mlcapsule.open_capsule("digits.capsule") as cap:
+    ...     if not cap.is_set_up:
+    ...         cap.setup(token="...", server="https://provider.example")   # once, online
+    ...     probs = cap.predict(x)            # offline; x: np.ndarray batch
 
 The capsule runs in an enclave worker process that lives as long as the ``Capsule`` object, so
 repeated calls reuse one session. This process (the host) only ever sees outputs.
@@ -17,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from ._util import data_home
+from ._util import b64d, b64e, data_home
 from .enclave.host import EnclaveProcess
-from .errors import InputError
+from .enclave.state import STATE_FILE
+from .errors import InputError, UsageError
 from .format.container import CapsuleFile
 from .format.manifest import Manifest
 
@@ -41,11 +44,63 @@ class Capsule:
         self.state_dir = Path(state_dir) if state_dir else default_state_dir(self.manifest)
         self._enclave = EnclaveProcess(self.path, state_dir=self.state_dir, backend=backend,
                                        platform_dir=platform_dir, dev_key=unsafe_dev_key, threads=threads)
+        self.load_info: dict[str, Any] | None = None
         try:
-            self.load_info = self._enclave.call("load", {"dev_key": str(Path(unsafe_dev_key).resolve()) if unsafe_dev_key else None})
+            if unsafe_dev_key is not None:
+                self.load_info = self._enclave.call("load", {"dev_key": str(Path(unsafe_dev_key).resolve())})
+            elif (self.state_dir / STATE_FILE).exists():
+                self.load_info = self._enclave.call("load", {"dev_key": None})
         except BaseException:
             self._enclave.close()
             raise
+
+    # -- setup phase (online, once per device) -------------------------------------------------
+    @property
+    def is_set_up(self) -> bool:
+        return self.load_info is not None
+
+    def setup(self, *, token: str, server: str | None = None) -> dict[str, Any]:
+        """Attest the enclave to the provider's server and receive the key and license.
+
+        The host relays messages; the key and the license secrets go from the server straight
+        into the enclave (HPKE), which seals them. Returns the license status.
+        """
+        from .server.client import ProviderClient
+
+        url = server or self.manifest.server_url
+        if not url:
+            raise UsageError("the capsule names no provider server", hint="pass --server URL")
+        m = self.manifest
+        with ProviderClient(url, token) as provider:
+            nonce, _ = provider.challenge(str(m.capsule_id), m.version)
+            begin = self._enclave.call("setup_begin", {"nonce": b64e(nonce)})
+            answer = provider.provision(capsule_id=str(m.capsule_id), version=m.version, nonce=nonce,
+                                        hpke_pub=b64d(begin["hpke_pub"]), receipt_pub=b64d(begin["receipt_pub"]),
+                                        evidence=begin["evidence"])
+        status = self._enclave.call("setup_finish", {"payload": answer["payload"]})
+        self.load_info = {"license": "license"}
+        return status
+
+    def sync(self, *, token: str, server: str | None = None) -> dict[str, Any]:
+        """Upload the signed usage receipts to the provider (when online)."""
+        from .server.client import ProviderClient
+
+        url = server or self.manifest.server_url
+        if not url:
+            raise UsageError("the capsule names no provider server", hint="pass --server URL")
+        report = self._enclave.call("usage_report")
+        with ProviderClient(url, token) as provider:
+            ack = provider.upload_usage(report["license_id"], report["device_id"], report["receipts"])
+        self._enclave.call("usage_ack", {"seq": int(ack["seq"])})
+        return ack
+
+    def topup(self, voucher: dict[str, Any]) -> dict[str, Any]:
+        """Redeem a provider-signed voucher, offline."""
+        return self._enclave.call("apply_voucher", {"voucher": voucher})
+
+    def kill(self) -> None:
+        """Kill the enclave worker abruptly (for crash tests)."""
+        self._enclave.kill()
 
     # -- inference ----------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

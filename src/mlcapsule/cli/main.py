@@ -279,17 +279,97 @@ def _load_inputs(inputs: tuple[str, ...], manifest: Any) -> Any:
     return x.astype(spec.dtype, copy=False)
 
 
+_token_option = click.option("--token", envvar="MLCAPSULE_TOKEN", required=True,
+                             help="Your account token from the provider (or set MLCAPSULE_TOKEN).")
+_server_option = click.option("--server", help="The provider's server URL [default: the one in the capsule].")
+_state_option = click.option("--state-dir", type=click.Path(file_okay=False),
+                             help="Where the sealed state lives [default: $MLCAPSULE_HOME/state/ID-vN].")
+
+
+@cli.command()
+@click.argument("capsule", type=click.Path(exists=True, dir_okay=False))
+@_token_option
+@_server_option
+@_state_option
+def setup(capsule: str, token: str, server: str | None, state_dir: str | None) -> None:
+    """Set up CAPSULE on this device: attest the enclave to the provider and receive the license (online, once)."""
+    from ..client import open_capsule
+
+    with open_capsule(capsule, state_dir=state_dir) as cap:
+        info = cap.setup(token=token, server=server)
+    budget = "unlimited" if info["budget"] is None else info["budget"]
+    console.print(f"set up: license {info['license_id']} for device {info['device_id']}, budget {budget} queries, "
+                  f"expires {info['expires'] or 'never'}. Predictions now run offline.")
+
+
+@cli.command()
+@click.argument("capsule", type=click.Path(exists=True, dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write outputs to .json or .npy.")
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
+@_state_option
+def predict(capsule: str, inputs: tuple[str, ...], output: str | None, top_k: int, state_dir: str | None) -> None:
+    """Predict offline with a set-up CAPSULE. Each input row is charged to the budget before it is answered."""
+    from ..client import open_capsule
+    from ..errors import NotProvisionedError
+
+    with open_capsule(capsule, state_dir=state_dir) as cap:
+        if not cap.is_set_up:
+            raise NotProvisionedError(f"{capsule} is not set up on this device")
+        x = _load_inputs(inputs, cap.manifest)
+        outputs = cap.run({cap.manifest.inputs[0].name: x})
+        _print_predictions(outputs, cap.manifest, output, top_k)
+
+
+@cli.command()
+@click.argument("capsule", type=click.Path(exists=True, dir_okay=False))
+@click.argument("voucher", type=click.Path(exists=True, dir_okay=False))
+@_state_option
+def topup(capsule: str, voucher: str, state_dir: str | None) -> None:
+    """Redeem a provider's VOUCHER file for CAPSULE, offline."""
+    from ..client import open_capsule
+    from ..errors import NotProvisionedError
+
+    try:
+        envelope = json.loads(Path(voucher).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{voucher} is not a voucher file (JSON)") from e
+    with open_capsule(capsule, state_dir=state_dir) as cap:
+        if not cap.is_set_up:
+            raise NotProvisionedError(f"{capsule} is not set up on this device")
+        info = cap.topup(envelope)
+    console.print(f"voucher {info['vouchers_redeemed']} redeemed: {info['remaining']} queries left of {info['budget']}")
+
+
+@cli.command()
+@click.argument("capsule", type=click.Path(exists=True, dir_okay=False))
+@_token_option
+@_server_option
+@_state_option
+def sync(capsule: str, token: str, server: str | None, state_dir: str | None) -> None:
+    """Upload the enclave's signed usage receipts to the provider (online)."""
+    from ..client import open_capsule
+    from ..errors import NotProvisionedError
+
+    with open_capsule(capsule, state_dir=state_dir) as cap:
+        if not cap.is_set_up:
+            raise NotProvisionedError(f"{capsule} is not set up on this device")
+        ack = cap.sync(token=token, server=server)
+    console.print(f"usage uploaded: receipts up to {ack['seq']}, {ack['answered']} queries answered, {ack['charged']} charged")
+
+
 @cli.command()
 @click.argument("capsule", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--unsafe-dev-key", type=click.Path(exists=True, dir_okay=False))
+@_state_option
 @click.option("--json", "as_json", is_flag=True)
-def status(capsule: str | None, unsafe_dev_key: str | None, as_json: bool) -> None:
-    """What the enclave backend protects against, its hardening, and (with CAPSULE) the capsule's state."""
+def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | None, as_json: bool) -> None:
+    """What the enclave backend protects against, its hardening, and (with CAPSULE) the capsule's license."""
     from ..client import open_capsule
     from ..enclave.host import EnclaveProcess
 
-    if capsule and unsafe_dev_key:
-        with open_capsule(capsule, unsafe_dev_key=unsafe_dev_key) as cap:
+    if capsule:
+        with open_capsule(capsule, unsafe_dev_key=unsafe_dev_key, state_dir=state_dir) as cap:
             info = cap.status()
     else:
         import tempfile
@@ -316,8 +396,18 @@ def status(capsule: str | None, unsafe_dev_key: str | None, as_json: bool) -> No
     console.print("[bold]worker hardening:[/] " + "; ".join(f"{k}: {v}" for k, v in h.items()))
     if info.get("capsule"):
         c = info["capsule"]
-        console.print(f"[bold]capsule:[/] {c['name']} {c['capsule_id']} v{c['version']}, license: {info['license']}, "
-                      f"queries this session: {info['queries_this_session']}")
+        console.print(f"[bold]capsule:[/] {c['name']} {c['capsule_id']} v{c['version']}, license: {info['license']}")
+    lic = info.get("license_status")
+    if lic:
+        t = Table(show_header=False, box=None)
+        for k in ("license_id", "device_id", "budget", "charged", "answered", "remaining", "lease_size", "expires",
+                  "vouchers_redeemed", "receipts_pending", "rollbacks_detected"):
+            t.add_row(k.replace("_", " "), "unlimited" if lic[k] is None and k in ("budget", "remaining") else str(lic[k]))
+        console.print(t)
+        if not lic["rollback_protected"]:
+            console.print("[yellow]note:[/] on this backend, restoring an old copy of the sealed state is NOT detected")
+    elif capsule and not info.get("loaded"):
+        console.print("[yellow]not set up:[/] run `mlcapsule setup CAPSULE --token TOKEN`")
 
 
 @cli.command()

@@ -6,36 +6,64 @@ returns either: every reply is built from public manifest fields, status, and mo
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
+from .._util import b64e
 from ..crypto.chunks import SegmentCipher
-from ..crypto.keys import ContentKey
-from ..errors import InputError, IntegrityError, NotProvisionedError, ProtocolError
+from ..crypto.keys import ContentKey, ed25519_public_from_raw
+from ..errors import InputError, IntegrityError, NotProvisionedError, ProtocolError, RollbackError
 from ..format.container import CapsuleFile
 from ..format.manifest import Manifest, TensorSpec
+from ..protocol.license import License, verify_license
+from ..protocol.receipts import entry_hash, make_entry
+from ..protocol.setup import NONCE_LEN, open_payload, report_data
+from ..protocol.voucher import verify_voucher
 from ..runtime.resident import ResidentModel, aligned_empty
 from .backends.base import Backend
 from .protocol import PROTOCOL_VERSION
+from .state import EnclaveState, SealedStore, charge_rollback, check_time, lease_for
+
+
+
+Clock = Callable[[], dt.datetime]
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
 
 
 class EnclaveCore:
     def __init__(self, backend: Backend, capsule_path: Path, state_dir: Path, run_dir: Path,
-                 *, hardening: dict[str, Any] | None = None, threads: int | None = None) -> None:
+                 *, hardening: dict[str, Any] | None = None, threads: int | None = None,
+                 clock: Clock = _utc_now) -> None:
         self.backend = backend
         self.capsule_path = capsule_path
         self.state_dir = state_dir
         self.run_dir = run_dir
         self.hardening = hardening or {}
         self.threads = threads
+        self.clock = clock
         self.manifest: Manifest | None = None
         self.model: ResidentModel | None = None
         self.license_mode = "none"
         self.queries = 0
         self.load_seconds = 0.0
+        # Licensed mode only:
+        self.state: EnclaveState | None = None
+        self.store: SealedStore | None = None
+        self.remaining = 0  # unanswered queries of the current lease (memory only)
+        self._setup: dict[str, Any] | None = None  # ephemeral keys between setup_begin and setup_finish
 
     # -- ECALLs -------------------------------------------------------------------------------
     def hello(self) -> dict[str, Any]:
@@ -48,38 +76,121 @@ class EnclaveCore:
         }
 
     def load(self, *, dev_key: str | None) -> dict[str, Any]:
+        """Load the capsule: with the sealed license state, or (development) a content key file."""
         t0 = time.perf_counter()
         capsule = CapsuleFile(self.capsule_path)
         try:
             m = capsule.manifest
-            if dev_key is None:
-                raise NotProvisionedError("this capsule has no license on this device")
-            key = ContentKey.load(dev_key)
-            if key.capsule_id != m.capsule_id or key.version != m.version:
-                raise IntegrityError("the content key belongs to another capsule or version",
-                                     hint="use the .key file written when this capsule version was packed")
-            graph = self._decrypt(capsule, "graph", key.key)
-            weights_seg = m.segment("weights")
-            weights = aligned_empty(weights_seg.plain_length)
-            SegmentCipher(key.key, m.capsule_id, m.version, weights_seg.index, weights_seg.chunk_size).decrypt_into(
-                capsule.segment_view(weights_seg), memoryview(weights))
-            self.model = ResidentModel(graph, weights, m.runtime, placeholder_dir=self.run_dir, threads=self.threads)
-            del graph
+            if dev_key is not None:
+                key = ContentKey.load(dev_key)
+                if key.capsule_id != m.capsule_id or key.version != m.version:
+                    raise IntegrityError("the content key belongs to another capsule or version",
+                                         hint="use the .key file written when this capsule version was packed")
+                content_key, mode = key.key, "unsafe-dev-key"
+            else:
+                store = SealedStore(self.backend, self.state_dir, str(m.capsule_id), m.version)
+                state = store.load()
+                if state.capsule_id != str(m.capsule_id) or state.version != m.version:
+                    raise IntegrityError("the sealed state belongs to another capsule")
+                self._verify_license(m, state.license, state.receipt_key_public())
+                counter = store.counter()
+                if state.counter < counter:
+                    state = charge_rollback(state, counter)
+                    state = store.save(self._append_receipt(state, "lease", {"reason": "rollback detected"}))
+                else:
+                    store.catch_up(state)
+                # Queries of a lease cut short by a crash count as answered: they were paid for.
+                state = replace(state, answered=state.charged)
+                self.state, self.store, self.remaining = state, store, 0
+                content_key, mode = state.content_key, "license"
+            self.model = self._build_model(capsule, content_key)
         finally:
             capsule.close()
         self.manifest = m
-        self.license_mode = "unsafe-dev-key"
+        self.license_mode = mode
         self.load_seconds = time.perf_counter() - t0
         return {"capsule_id": str(m.capsule_id), "version": m.version, "license": self.license_mode,
                 "load_seconds": self.load_seconds}
+
+    def setup_begin(self, *, nonce: bytes) -> dict[str, Any]:
+        """Fresh HPKE and receipt keys, and evidence binding them to the server's nonce."""
+        if len(nonce) != NONCE_LEN:
+            raise ProtocolError("the setup nonce has the wrong length")
+        hpke_key = X25519PrivateKey.generate()
+        receipt_key = Ed25519PrivateKey.generate()
+        hpke_pub = hpke_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        receipt_pub = receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        evidence = self.backend.evidence(report_data(nonce, hpke_pub, receipt_pub))
+        self._setup = {"nonce": nonce, "hpke": hpke_key, "receipt": receipt_key}
+        return {"hpke_pub": b64e(hpke_pub), "receipt_pub": b64e(receipt_pub), "evidence": evidence}
+
+    def setup_finish(self, *, payload: bytes) -> dict[str, Any]:
+        """Open the provider's HPKE payload, verify the license, seal the state, load the model."""
+        if self._setup is None:
+            raise ProtocolError("setup_finish without setup_begin")
+        pending, self._setup = self._setup, None
+        content_key, envelope = open_payload(payload, pending["hpke"], pending["nonce"])
+        receipt_key: Ed25519PrivateKey = pending["receipt"]
+        capsule = CapsuleFile(self.capsule_path)
+        try:
+            m = capsule.manifest
+            receipt_pub = receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            lic = self._verify_license(m, envelope, receipt_pub)
+            model = self._build_model(capsule, content_key)  # also proves the key fits the capsule
+        finally:
+            capsule.close()
+        store = SealedStore(self.backend, self.state_dir, str(m.capsule_id), m.version)
+        state = EnclaveState(
+            capsule_id=str(m.capsule_id), version=m.version, content_key=content_key, license=envelope,
+            license_id=lic.license_id, device_id=lic.device_id,
+            receipt_key=receipt_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+            budget=lic.budget, expires=lic.expires.isoformat() if lic.expires else None,
+            lease_size=lic.lease_size, counter=store.counter())
+        state, _ = check_time(state, self.clock())
+        state = self._append_receipt(state, "setup", {"measurement": self.backend.measurement().hex()})
+        self.state = store.save(state)
+        self.store, self.remaining = store, 0
+        self.model, self.manifest, self.license_mode = model, m, "license"
+        return self._license_status()
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.model is None or self.manifest is None:
             raise NotProvisionedError("no capsule is loaded in the enclave")
         feeds = check_inputs(self.manifest.inputs, inputs)
+        n = _batch_size(feeds)
+        if self.state is not None:
+            self._charge(n)  # before the model runs: no partial answer can leak
         outputs = self.model.run(feeds)
-        self.queries += _batch_size(feeds)
+        self.queries += n
         return {spec.name: out for spec, out in zip(self.manifest.outputs, outputs)}
+
+    def apply_voucher(self, *, voucher: dict[str, Any]) -> dict[str, Any]:
+        state, store, m = self._licensed()
+        v = verify_voucher(voucher, ed25519_public_from_raw(m.provider_key),
+                           license_id=state.license_id, device_id=state.device_id)
+        if v.seq != state.voucher_seq + 1:
+            raise RollbackError(f"voucher {v.seq} is out of order: the next one must be number {state.voucher_seq + 1}",
+                                hint="a voucher can be redeemed once, and in order")
+        budget = None if state.budget is None else state.budget + v.queries
+        state = replace(state, budget=budget, voucher_seq=v.seq, answered=self._answered(state))
+        state = self._append_receipt(state, "voucher", {"seq": v.seq, "queries": v.queries})
+        self.state = store.save(state)
+        return self._license_status()
+
+    def usage_report(self) -> dict[str, Any]:
+        """Receipts not yet uploaded, ending with a fresh 'report' entry."""
+        state, store, _ = self._licensed()
+        state = self._append_receipt(replace(state, answered=self._answered(state)), "report", {})
+        self.state = store.save(state)
+        return {"license_id": state.license_id, "device_id": state.device_id, "receipts": state.receipts}
+
+    def usage_ack(self, *, seq: int) -> dict[str, Any]:
+        """The server has stored the chain up to ``seq``: forget those receipts."""
+        state, store, _ = self._licensed()
+        kept = [r for r in state.receipts if int(r["body"]["seq"]) > seq]
+        if len(kept) != len(state.receipts):
+            self.state = store.save(replace(state, receipts=kept))
+        return {"pending": len(kept)}
 
     def status(self) -> dict[str, Any]:
         m = self.manifest
@@ -88,12 +199,73 @@ class EnclaveCore:
             "loaded": self.model is not None,
             "capsule": None if m is None else {"capsule_id": str(m.capsule_id), "version": m.version, "name": m.name},
             "license": self.license_mode,
+            "license_status": self._license_status() if self.state is not None else None,
             "queries_this_session": self.queries,
             "load_seconds": self.load_seconds,
             "runtime": None if m is None else m.runtime.to_dict(),
         }
 
     # -- helpers ------------------------------------------------------------------------------
+    def _licensed(self) -> tuple[EnclaveState, SealedStore, Manifest]:
+        if self.state is None or self.store is None or self.manifest is None:
+            raise NotProvisionedError("this capsule has no license loaded in the enclave")
+        return self.state, self.store, self.manifest
+
+    def _answered(self, state: EnclaveState) -> int:
+        return state.charged - self.remaining
+
+    def _charge(self, n: int) -> None:
+        state, store, _ = self._licensed()
+        state, _ = check_time(state, self.clock())
+        extra = lease_for(state, self.remaining, n)
+        if extra:
+            state = replace(state, charged=state.charged + extra)
+            state = replace(state, answered=state.charged - self.remaining - extra)
+            state = self._append_receipt(state, "lease", {"queries": extra})
+            self.state = store.save(state)  # persisted before anything is answered
+            self.remaining += extra
+        else:
+            self.state = state
+        self.remaining -= n
+
+    def _append_receipt(self, state: EnclaveState, kind: str, data: dict[str, Any]) -> EnclaveState:
+        key = Ed25519PrivateKey.from_private_bytes(state.receipt_key)
+        seq = state.head_seq + 1
+        entry = make_entry(key, seq=seq, prev=state.head_hash, kind=kind, license_id=state.license_id,
+                           time=state.last_time or self.clock().isoformat(), charged=state.charged,
+                           answered=min(state.answered, state.charged), data=data)
+        return replace(state, receipts=state.receipts + [entry], head_seq=seq, head_hash=entry_hash(entry))
+
+    def _license_status(self) -> dict[str, Any]:
+        state = self.state
+        assert state is not None
+        return {
+            "license_id": state.license_id, "device_id": state.device_id,
+            "budget": state.budget, "charged": state.charged, "answered": self._answered(state),
+            "remaining": None if state.budget is None else state.budget - self._answered(state),
+            "lease_size": state.lease_size, "expires": state.expires, "vouchers_redeemed": state.voucher_seq,
+            "receipts_pending": len(state.receipts), "rollbacks_detected": state.rollbacks_detected,
+            "rollback_protected": self.backend.threat_model.rollback_protected,
+        }
+
+    @staticmethod
+    def _verify_license(m: Manifest, envelope: dict[str, Any], receipt_pub: bytes) -> License:
+        return verify_license(envelope, ed25519_public_from_raw(m.provider_key), capsule_id=m.capsule_id,
+                              version=m.version, receipt_key=receipt_pub)
+
+    def _build_model(self, capsule: CapsuleFile, content_key: bytes) -> ResidentModel:
+        m = capsule.manifest
+        graph = self._decrypt(capsule, "graph", content_key)
+        weights_seg = m.segment("weights")
+        weights = aligned_empty(weights_seg.plain_length)
+        stored = capsule.segment_view(weights_seg)
+        try:
+            SegmentCipher(content_key, m.capsule_id, m.version, weights_seg.index, weights_seg.chunk_size).decrypt_into(
+                stored, memoryview(weights))
+        finally:
+            stored.release()
+        return ResidentModel(graph, weights, m.runtime, placeholder_dir=self.run_dir, threads=self.threads)
+
     @staticmethod
     def _decrypt(capsule: CapsuleFile, name: str, key: bytes) -> bytearray:
         m = capsule.manifest
@@ -101,8 +273,6 @@ class EnclaveCore:
         stored = capsule.segment_view(seg)
         try:
             if not seg.encrypted:
-                import hashlib
-
                 if hashlib.sha256(stored).hexdigest() != seg.sha256:
                     raise IntegrityError("the capsule failed its integrity check")
                 return bytearray(stored)

@@ -33,7 +33,8 @@ MAX_HEADER = 16 * 1024 * 1024
 MAX_BUFFERS = 4096
 REQUEST, REPLY = 0, 1
 #: The ECALLs. Nothing secret crosses this interface in either direction.
-OPS = ("hello", "load", "infer", "status", "shutdown")
+OPS = ("hello", "load", "setup_begin", "setup_finish", "infer", "apply_voucher", "usage_report", "usage_ack",
+       "status", "shutdown")
 _DTYPES = {"float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
 _LEN = struct.Struct("<I")
 _PREFIX = struct.Struct("<2sBBI")

@@ -30,6 +30,7 @@ import onnx  # noqa: F401
 import onnxruntime  # noqa: F401
 
 from .. import errors
+from .._util import b64d
 from . import protocol
 from .backends import get_backend
 from .core import EnclaveCore
@@ -65,6 +66,13 @@ def _error_reply(e: BaseException) -> dict[str, Any]:
     return {"error": {"type": "EnclaveError", "message": f"internal enclave error ({type(e).__name__})", "hint": None}}
 
 
+def _b64(args: dict[str, Any], key: str) -> bytes:
+    try:
+        return b64d(args[key])
+    except (KeyError, TypeError, ValueError) as e:
+        raise errors.ProtocolError(f"argument {key!r} must be base64") from e
+
+
 def serve(core: EnclaveCore, fd_in: int, fd_out: int) -> None:
     while True:
         try:
@@ -84,6 +92,16 @@ def serve(core: EnclaveCore, fd_in: int, fd_out: int) -> None:
                 result: dict[str, Any] = core.hello()
             elif op == "load":
                 result = core.load(dev_key=args.get("dev_key"))
+            elif op == "setup_begin":
+                result = core.setup_begin(nonce=_b64(args, "nonce"))
+            elif op == "setup_finish":
+                result = core.setup_finish(payload=_b64(args, "payload"))
+            elif op == "apply_voucher":
+                result = core.apply_voucher(voucher=args.get("voucher"))
+            elif op == "usage_report":
+                result = core.usage_report()
+            elif op == "usage_ack":
+                result = core.usage_ack(seq=int(args.get("seq", -1)))
             elif op == "infer":
                 outputs = core.infer(protocol.unpack_tensors(args.get("tensors"), msg.buffers))
                 result = {"tensors": protocol.pack_tensors(outputs, buffers)}

@@ -1,0 +1,176 @@
+"""The enclave's persistent state and the budget arithmetic, as pure code.
+
+The state is sealed by the backend and written atomically by :class:`SealedStore`. It holds the
+content key, the signed license, the receipt key, and the counters below.
+
+Budget with leases (DESIGN §7). Persisting per query would put an fsync on every answer, so
+the enclave charges the budget in *leases* of ``lease_size`` queries:
+
+* ``charged``  queries paid for so far; persisted *before* any of them is answered;
+* ``remaining`` (memory only) queries of the current lease not yet answered.
+
+A query batch of ``n`` needs ``n <= remaining``; otherwise a new lease of
+``ceil((n - remaining) / L) * L`` queries (capped by the budget) is charged and persisted first.
+A crash forgets ``remaining``: at most ``L - 1`` queries the client paid for are lost, and none
+is ever given away. ``answered <= charged`` always holds.
+
+Rollback: each persist increments the backend's monotonic counter and records its value. A
+state whose recorded value is below the counter is older than the newest one: every lease that
+may have been spent since then is charged again (``missing * L``), so restoring old state never
+buys queries. On the `software` backend the counter is a file the owner can restore as well,
+so there this check stops only careless rollbacks; the TPM backend makes it hold.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .._util import atomic_write, b64d, b64e
+from ..errors import BudgetExhaustedError, FormatError, LicenseExpiredError, NotProvisionedError
+from .backends.base import Backend
+
+STATE_FORMAT = "mlcapsule-enclave-state/v1"
+STATE_FILE = "state.sealed"
+#: How far the wall clock may step back before we stop believing it (NTP slews, not jumps).
+CLOCK_TOLERANCE = dt.timedelta(seconds=5)
+
+
+@dataclass(frozen=True)
+class EnclaveState:
+    capsule_id: str
+    version: int
+    content_key: bytes
+    license: dict[str, Any]  # the signed envelope, as received
+    license_id: str
+    device_id: str
+    receipt_key: bytes  # Ed25519 private key, raw 32 bytes
+    budget: int | None  # license budget plus redeemed vouchers; None = unlimited
+    expires: str | None
+    lease_size: int
+    charged: int = 0
+    answered: int = 0
+    voucher_seq: int = 0
+    last_time: str = ""  # the latest wall-clock time seen (ISO 8601, UTC)
+    counter: int = 0  # backend monotonic counter value at the last persist
+    receipts: list[dict[str, Any]] = field(default_factory=list)  # not yet uploaded
+    head_seq: int = 0
+    head_hash: str = "0" * 64
+    rollbacks_detected: int = 0
+
+    def to_bytes(self) -> bytes:
+        d = self.__dict__.copy()
+        d["content_key"] = b64e(self.content_key)
+        d["receipt_key"] = b64e(self.receipt_key)
+        d["format"] = STATE_FORMAT
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "EnclaveState":
+        try:
+            d = json.loads(data)
+            if d.pop("format") != STATE_FORMAT:
+                raise ValueError("format")
+            d["content_key"] = b64d(d["content_key"])
+            d["receipt_key"] = b64d(d["receipt_key"])
+            return cls(**d)
+        except (ValueError, KeyError, TypeError) as e:
+            raise FormatError("the sealed state is malformed") from e
+
+    def receipt_key_public(self) -> bytes:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        key = Ed25519PrivateKey.from_private_bytes(self.receipt_key)
+        return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    @property
+    def remaining_budget(self) -> int | None:
+        return None if self.budget is None else self.budget - self.charged
+
+
+def lease_for(state: EnclaveState, remaining: int, n: int) -> int:
+    """Queries to charge so that a batch of ``n`` can be answered; 0 if the lease covers it.
+
+    Raises BudgetExhaustedError if the budget cannot cover the batch.
+    """
+    if n <= remaining:
+        return 0
+    need = n - remaining
+    L = state.lease_size
+    charge = -(-need // L) * L
+    if state.budget is not None:
+        left = state.budget - state.charged
+        charge = min(charge, left)
+        if charge < need:
+            raise BudgetExhaustedError(
+                f"the query budget is exhausted ({state.budget} queries; {max(left + remaining, 0)} left, {n} asked)")
+    return charge
+
+
+def check_time(state: EnclaveState, now: dt.datetime) -> tuple[EnclaveState, dt.datetime]:
+    """The effective time (never before the last time seen) and the license's expiry check."""
+    last = dt.datetime.fromisoformat(state.last_time) if state.last_time else None
+    effective = now
+    if last is not None and now < last:
+        effective = last  # the clock went back: do not believe it
+    if state.expires is not None and effective >= dt.datetime.fromisoformat(state.expires):
+        raise LicenseExpiredError(f"the license expired at {state.expires}")
+    if last is None or effective > last:
+        state = replace(state, last_time=effective.isoformat())
+    return state, effective
+
+
+def charge_rollback(state: EnclaveState, counter_now: int) -> EnclaveState:
+    """Apply the anti-rollback rule for a state whose recorded counter is behind the backend's."""
+    missing = counter_now - state.counter
+    if missing <= 0:
+        return state
+    extra = missing * state.lease_size
+    charged = state.charged + extra if state.budget is None else min(state.budget, state.charged + extra)
+    return replace(state, charged=charged, answered=charged, counter=counter_now,
+                   rollbacks_detected=state.rollbacks_detected + 1)
+
+
+class SealedStore:
+    """The sealed state file in the host's state directory (the host stores it, cannot read it)."""
+
+    def __init__(self, backend: Backend, state_dir: Path, capsule_id: str, version: int) -> None:
+        self.backend = backend
+        self.path = state_dir / STATE_FILE
+        self.label = f"mlcapsule-state/v1\0{capsule_id}\0{version}".encode()
+        self.counter_name = f"c-{capsule_id}-v{version}"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def load(self) -> EnclaveState:
+        try:
+            blob = self.path.read_bytes()
+        except FileNotFoundError as e:
+            raise NotProvisionedError("this capsule is not set up on this device") from e
+        return EnclaveState.from_bytes(self.backend.unseal(blob, label=self.label))
+
+    def save(self, state: EnclaveState) -> EnclaveState:
+        """Seal and write ``state`` with counter value c+1, then advance the counter to c+1.
+
+        In this order a crash between the two steps leaves a state *ahead* of the counter, which
+        :meth:`catch_up` repairs at the next load, and charges nothing: only the enclave can make
+        such a state. The other order would charge a whole lease for an honest crash.
+        """
+        state = replace(state, counter=self.backend.counter_read(self.counter_name) + 1)
+        atomic_write(self.path, self.backend.seal(state.to_bytes(), label=self.label), mode=0o600)
+        self.backend.counter_increment(self.counter_name)
+        return state
+
+    def counter(self) -> int:
+        return self.backend.counter_read(self.counter_name)
+
+    def catch_up(self, state: EnclaveState) -> None:
+        """After a crash between write and increment, bring the counter up to the state's."""
+        while self.counter() < state.counter:
+            self.backend.counter_increment(self.counter_name)
+

@@ -1,0 +1,73 @@
+"""The license: what the provider allows one device to do with one capsule version."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .._util import b64d, b64e
+from ..errors import FormatError, IntegrityError
+from ..format.manifest import parse_time
+from . import signed
+
+KIND = "license/v1"
+
+
+@dataclass(frozen=True)
+class License:
+    license_id: str
+    capsule_id: uuid.UUID
+    version: int
+    device_id: str
+    account: str
+    receipt_key: bytes  # the enclave's Ed25519 receipt public key (raw)
+    budget: int | None  # None = unlimited
+    expires: dt.datetime | None
+    issued: dt.datetime
+    lease_size: int = 100
+    policy: dict[str, Any] = field(default_factory=dict)  # defenses, later
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "license_id": self.license_id, "capsule_id": str(self.capsule_id), "version": self.version,
+            "device_id": self.device_id, "account": self.account, "receipt_key": b64e(self.receipt_key),
+            "budget": self.budget, "expires": self.expires.isoformat() if self.expires else None,
+            "issued": self.issued.isoformat(), "lease_size": self.lease_size, "policy": self.policy,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "License":
+        try:
+            budget = d["budget"]
+            lease = int(d["lease_size"])
+            lic = cls(
+                license_id=str(d["license_id"]), capsule_id=uuid.UUID(d["capsule_id"]), version=int(d["version"]),
+                device_id=str(d["device_id"]), account=str(d["account"]), receipt_key=b64d(d["receipt_key"]),
+                budget=None if budget is None else int(budget),
+                expires=parse_time(d["expires"], "license.expires"),
+                issued=parse_time(d["issued"], "license.issued") or dt.datetime.now(dt.timezone.utc),
+                lease_size=lease, policy=dict(d.get("policy") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError("the license is malformed") from e
+        if len(lic.receipt_key) != 32 or (lic.budget is not None and lic.budget < 0) or not 1 <= lic.lease_size <= 1_000_000:
+            raise FormatError("the license is malformed")
+        return lic
+
+    def sign(self, key: Ed25519PrivateKey) -> dict[str, Any]:
+        return signed.sign(KIND, self.to_dict(), key)
+
+
+def verify_license(envelope: Any, provider_key: Ed25519PublicKey, *, capsule_id: uuid.UUID, version: int,
+                   receipt_key: bytes | None = None) -> License:
+    """Check the provider's signature and that the license is for this capsule (and device)."""
+    lic = License.from_dict(signed.verify(KIND, envelope, provider_key))
+    if lic.capsule_id != capsule_id or lic.version != version:
+        raise IntegrityError("the license is for another capsule or version")
+    if receipt_key is not None and lic.receipt_key != receipt_key:
+        raise IntegrityError("the license is for another device")
+    return lic

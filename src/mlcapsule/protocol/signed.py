@@ -1,0 +1,43 @@
+"""Signed JSON envelopes: ``{"type": T, "body": {...}, "signature": b64}``.
+
+The signature is Ed25519 over ``"mlcapsule/" T "\\0" || canonical_json(body)``, so a signature
+made for one type (a voucher) can never be replayed as another (a license). A failure to parse
+is a failure of trust: everything malformed raises IntegrityError or FormatError.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .._util import b64d, b64e, canonical_json
+from ..crypto.keys import verify_ed25519
+from ..errors import FormatError
+
+MAX_ENVELOPE = 1024 * 1024
+
+
+def _message(kind: str, body: dict[str, Any]) -> bytes:
+    return b"mlcapsule/" + kind.encode() + b"\0" + canonical_json(body)
+
+
+def sign(kind: str, body: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    return {"type": kind, "body": body, "signature": b64e(key.sign(_message(kind, body)))}
+
+
+def verify(kind: str, envelope: Any, key: Ed25519PublicKey) -> dict[str, Any]:
+    """Return the body if ``envelope`` is a valid ``kind`` signed by ``key``."""
+    if not isinstance(envelope, dict) or set(envelope) != {"type", "body", "signature"}:
+        raise FormatError(f"not a signed {kind}")
+    if envelope["type"] != kind:
+        raise FormatError(f"expected a {kind}, got {str(envelope['type'])[:40]!r}")
+    body = envelope["body"]
+    if not isinstance(body, dict) or not isinstance(envelope["signature"], str):
+        raise FormatError(f"not a signed {kind}")
+    try:
+        sig = b64d(envelope["signature"])
+    except ValueError as e:
+        raise FormatError(f"{kind} signature is not base64") from e
+    verify_ed25519(key, sig, _message(kind, body), what=kind)
+    return body
