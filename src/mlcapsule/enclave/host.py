@@ -57,7 +57,9 @@ class EnclaveProcess:
         src = str(Path(__file__).resolve().parent.parent.parent)
         # No BLAS worker threads: Landlock restricts only the thread that applies it and threads
         # started after, so helper threads started by imports would escape it.
-        env.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        # ORT_DISABLE_TELEMETRY: onnxruntime's telemetry thread, and its writes under ~/.cache.
+        env.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                    "ORT_DISABLE_TELEMETRY": "1"})
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
             self.proc = subprocess.Popen(cmd, pass_fds=(to_worker_r, from_worker_w), stdin=subprocess.DEVNULL,

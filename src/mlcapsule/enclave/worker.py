@@ -17,9 +17,7 @@ import argparse
 import ctypes
 import os
 import signal
-import site
 import sys
-import sysconfig
 import traceback
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ from .._util import b64d
 from . import protocol
 from .backends import get_backend
 from .core import EnclaveCore
-from .hardening import harden
+from .hardening import harden, python_read_paths
 
 PR_SET_PDEATHSIG = 1
 
@@ -44,18 +42,6 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:  # the host died before we got here
         os._exit(1)
-
-
-def python_read_paths() -> list[str]:
-    """What the interpreter and the installed packages may still need to read."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        p = sysconfig.get_paths().get(key)
-        if p:
-            paths.add(p)
-    paths.update(site.getsitepackages())
-    paths.add(str(Path(__file__).resolve().parent.parent.parent))  # the folder holding mlcapsule
-    return sorted(paths)
 
 
 def _error_reply(e: BaseException) -> dict[str, Any]:
