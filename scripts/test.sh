@@ -4,6 +4,9 @@
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 # PostgreSQL: the server's tests run against a real throwaway server as well as SQLite.
 apt_install postgresql
-MLCAPSULE_WITH_TORCH=1 make_venv "sklearn,server,torch,test"
+# The tpm backend's tests run against swtpm (with EK certificates from swtpm_setup); tpm2-pytss
+# builds from source against libtss2-dev, so these come before the venv.
+apt_install swtpm swtpm-tools libtss2-dev pkg-config gcc
+MLCAPSULE_WITH_TORCH=1 make_venv "sklearn,server,torch,test,tpm"
 cd "$ROOT"
 exec "$VENV/bin/python" -m pytest "$@"

@@ -12,6 +12,7 @@ repeated calls reuse one session. This process (the host) only ever sees outputs
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,15 +36,25 @@ class Capsule:
     """An opened capsule, served by its own enclave worker."""
 
     def __init__(self, path: str | os.PathLike[str], *, unsafe_dev_key: str | os.PathLike[str] | None = None,
-                 state_dir: str | os.PathLike[str] | None = None, backend: str = "software",
+                 state_dir: str | os.PathLike[str] | None = None, backend: str | None = None,
                  platform_dir: str | os.PathLike[str] | None = None, threads: int | None = None,
-                 trusted_provider_key: bytes | None = None) -> None:
+                 trusted_provider_key: bytes | None = None, tcti: str | None = None,
+                 memory_limit_mb: float | None = None) -> None:
         self.path = Path(path)
+        self.memory_limit_mb = memory_limit_mb  # streaming mode: the enclave stays within this many MiB
         with CapsuleFile(self.path, trusted_key=trusted_provider_key) as cf:
             self.manifest = cf.manifest
         self.state_dir = Path(state_dir) if state_dir else default_state_dir(self.manifest)
-        self._enclave = EnclaveProcess(self.path, state_dir=self.state_dir, backend=backend,
-                                       platform_dir=platform_dir, dev_key=unsafe_dev_key, threads=threads)
+        # The backend that set this capsule up is remembered next to its state (backend.json):
+        # state sealed by one backend does not open in another.
+        remembered = _read_backend_choice(self.state_dir)
+        self.backend = backend or remembered.get("backend") or "software"
+        self.tcti = tcti or (remembered.get("tcti") if self.backend == remembered.get("backend") else None)
+        if self.tcti and self.backend != "tpm":
+            raise UsageError("--tcti is for the tpm backend", hint="add --backend tpm")
+        self._enclave = EnclaveProcess(self.path, state_dir=self.state_dir, backend=self.backend,
+                                       platform_dir=platform_dir, dev_key=unsafe_dev_key, threads=threads,
+                                       tcti=self.tcti, memory_limit_mb=memory_limit_mb)
         self.load_info: dict[str, Any] | None = None
         try:
             if unsafe_dev_key is not None:
@@ -77,8 +88,12 @@ class Capsule:
             answer = provider.provision(capsule_id=str(m.capsule_id), version=m.version, nonce=nonce,
                                         hpke_pub=b64d(begin["hpke_pub"]), receipt_pub=b64d(begin["receipt_pub"]),
                                         evidence=begin["evidence"])
-        status = self._enclave.call("setup_finish", {"payload": answer["payload"]})
+        finish: dict[str, Any] = {"payload": answer["payload"]}
+        if answer.get("credential") is not None:  # tpm: the payload opens only after credential activation
+            finish["credential"] = answer["credential"]
+        status = self._enclave.call("setup_finish", finish)
         self.load_info = {"license": "license"}
+        _write_backend_choice(self.state_dir, self.backend, self.tcti)
         return status
 
     def sync(self, *, token: str, server: str | None = None) -> dict[str, Any]:
@@ -110,7 +125,9 @@ class Capsule:
             if spec.name not in feeds:
                 raise InputError(f"missing input {spec.name!r}")
             prepared[spec.name] = np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
-        return self._enclave.call("infer", tensors=prepared)["tensors"]
+        # The fast path: a binary frame, positional, large tensors through shared memory.
+        outputs = self._enclave.infer(list(prepared.values()))
+        return {spec.name: out for spec, out in zip(self.manifest.outputs, outputs)}
 
     def predict(self, x: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
         """The model's first output for a batch ``x`` (or a dict of inputs)."""
@@ -132,6 +149,25 @@ class Capsule:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+BACKEND_FILE = "backend.json"
+
+
+def _read_backend_choice(state_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((state_dir / BACKEND_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if k in ("backend", "tcti") and isinstance(v, str)} \
+        if isinstance(data, dict) else {}
+
+
+def _write_backend_choice(state_dir: Path, backend: str, tcti: str | None) -> None:
+    from ._util import atomic_write
+
+    choice = {"backend": backend, **({"tcti": tcti} if tcti else {})}
+    atomic_write(state_dir / BACKEND_FILE, json.dumps(choice).encode(), mode=0o600)
 
 
 def open_capsule(path: str | os.PathLike[str], **kwargs: Any) -> Capsule:

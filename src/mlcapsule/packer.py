@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,23 @@ _ONNX_TO_NAME = {
     onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT8: "int8",
     onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool", onnx.TensorProto.STRING: "string",
 }
-#: Order in which optimization levels are tried; the first whose outputs match is used.
+#: The ONNX Runtime configurations the packer tries, in order of preference when their speeds
+#: tie: zero-copy ``add_initializer`` first (least memory, fastest load; it is wrong or fails at
+#: the ``all`` level, whose layout pass needs the real weights), then ``copy`` at the levels that
+#: need the weights while the graph is optimized. ``shared`` with prepacking is left out: ORT
+#: would keep a packed copy of weights it cannot free, so the weights would be held twice.
+RUNTIME_CANDIDATES = (
+    RuntimeConfig("extended", False, "shared"),
+    RuntimeConfig("basic", False, "shared"),
+    RuntimeConfig("disable", False, "shared"),
+    RuntimeConfig("all", False, "copy"),
+    RuntimeConfig("all", True, "copy"),
+    RuntimeConfig("extended", False, "copy"),
+    RuntimeConfig("extended", True, "copy"),
+)
+#: Relative speed difference under which an earlier candidate beats a faster later one.
+RUNTIME_TIE = 0.03
+#: The optimization levels of the zero-copy candidates (kept for compatibility).
 LEVELS_TO_TRY = ("extended", "basic", "disable")
 PUBLIC_ATTRIBUTE_LIMIT = 1024
 
@@ -45,6 +62,8 @@ class PackResult:
     capsule_path: Path
     key_path: Path
     manifest: Manifest
+    #: What :func:`choose_runtime` tried: one record per candidate configuration.
+    runtime_trials: tuple[dict[str, Any], ...] = ()
 
 
 def _specs(values: Sequence[onnx.ValueInfoProto], skip: set[str]) -> tuple[TensorSpec, ...]:
@@ -96,24 +115,71 @@ def outputs_match(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], *, rtol:
     return True
 
 
-def choose_runtime(model: onnx.ModelProto, split: SplitModel, inputs: Sequence[TensorSpec]) -> RuntimeConfig:
-    """The first optimization level at which the zero-copy session equals plain ONNX Runtime."""
+def _median_seconds(run: Callable[[], object], *, budget: float = 0.25, min_runs: int = 3, max_runs: int = 30) -> float:
+    run()  # warm-up: first-run allocations
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def choose_runtime(model: onnx.ModelProto, split: SplitModel, inputs: Sequence[TensorSpec], *, tune: bool = True,
+                   threads: int | None = None, trials: list[dict[str, Any]] | None = None) -> RuntimeConfig:
+    """The fastest ONNX Runtime configuration whose outputs equal plain ONNX Runtime's.
+
+    Every candidate of :data:`RUNTIME_CANDIDATES` is built exactly as the enclave will build it
+    (same weights buffer, same session options) and run on random inputs; a candidate that fails
+    to load or whose outputs differ from plain ORT's (rtol 1e-5) is out. The others are timed
+    (median of a few runs at batch 1) and the fastest wins; a candidate earlier in the list wins
+    a tie (within :data:`RUNTIME_TIE`), because it uses less memory or loads faster. With
+    ``tune=False`` the first correct candidate is taken without timing. ``trials``, if given,
+    receives one record per candidate.
+    """
     feeds = sample_feeds(inputs)
-    ref = plain_session(model.SerializeToString()).run(None, feeds)
+    ref = plain_session(model.SerializeToString(), threads=threads).run(None, feeds)
+    timing_feeds = sample_feeds(inputs, batch=1, seed=1)
     weights = aligned_empty(len(split.blob))
     weights[:] = np.frombuffer(split.blob, dtype=np.uint8)
     graph = split.graph_bytes
+    timed: list[tuple[RuntimeConfig, float]] = []
     with tempfile.TemporaryDirectory(prefix="mlcapsule-pack-") as tmp:
-        for level in LEVELS_TO_TRY:
-            cfg = RuntimeConfig(optimization=level, prepacking=False)
-            rm = ResidentModel(graph, weights, cfg, placeholder_dir=Path(tmp))
+        for cfg in RUNTIME_CANDIDATES:
+            record: dict[str, Any] = {"config": cfg.to_dict() | {"initializers": cfg.initializers}}
+            if trials is not None:
+                trials.append(record)
             try:
-                if outputs_match(ref, rm.run(feeds)):
+                rm = ResidentModel(graph, weights, cfg, placeholder_dir=Path(tmp), threads=threads, keep_weights=True)
+            except FormatError:
+                record["status"] = "does not load"
+                continue
+            try:
+                try:
+                    ok = outputs_match(ref, rm.run(feeds))
+                except Exception:  # ORT raises its own exception types
+                    ok = False
+                if not ok:
+                    record["status"] = "wrong outputs"
+                    continue
+                record["status"] = "correct"
+                if not tune:
                     return cfg
+                seconds = _median_seconds(lambda: rm.run(timing_feeds))
+                record["median_s"] = seconds
+                timed.append((cfg, seconds))
             finally:
                 rm.close()
-    raise FormatError("the capsule runtime cannot reproduce this model's outputs at any optimization level",
-                      hint="please report this model to the mlcapsule developers")
+    if not timed:
+        raise FormatError("the capsule runtime cannot reproduce this model's outputs in any configuration",
+                          hint="please report this model to the mlcapsule developers")
+    best = min(sec for _, sec in timed)
+    chosen = next(cfg for cfg, sec in timed if sec <= best * (1 + RUNTIME_TIE))
+    if trials is not None:
+        for r in trials:
+            r["chosen"] = r["config"] == chosen.to_dict() | {"initializers": chosen.initializers}
+    return chosen
 
 
 def _load_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
@@ -147,11 +213,15 @@ def pack(
     key_output: str | os.PathLike[str] | None = None,
     chunk_size: int = MAX_CHUNK_SIZE,
     progress: Progress | None = None,
+    tune_runtime: bool = True,
 ) -> PackResult:
     """Pack ``model`` (a path or an ``onnx.ModelProto``) into the capsule file ``output``.
 
     The content key goes to ``key_output`` (default: ``output`` + ``.key``), mode 0600. Keep it
     at the provider: the provisioning server needs it, clients must never get it.
+
+    ``tune_runtime``: time the correct ONNX Runtime configurations and record the fastest in the
+    manifest (:func:`choose_runtime`); without it the first correct one is recorded.
     """
     signing_key = load_provider_key(provider_key, passphrase=passphrase)
     proto = _load_model(model)
@@ -175,7 +245,8 @@ def pack(
             hint="pack it without --public-architecture, so the graph is encrypted too")
     if progress:
         progress("verify", 0, 1)
-    runtime = choose_runtime(proto, split, inputs)
+    trials: list[dict[str, Any]] = []
+    runtime = choose_runtime(proto, split, inputs, tune=tune_runtime, trials=trials)
     if progress:
         progress("verify", 1, 1)
 
@@ -213,7 +284,7 @@ def pack(
     manifest = writer.finish(output, manifest, signing_key)
     key_path = Path(key_output) if key_output else output.with_name(output.name + ".key")
     ckey.save(key_path)
-    return PackResult(output, key_path, manifest)
+    return PackResult(output, key_path, manifest, tuple(trials))
 
 
 class _HashingWriter:

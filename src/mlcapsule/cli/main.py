@@ -248,6 +248,12 @@ def _print_predictions(outputs: Any, manifest: Any, out: str | None, top_k: int)
     console.print_json(json.dumps(rows))
 
 
+_memory_limit_option = click.option(
+    "--memory-limit", type=click.FloatRange(min=8), metavar="MB",
+    help="Streaming mode for enclaves with little memory: the enclave process stays within MB MiB above its "
+         "memory at start, decrypting the weights segment by segment for every query (slower).")
+
+
 @cli.command()
 @click.argument("capsule", type=click.Path(exists=True, dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
@@ -256,13 +262,15 @@ def _print_predictions(outputs: Any, manifest: Any, out: str | None, top_k: int)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write outputs to .json or .npy.")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--state-dir", type=click.Path(file_okay=False))
+@_memory_limit_option
 def run(capsule: str, inputs: tuple[str, ...], unsafe_dev_key: str, output: str | None, top_k: int,
-        state_dir: str | None) -> None:
+        state_dir: str | None, memory_limit: float | None) -> None:
     """Run CAPSULE on INPUTS with the provider's key file (development only)."""
     from ..client import open_capsule
 
     err_console.print("[yellow]warning:[/] --unsafe-dev-key bypasses the license: for development and tests only")
-    with open_capsule(capsule, unsafe_dev_key=unsafe_dev_key, state_dir=state_dir) as cap:
+    with open_capsule(capsule, unsafe_dev_key=unsafe_dev_key, state_dir=state_dir,
+                      memory_limit_mb=memory_limit) as cap:
         x = _load_inputs(inputs, cap.manifest)
         outputs = cap.run({cap.manifest.inputs[0].name: x})
         _print_predictions(outputs, cap.manifest, output, top_k)
@@ -286,16 +294,26 @@ _state_option = click.option("--state-dir", type=click.Path(file_okay=False),
                              help="Where the sealed state lives [default: $MLCAPSULE_HOME/state/ID-vN].")
 
 
+def _backend_options(f: Any) -> Any:
+    """--backend and --tcti (setup remembers both next to the state; later commands reuse them)."""
+    f = click.option("--tcti", help="tpm backend: how to reach the TPM, e.g. device:/dev/tpmrm0 or swtpm:path=SOCKET "
+                                    "[default: $MLCAPSULE_TPM_TCTI, else device:/dev/tpmrm0].")(f)
+    return click.option("--backend", type=click.Choice(["software", "tpm"]), default=None,
+                        help="Enclave backend [default: the one that set the capsule up, else software].")(f)
+
+
 @cli.command()
 @click.argument("capsule", type=click.Path(exists=True, dir_okay=False))
 @_token_option
 @_server_option
 @_state_option
-def setup(capsule: str, token: str, server: str | None, state_dir: str | None) -> None:
+@_backend_options
+def setup(capsule: str, token: str, server: str | None, state_dir: str | None, backend: str | None,
+          tcti: str | None) -> None:
     """Set up CAPSULE on this device: attest the enclave to the provider and receive the license (online, once)."""
     from ..client import open_capsule
 
-    with open_capsule(capsule, state_dir=state_dir) as cap:
+    with open_capsule(capsule, state_dir=state_dir, backend=backend, tcti=tcti) as cap:
         info = cap.setup(token=token, server=server)
     budget = "unlimited" if info["budget"] is None else info["budget"]
     console.print(f"set up: license {info['license_id']} for device {info['device_id']}, budget {budget} queries, "
@@ -308,12 +326,15 @@ def setup(capsule: str, token: str, server: str | None, state_dir: str | None) -
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write outputs to .json or .npy.")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
 @_state_option
-def predict(capsule: str, inputs: tuple[str, ...], output: str | None, top_k: int, state_dir: str | None) -> None:
+@_backend_options
+@_memory_limit_option
+def predict(capsule: str, inputs: tuple[str, ...], output: str | None, top_k: int, state_dir: str | None,
+            backend: str | None, tcti: str | None, memory_limit: float | None) -> None:
     """Predict offline with a set-up CAPSULE. Each input row is charged to the budget before it is answered."""
     from ..client import open_capsule
     from ..errors import NotProvisionedError
 
-    with open_capsule(capsule, state_dir=state_dir) as cap:
+    with open_capsule(capsule, state_dir=state_dir, backend=backend, tcti=tcti, memory_limit_mb=memory_limit) as cap:
         if not cap.is_set_up:
             raise NotProvisionedError(f"{capsule} is not set up on this device")
         x = _load_inputs(inputs, cap.manifest)
@@ -362,14 +383,17 @@ def sync(capsule: str, token: str, server: str | None, state_dir: str | None) ->
 @click.argument("capsule", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--unsafe-dev-key", type=click.Path(exists=True, dir_okay=False))
 @_state_option
+@_backend_options
 @click.option("--json", "as_json", is_flag=True)
-def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | None, as_json: bool) -> None:
+def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | None, backend: str | None,
+           tcti: str | None, as_json: bool) -> None:
     """What the enclave backend protects against, its hardening, and (with CAPSULE) the capsule's license."""
     from ..client import open_capsule
     from ..enclave.host import EnclaveProcess
 
     if capsule:
-        with open_capsule(capsule, unsafe_dev_key=unsafe_dev_key, state_dir=state_dir) as cap:
+        with open_capsule(capsule, unsafe_dev_key=unsafe_dev_key, state_dir=state_dir, backend=backend,
+                          tcti=tcti) as cap:
             info = cap.status()
     else:
         import tempfile
@@ -377,7 +401,8 @@ def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | Non
         with tempfile.TemporaryDirectory(prefix="mlcapsule-status-") as tmp:
             dummy = Path(tmp) / "none"
             dummy.touch()
-            with EnclaveProcess(capsule or dummy, state_dir=Path(tmp) / "state") as enc:
+            with EnclaveProcess(capsule or dummy, state_dir=Path(tmp) / "state", backend=backend or "software",
+                                tcti=tcti if backend == "tpm" else None) as enc:
                 info = enc.call("status")
     if as_json:
         console.print_json(json.dumps(info))
@@ -417,6 +442,11 @@ def demo(workdir: str | None) -> None:
     from .demo import run_demo
 
     run_demo(Path(workdir) if workdir else None, console)
+
+
+from .admin import register as _register_provider_commands  # noqa: E402
+
+_register_provider_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,17 +22,21 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from .._util import b64e
 from ..crypto.chunks import SegmentCipher
 from ..crypto.keys import ContentKey, ed25519_public_from_raw
-from ..errors import InputError, IntegrityError, NotProvisionedError, ProtocolError, RollbackError
+from ..errors import (InputError, IntegrityError, LicenseExpiredError, NotProvisionedError, ProtocolError,
+                      RollbackError)
 from ..format.container import CapsuleFile
 from ..format.manifest import Manifest, TensorSpec
 from ..protocol.license import License, verify_license
 from ..protocol.receipts import entry_hash, make_entry
 from ..protocol.setup import NONCE_LEN, open_payload, report_data
 from ..protocol.voucher import verify_voucher
-from ..runtime.resident import ResidentModel, aligned_empty
+from ..runtime.resident import ResidentModel, mapped_buffer
+from ..runtime.streaming import MiB, StreamingModel, WeightReader, memory_status
 from .backends.base import Backend
 from .protocol import PROTOCOL_VERSION
 from .state import EnclaveState, SealedStore, charge_rollback, check_time, lease_for
+
+Model = ResidentModel | StreamingModel
 
 
 
@@ -46,7 +50,7 @@ def _utc_now() -> dt.datetime:
 class EnclaveCore:
     def __init__(self, backend: Backend, capsule_path: Path, state_dir: Path, run_dir: Path,
                  *, hardening: dict[str, Any] | None = None, threads: int | None = None,
-                 clock: Clock = _utc_now) -> None:
+                 clock: Clock = _utc_now, memory_limit_mb: float | None = None) -> None:
         self.backend = backend
         self.capsule_path = capsule_path
         self.state_dir = state_dir
@@ -55,7 +59,12 @@ class EnclaveCore:
         self.threads = threads
         self.clock = clock
         self.manifest: Manifest | None = None
-        self.model: ResidentModel | None = None
+        self.model: Model | None = None
+        #: Streaming mode when set: the model runs within this many MiB (runtime/streaming.py).
+        self.memory_limit_mb = memory_limit_mb
+        #: The process's memory after imports (and, in streaming mode, ORT's initialization),
+        #: before any capsule is loaded: what the memory limit counts from.
+        self.memory_baseline = memory_status()
         self.license_mode = "none"
         self.queries = 0
         self.load_seconds = 0.0
@@ -64,6 +73,10 @@ class EnclaveCore:
         self.store: SealedStore | None = None
         self.remaining = 0  # unanswered queries of the current lease (memory only)
         self._setup: dict[str, Any] | None = None  # ephemeral keys between setup_begin and setup_finish
+        # Per-query bookkeeping in memory (licensed mode): the latest time seen and the expiry, so
+        # a query within the current lease costs no state copy, parse or write.
+        self._clock_floor: dt.datetime | None = None
+        self._expiry: dt.datetime | None = None
 
     # -- ECALLs -------------------------------------------------------------------------------
     def hello(self) -> dict[str, Any]:
@@ -96,6 +109,7 @@ class EnclaveCore:
                 counter = store.counter()
                 if state.counter < counter:
                     state = charge_rollback(state, counter)
+                    store.rebase(state)
                     state = store.save(self._append_receipt(state, "lease", {"reason": "rollback detected"}))
                 else:
                     store.catch_up(state)
@@ -139,6 +153,9 @@ class EnclaveCore:
             model = self._build_model(capsule, content_key)  # also proves the key fits the capsule
         finally:
             capsule.close()
+        configure = getattr(self.backend, "configure_from_license", None)
+        if configure is not None:  # e.g. the TPM backend seals to the PCRs the license chooses
+            configure(lic.policy)
         store = SealedStore(self.backend, self.state_dir, str(m.capsule_id), m.version)
         state = EnclaveState(
             capsule_id=str(m.capsule_id), version=m.version, content_key=content_key, license=envelope,
@@ -163,6 +180,21 @@ class EnclaveCore:
         outputs = self.model.run(feeds)
         self.queries += n
         return {spec.name: out for spec, out in zip(self.manifest.outputs, outputs)}
+
+    def infer_arrays(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """``infer`` on the fast path: inputs and outputs in the manifest's order."""
+        m = self.manifest
+        if self.model is None or m is None:
+            raise NotProvisionedError("no capsule is loaded in the enclave")
+        if len(arrays) != len(m.inputs):
+            raise InputError(f"the model takes {len(m.inputs)} input(s), got {len(arrays)}")
+        feeds = check_inputs(m.inputs, {spec.name: x for spec, x in zip(m.inputs, arrays)})
+        n = _batch_size(feeds)
+        if self.state is not None:
+            self._charge(n)  # before the model runs: no partial answer can leak
+        outputs = self.model.run(feeds)
+        self.queries += n
+        return outputs
 
     def apply_voucher(self, *, voucher: dict[str, Any]) -> dict[str, Any]:
         state, store, m = self._licensed()
@@ -203,20 +235,40 @@ class EnclaveCore:
             "queries_this_session": self.queries,
             "load_seconds": self.load_seconds,
             "runtime": None if m is None else m.runtime.to_dict(),
+            "model": None if self.model is None else self.model.describe(),
+            "memory": {"baseline": self.memory_baseline, "now": memory_status(),
+                       "limit": None if not self.memory_limit_mb else int(self.memory_limit_mb * MiB)},
         }
 
     # -- helpers ------------------------------------------------------------------------------
     def _licensed(self) -> tuple[EnclaveState, SealedStore, Manifest]:
         if self.state is None or self.store is None or self.manifest is None:
             raise NotProvisionedError("this capsule has no license loaded in the enclave")
+        floor = self._clock_floor
+        if floor is not None and (not self.state.last_time or floor > dt.datetime.fromisoformat(self.state.last_time)):
+            self.state = replace(self.state, last_time=floor.isoformat())  # what the fast path saw
         return self.state, self.store, self.manifest
 
     def _answered(self, state: EnclaveState) -> int:
         return state.charged - self.remaining
 
     def _charge(self, n: int) -> None:
+        floor = self._clock_floor
+        if n <= self.remaining and floor is not None:
+            # Fast path: the current lease covers the batch; nothing to persist.
+            now = self.clock()
+            if now < floor:
+                now = floor  # the clock went back: do not believe it
+            if self._expiry is not None and now >= self._expiry:
+                raise LicenseExpiredError(f"the license expired at {self._expiry.isoformat()}")
+            self._clock_floor = now
+            self.remaining -= n
+            return
         state, store, _ = self._licensed()
-        state, _ = check_time(state, self.clock())
+        now = self.clock()
+        state, effective = check_time(state, now if floor is None or now > floor else floor)
+        self._clock_floor = effective
+        self._expiry = dt.datetime.fromisoformat(state.expires) if state.expires else None
         extra = lease_for(state, self.remaining, n)
         if extra:
             state = replace(state, charged=state.charged + extra)
@@ -253,18 +305,28 @@ class EnclaveCore:
         return verify_license(envelope, ed25519_public_from_raw(m.provider_key), capsule_id=m.capsule_id,
                               version=m.version, receipt_key=receipt_pub)
 
-    def _build_model(self, capsule: CapsuleFile, content_key: bytes) -> ResidentModel:
+    def _build_model(self, capsule: CapsuleFile, content_key: bytes) -> Model:
         m = capsule.manifest
         graph = self._decrypt(capsule, "graph", content_key)
-        weights_seg = m.segment("weights")
-        weights = aligned_empty(weights_seg.plain_length)
-        stored = capsule.segment_view(weights_seg)
+        # The reader decrypts chunk by chunk and drops the ciphertext pages it has read from the
+        # process, so the mapped capsule does not count twice in the enclave's memory.
+        reader = WeightReader(capsule, content_key)
+        if self.memory_limit_mb:
+            try:
+                return StreamingModel(graph, reader, int(self.memory_limit_mb * MiB), threads=self.threads)
+            except BaseException:
+                reader.close()
+                raise
+        t0 = time.perf_counter()
         try:
-            SegmentCipher(content_key, m.capsule_id, m.version, weights_seg.index, weights_seg.chunk_size).decrypt_into(
-                stored, memoryview(weights))
+            weights = mapped_buffer(reader.plain_length)
+            reader.read_into(memoryview(weights), 0)
         finally:
-            stored.release()
-        return ResidentModel(graph, weights, m.runtime, placeholder_dir=self.run_dir, threads=self.threads)
+            reader.close()
+        t1 = time.perf_counter()
+        model = ResidentModel(graph, weights, m.runtime, placeholder_dir=self.run_dir, threads=self.threads)
+        model.load_breakdown = {"decrypt_seconds": t1 - t0, "session_seconds": time.perf_counter() - t1}
+        return model
 
     @staticmethod
     def _decrypt(capsule: CapsuleFile, name: str, key: bytes) -> bytearray:

@@ -32,7 +32,8 @@ class EnclaveProcess:
     def __init__(self, capsule: str | os.PathLike[str], *, state_dir: str | os.PathLike[str],
                  backend: str = "software", platform_dir: str | os.PathLike[str] | None = None,
                  dev_key: str | os.PathLike[str] | None = None, threads: int | None = None,
-                 require_hardening: bool = False) -> None:
+                 require_hardening: bool = False, tcti: str | None = None,
+                 memory_limit_mb: float | None = None, shared_memory: bool = True) -> None:
         self.capsule = Path(capsule).resolve()
         self.state_dir = Path(state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -41,6 +42,10 @@ class EnclaveProcess:
         self._log = open(Path(self._run.name) / "worker.log", "w+b")
         to_worker_r, self._to_worker = os.pipe()
         self._from_worker, from_worker_w = os.pipe()
+        self._reader = protocol.FrameReader(self._from_worker)
+        # Large tensors travel through a sealed memfd, passed to the worker at spawn.
+        self._arena = protocol.SharedArena.create() if shared_memory else None
+        pass_fds = (to_worker_r, from_worker_w) + ((self._arena.fd,) if self._arena else ())
         cmd = [sys.executable, "-m", "mlcapsule.enclave.worker",
                "--fd-in", str(to_worker_r), "--fd-out", str(from_worker_w),
                "--capsule", str(self.capsule), "--state-dir", str(self.state_dir),
@@ -49,10 +54,16 @@ class EnclaveProcess:
             cmd += ["--platform-dir", str(Path(platform_dir).resolve())]
         if dev_key:
             cmd += ["--dev-key", str(Path(dev_key).resolve())]
+        if tcti:  # tpm backend: how the worker reaches the TPM (it connects before hardening itself)
+            cmd += ["--tcti", tcti]
         if threads:
             cmd += ["--threads", str(threads)]
         if require_hardening:
             cmd.append("--require-hardening")
+        if memory_limit_mb:  # streaming mode; the worker prepares ONNX Runtime for it at start
+            cmd += ["--memory-limit-mb", repr(float(memory_limit_mb))]
+        if self._arena is not None:
+            cmd += ["--shm-fd", str(self._arena.fd)]
         env = dict(os.environ)
         src = str(Path(__file__).resolve().parent.parent.parent)
         # No BLAS worker threads: Landlock restricts only the thread that applies it and threads
@@ -62,13 +73,16 @@ class EnclaveProcess:
                     "ORT_DISABLE_TELEMETRY": "1"})
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
-            self.proc = subprocess.Popen(cmd, pass_fds=(to_worker_r, from_worker_w), stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(cmd, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
                                          stdout=self._log, stderr=self._log, env=env, close_fds=True)
         finally:
             os.close(to_worker_r)
             os.close(from_worker_w)
         self.closed = False
         self.info = self.call("hello")
+        if self._arena is not None and not self.info.get("shared_memory"):
+            self._arena.close()  # the worker refused it: tensors travel inline
+            self._arena = None
 
     # -- calls --------------------------------------------------------------------------------
     def call(self, op: str, args: Mapping[str, Any] | None = None,
@@ -84,19 +98,43 @@ class EnclaveProcess:
                 raise errors.EnclaveError("the enclave has been closed")
             try:
                 protocol.write_frame(self._to_worker, frame)
-                reply = protocol.read_frame(self._from_worker)
+                reply = protocol.decode(bytearray(self._reader.read()))  # a copy: the buffer is reused
             except (EOFError, BrokenPipeError, OSError) as e:
                 raise errors.EnclaveError(f"the enclave worker stopped: {self._log_tail()}") from e
-        if "error" in reply.header:
-            err = reply.header["error"]
-            cls = _ERRORS.get(str(err.get("type")), errors.EnclaveError)
-            raise cls(str(err.get("message")), hint=err.get("hint"))
+        self._raise_error(reply.header)
         result = reply.header.get("ok")
         if not isinstance(result, dict):
             raise errors.ProtocolError("malformed reply from the enclave")
         if "tensors" in result:
             result["tensors"] = protocol.unpack_tensors(result["tensors"], reply.buffers)
         return result
+
+    def infer(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """The ``infer`` ECALL on its fast path: a binary tensor frame, inputs in the manifest's
+        order (C-contiguous arrays of the manifest's dtypes), outputs likewise; tensors of
+        :data:`protocol.INLINE_MAX` bytes or more go through shared memory. The outputs are
+        the caller's own arrays."""
+        with self._lock:
+            if self.closed:
+                raise errors.EnclaveError("the enclave has been closed")
+            try:
+                protocol.write_frame(self._to_worker, protocol.encode_tensors(protocol.TENSOR_REQUEST, arrays, self._arena))
+                body = self._reader.read()
+                if protocol.frame_kind(body) == protocol.TENSOR_REPLY:
+                    return protocol.decode_tensors(body, self._arena, copy=True)[1]
+                reply = protocol.decode(bytearray(body))
+            except (EOFError, BrokenPipeError, OSError) as e:
+                raise errors.EnclaveError(f"the enclave worker stopped: {self._log_tail()}") from e
+        self._raise_error(reply.header)
+        raise errors.ProtocolError("malformed reply from the enclave")
+
+    @staticmethod
+    def _raise_error(header: dict[str, Any]) -> None:
+        if "error" in header:
+            err = header["error"]
+            cls = _ERRORS.get(str(err.get("type")), errors.EnclaveError) if isinstance(err, dict) else errors.EnclaveError
+            raise cls(str(err.get("message") if isinstance(err, dict) else err),
+                      hint=err.get("hint") if isinstance(err, dict) else None)
 
     def _log_tail(self) -> str:
         try:
@@ -122,7 +160,7 @@ class EnclaveProcess:
             if self.proc.poll() is None:
                 with self._lock:
                     protocol.write_frame(self._to_worker, protocol.encode(protocol.REQUEST, {"op": "shutdown", "args": {}}))
-                    protocol.read_frame(self._from_worker)
+                    self._reader.read()
                 self.proc.wait(timeout=10)
         except (EOFError, OSError, subprocess.TimeoutExpired, errors.MlcapsuleError):
             self.proc.kill()
@@ -138,6 +176,8 @@ class EnclaveProcess:
                 os.close(fd)
             except OSError:
                 pass
+        if self._arena is not None:
+            self._arena.close()
         self._log.close()
         self._run.cleanup()
 

@@ -17,6 +17,7 @@ of the frame before anything is sliced or allocated.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping, Sequence
@@ -81,7 +82,7 @@ def decode(body: bytearray | memoryview) -> Message:
         raise ProtocolError("bad header length")
     try:
         header = json.loads(bytes(view[pos:pos + hlen]))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ProtocolError("header is not JSON") from e
     if not isinstance(header, dict):
         raise ProtocolError("header is not an object")
@@ -109,11 +110,13 @@ def pack_tensors(tensors: Mapping[str, np.ndarray], buffers: list[memoryview | b
     """Describe ``tensors`` for a header and append their bytes (views, not copies) to ``buffers``."""
     out = []
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr)
+        # Native byte order, C order, and ndim kept (ascontiguousarray alone turns 0-d into 1-d).
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("=")).reshape(arr.shape)
         if arr.dtype.name not in _DTYPES:
             raise ProtocolError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
         out.append({"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "buf": len(buffers)})
-        buffers.append(memoryview(arr).cast("B") if arr.size else b"")
+        buffers.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
     return out
 
 
@@ -124,12 +127,12 @@ def unpack_tensors(desc: Any, buffers: Sequence[memoryview]) -> dict[str, np.nda
     for d in desc:
         try:
             name, dtype, shape, idx = d["name"], np.dtype(d["dtype"]), tuple(int(s) for s in d["shape"]), int(d["buf"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ProtocolError("malformed tensor description") from e
         if dtype.name not in _DTYPES or not 0 <= idx < len(buffers) or any(s < 0 for s in shape) or len(shape) > 16:
             raise ProtocolError("malformed tensor description")
         buf = buffers[idx]
-        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(buf):
+        if math.prod(shape) * dtype.itemsize != len(buf):
             raise ProtocolError(f"tensor {name!r} size does not match its shape")
         out[str(name)] = np.frombuffer(buf, dtype=dtype).reshape(shape) if len(buf) else np.zeros(shape, dtype)
     return out
@@ -166,3 +169,311 @@ def write_frame(fd: int, parts: list[memoryview | bytes]) -> None:
             else:
                 views[0] = views[0][n:]
                 n = 0
+
+
+# -- tensor frames: the fast path of `infer` ----------------------------------------------------
+#
+# A JSON header costs more than a small model's inference, so `infer` has its own binary frame
+# (same length prefix, same "MC" | version | kind start, so one reader handles both)::
+#
+#     body: "MC" | u8 version (1) | u8 kind (2 request, 3 reply) | u32le flags (0) | u32le count
+#           count x { u8 dtype | u8 ndim | u8 place | u8 0 | u32le 0 | u64le offset | u64le nbytes
+#                     | ndim x u64le dim }
+#           inline data: the inline tensors' bytes, back to back, in order
+#
+# Tensors travel positionally, in the manifest's order of inputs (request) or outputs (reply).
+# ``place`` 0: inline, ``offset`` counts from the start of the inline data; ``place`` 1: in the
+# shared-memory arena (:class:`SharedArena`), ``offset`` counts from its start. Errors still come
+# back as JSON replies (kind 1). Every field is checked before anything is sliced or allocated.
+TENSOR_REQUEST, TENSOR_REPLY = 2, 3
+MAX_TENSORS = 64
+#: Tensors of at least this many bytes go through shared memory when there is an arena.
+INLINE_MAX = 32 * 1024
+_T_DTYPES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
+_T_CODE = {name: i for i, name in enumerate(_T_DTYPES)}
+_T_NP = tuple(np.dtype(n) for n in _T_DTYPES)
+_T_PREFIX = struct.Struct("<2sBBII")
+_T_DESC = struct.Struct("<BBBBIQQ")
+_ARENA_ALIGN = 64
+
+
+def frame_kind(body: bytearray | memoryview) -> int:
+    """The kind byte of a frame body (-1 if it is too short to say)."""
+    return body[3] if len(body) >= 4 else -1
+
+
+def encode_tensors(kind: int, arrays: Sequence[np.ndarray], arena: "SharedArena | None" = None,
+                   *, inline_max: int = INLINE_MAX) -> list[memoryview | bytes]:
+    """A tensor frame for ``os.writev``. Large tensors are copied into ``arena`` (from offset 0);
+    small ones travel inline as views (not copied)."""
+    if len(arrays) > MAX_TENSORS:
+        raise ProtocolError("too many tensors")
+    head = bytearray(_T_PREFIX.size + sum(_T_DESC.size + 8 * a.ndim for a in arrays))
+    _T_PREFIX.pack_into(head, 0, b"MC", PROTOCOL_VERSION, kind, 0, len(arrays))
+    parts: list[memoryview | bytes] = [b"", head]
+    big = arena is not None and any(a.nbytes >= inline_max for a in arrays)
+    if big:
+        assert arena is not None
+        arena.reserve(sum(-(-a.nbytes // _ARENA_ALIGN) * _ARENA_ALIGN for a in arrays if a.nbytes >= inline_max))
+    pos, inline, shared = _T_PREFIX.size, 0, 0
+    for a in arrays:
+        code = _T_CODE.get(a.dtype.name)
+        if code is None or a.ndim > 16:
+            raise ProtocolError(f"unsupported tensor {a.dtype} of rank {a.ndim}")
+        if not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)
+        n = a.nbytes
+        if big and n >= inline_max:
+            assert arena is not None
+            arena.write(shared, a)
+            _T_DESC.pack_into(head, pos, code, a.ndim, 1, 0, 0, shared, n)
+            shared += -(-n // _ARENA_ALIGN) * _ARENA_ALIGN
+        else:
+            _T_DESC.pack_into(head, pos, code, a.ndim, 0, 0, 0, inline, n)
+            if n:
+                parts.append(memoryview(a).cast("B"))
+            inline += n
+        pos += _T_DESC.size
+        if a.ndim:
+            struct.pack_into(f"<{a.ndim}Q", head, pos, *a.shape)
+            pos += 8 * a.ndim
+    total = len(head) + inline
+    if total > MAX_FRAME:
+        raise ProtocolError("message too large")
+    parts[0] = _LEN.pack(total)
+    return parts
+
+
+def decode_tensors(body: bytearray | memoryview, arena: "SharedArena | None" = None, *,
+                   copy: bool = False) -> tuple[int, list[np.ndarray]]:
+    """(kind, tensors) of a tensor frame. Inline tensors are views of ``body`` unless ``copy``;
+    tensors in shared memory are always copied out (the other side may change them)."""
+    view = memoryview(body)
+    if len(view) < _T_PREFIX.size:
+        raise ProtocolError("truncated message")
+    magic, version, kind, flags, count = _T_PREFIX.unpack_from(view, 0)
+    if magic != b"MC" or version != PROTOCOL_VERSION or kind not in (TENSOR_REQUEST, TENSOR_REPLY) or flags:
+        raise ProtocolError("not a tensor message")
+    if count > MAX_TENSORS:
+        raise ProtocolError("too many tensors")
+    pos = _T_PREFIX.size
+    descs = []
+    for _ in range(count):
+        if pos + _T_DESC.size > len(view):
+            raise ProtocolError("truncated tensor description")
+        code, ndim, place, r0, r1, offset, nbytes = _T_DESC.unpack_from(view, pos)
+        pos += _T_DESC.size
+        if code >= len(_T_DTYPES) or ndim > 16 or place > 1 or r0 or r1 or pos + 8 * ndim > len(view):
+            raise ProtocolError("malformed tensor description")
+        shape = struct.unpack_from(f"<{ndim}Q", view, pos) if ndim else ()
+        pos += 8 * ndim
+        size = _T_NP[code].itemsize
+        for d in shape:
+            size *= d
+        if size != nbytes:
+            raise ProtocolError("a tensor's size does not match its shape")
+        descs.append((_T_NP[code], shape, place, offset, nbytes))
+    out: list[np.ndarray] = []
+    inline = 0
+    for dtype, shape, place, offset, nbytes in descs:
+        if place == 0:
+            if offset != inline or pos + offset + nbytes > len(view):
+                raise ProtocolError("inline tensor data out of place")
+            inline += nbytes
+            if nbytes == 0:
+                out.append(np.empty(shape, dtype))
+                continue
+            arr = np.frombuffer(view, dtype=dtype, count=nbytes // dtype.itemsize, offset=pos + offset).reshape(shape)
+            out.append(arr.copy() if copy else arr)
+        else:
+            if arena is None:
+                raise ProtocolError("a tensor is in shared memory, but there is none")
+            arr = np.empty(shape, dtype)
+            if nbytes:
+                arena.read_into(offset, memoryview(arr).cast("B"))
+            out.append(arr)
+    if pos + inline != len(view):
+        raise ProtocolError("trailing bytes after message")
+    return kind, out
+
+
+class FrameReader:
+    """Reads length-prefixed frames from a pipe with as few ``readv`` calls as possible (usually
+    one per frame). A frame's body is returned as a view that is valid until the next read."""
+
+    def __init__(self, fd: int, size: int = 256 * 1024) -> None:
+        self.fd = fd
+        self._buf = bytearray(size)
+        self._mv = memoryview(self._buf)
+        self._start = self._end = 0
+
+    def _fill(self, need: int) -> None:
+        if self._end - self._start >= need:
+            return
+        if self._start + need > len(self._buf):
+            n = self._end - self._start
+            self._buf[:n] = self._buf[self._start:self._end]
+            self._start, self._end = 0, n
+        while self._end - self._start < need:
+            k = os.readv(self.fd, [self._mv[self._end:]])
+            if k == 0:
+                raise EOFError("peer closed the channel")
+            self._end += k
+
+    def read(self) -> memoryview:
+        self._fill(4)
+        (n,) = _LEN.unpack_from(self._buf, self._start)
+        if n > MAX_FRAME:
+            raise ProtocolError("frame too large")
+        if n + 4 <= len(self._buf):
+            self._fill(4 + n)
+            body = self._mv[self._start + 4:self._start + 4 + n]
+            self._start += 4 + n
+            if self._start == self._end:
+                self._start = self._end = 0
+            return body
+        big = bytearray(n)  # larger than the buffer: read the rest straight into its own buffer
+        have = self._end - self._start - 4
+        big[:have] = self._buf[self._start + 4:self._end]
+        self._start = self._end = 0
+        view = memoryview(big)
+        while have < n:
+            k = os.readv(self.fd, [view[have:]])
+            if k == 0:
+                raise EOFError("peer closed the channel")
+            have += k
+        return view
+
+
+def _munlock(mm: Any) -> None:
+    try:
+        import ctypes
+
+        addr = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+        ctypes.CDLL(None).munlock(ctypes.c_void_p(addr), ctypes.c_size_t(len(mm)))
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+
+
+class SharedArena:
+    """A memfd shared by host and enclave for large tensors.
+
+    The host creates it (:meth:`create`, sealed against shrinking, so neither side can make the
+    other's mapping fault) and passes the descriptor to the worker at spawn. Either side grows it
+    when what it writes does not fit (:meth:`reserve`); the reader maps the new size when an
+    offset lies beyond its mapping (:meth:`view`). Calls are serialized by the host, so one arena
+    serves requests and replies: each writes from offset 0. The enclave copies what it reads
+    into its own memory before using it, as an SGX enclave copies ``[in]`` buffers: the host
+    could change shared pages while the enclave works.
+    """
+
+    GROW = 1 << 20
+    #: With ``release``, copies go in pieces of this size, each unmapped from this process once
+    #: copied (the memfd keeps the data): the enclave's memory then does not count a tensor
+    #: twice, once shared and once copied, which matters under a memory limit.
+    PIECE = 1 << 20
+
+    def __init__(self, fd: int, *, release: bool = False) -> None:
+        self.fd = fd
+        self.size = 0
+        self.release = release
+        self._map: Any = None
+        self._retired: list[Any] = []
+
+    @classmethod
+    def create(cls, name: str = "mlcapsule-io") -> "SharedArena":
+        import fcntl
+
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        return cls(fd)
+
+    @classmethod
+    def adopt(cls, fd: int) -> "SharedArena":
+        """The enclave's side: use ``fd`` only if it is sealed against shrinking."""
+        import fcntl
+        import stat
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ProtocolError("the shared-memory descriptor is not a memory file")
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        if not seals & fcntl.F_SEAL_SHRINK:
+            raise ProtocolError("the shared-memory file is not sealed against shrinking")
+        return cls(fd, release=True)
+
+    def _map_to(self, size: int) -> None:
+        import mmap
+
+        new = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        if self.release:
+            _munlock(new)  # the hardened worker locks future mappings; released pages must not be
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view is still alive somewhere: unmap it later
+                self._retired.append(self._map)
+        self._map, self.size = new, size
+
+    def reserve(self, nbytes: int) -> None:
+        """Make sure ``[0, nbytes)`` exists and is mapped, growing the file if needed."""
+        if nbytes <= self.size:
+            return
+        have = os.fstat(self.fd).st_size
+        if have < nbytes:
+            have = max(nbytes, 2 * have)
+            have = -(-have // self.GROW) * self.GROW
+            os.ftruncate(self.fd, have)
+        self._map_to(have)
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        if offset + nbytes > self.size:
+            have = os.fstat(self.fd).st_size
+            if offset + nbytes > have:
+                raise ProtocolError("a tensor lies outside the shared memory")
+            self._map_to(have)
+        return memoryview(self._map)[offset:offset + nbytes]
+
+    def write(self, offset: int, arr: np.ndarray) -> None:
+        if arr.nbytes:
+            self._copy(offset, memoryview(arr).cast("B"), to_arena=True)
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        if len(out):
+            self._copy(offset, out, to_arena=False)
+
+    def _copy(self, offset: int, data: memoryview, *, to_arena: bool) -> None:
+        import mmap
+
+        n = len(data)
+        view = self.view(offset, n)
+        step = self.PIECE if self.release else n
+        try:
+            for i in range(0, n, step):
+                j = min(i + step, n)
+                if to_arena:
+                    view[i:j] = data[i:j]
+                else:
+                    data[i:j] = view[i:j]
+                if self.release:
+                    lo = -(-(offset + i) // mmap.PAGESIZE) * mmap.PAGESIZE
+                    hi = (offset + j) // mmap.PAGESIZE * mmap.PAGESIZE
+                    if hi > lo:
+                        try:
+                            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                        except (OSError, ValueError):
+                            self.release = False
+        finally:
+            view.release()
+
+    def close(self) -> None:
+        for m in [self._map, *self._retired]:
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError:
+                    pass
+        self._map, self._retired, self.size = None, [], 0
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass

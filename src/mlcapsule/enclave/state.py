@@ -143,6 +143,7 @@ class SealedStore:
         self.path = state_dir / STATE_FILE
         self.label = f"mlcapsule-state/v1\0{capsule_id}\0{version}".encode()
         self.counter_name = f"c-{capsule_id}-v{version}"
+        self._saved_charged: int | None = None  # `charged` of the state last loaded or saved
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -152,18 +153,34 @@ class SealedStore:
             blob = self.path.read_bytes()
         except FileNotFoundError as e:
             raise NotProvisionedError("this capsule is not set up on this device") from e
-        return EnclaveState.from_bytes(self.backend.unseal(blob, label=self.label))
+        state = EnclaveState.from_bytes(self.backend.unseal(blob, label=self.label))
+        self._saved_charged = state.charged
+        return state
+
+    def rebase(self, state: EnclaveState) -> None:
+        """Count ``state.charged`` as already covered by counter steps (after a rollback charge)."""
+        self._saved_charged = state.charged
 
     def save(self, state: EnclaveState) -> EnclaveState:
-        """Seal and write ``state`` with counter value c+1, then advance the counter to c+1.
+        """Seal and write ``state`` with counter value c+k, then advance the counter k times.
+
+        k is the number of leases charged since the last save (at least 1), so that the rollback
+        rule — one lease charged per missing counter step — charges back *every* lease spent
+        after a restored snapshot, even when one batch took several leases. Wear stays at one
+        increment per lease of N queries.
 
         In this order a crash between the two steps leaves a state *ahead* of the counter, which
         :meth:`catch_up` repairs at the next load, and charges nothing: only the enclave can make
         such a state. The other order would charge a whole lease for an honest crash.
         """
-        state = replace(state, counter=self.backend.counter_read(self.counter_name) + 1)
+        steps = 1
+        if self._saved_charged is not None and state.charged > self._saved_charged:
+            steps = max(1, -(-(state.charged - self._saved_charged) // state.lease_size))
+        state = replace(state, counter=self.backend.counter_read(self.counter_name) + steps)
         atomic_write(self.path, self.backend.seal(state.to_bytes(), label=self.label), mode=0o600)
-        self.backend.counter_increment(self.counter_name)
+        for _ in range(steps):
+            self.backend.counter_increment(self.counter_name)
+        self._saved_charged = state.charged
         return state
 
     def counter(self) -> int:

@@ -59,10 +59,21 @@ def _b64(args: dict[str, Any], key: str) -> bytes:
         raise errors.ProtocolError(f"argument {key!r} must be base64") from e
 
 
-def serve(core: EnclaveCore, fd_in: int, fd_out: int) -> None:
+def serve(core: EnclaveCore, fd_in: int, fd_out: int, arena: protocol.SharedArena | None = None) -> None:
+    reader = protocol.FrameReader(fd_in)
     while True:
         try:
-            msg = protocol.read_frame(fd_in)
+            body = reader.read()
+            if protocol.frame_kind(body) == protocol.TENSOR_REQUEST:
+                # The fast path of `infer`: binary tensors in the manifest's input order.
+                try:
+                    outputs = core.infer_arrays(protocol.decode_tensors(body, arena)[1])
+                    frame = protocol.encode_tensors(protocol.TENSOR_REPLY, outputs, arena)
+                except Exception as e:  # every failure becomes a reply; the worker keeps serving
+                    frame = protocol.encode(protocol.REPLY, _error_reply(e))
+                protocol.write_frame(fd_out, frame)
+                continue
+            msg = protocol.decode(body)
         except EOFError:
             return
         except errors.ProtocolError as e:
@@ -75,13 +86,19 @@ def serve(core: EnclaveCore, fd_in: int, fd_out: int) -> None:
             if msg.kind != protocol.REQUEST or op not in protocol.OPS or not isinstance(args, dict):
                 raise errors.ProtocolError(f"unknown request {op!r}")
             if op == "hello":
-                result: dict[str, Any] = core.hello()
+                result: dict[str, Any] = {**core.hello(), "shared_memory": arena is not None}
             elif op == "load":
                 result = core.load(dev_key=args.get("dev_key"))
             elif op == "setup_begin":
                 result = core.setup_begin(nonce=_b64(args, "nonce"))
             elif op == "setup_finish":
-                result = core.setup_finish(payload=_b64(args, "payload"))
+                payload = _b64(args, "payload")
+                if args.get("credential") is not None:  # tpm: the payload is gated on credential activation
+                    activate = getattr(core.backend, "activate_payload", None)
+                    if activate is None:
+                        raise errors.ProtocolError("this backend takes no credential challenge")
+                    payload = activate(args["credential"], payload)
+                result = core.setup_finish(payload=payload)
             elif op == "apply_voucher":
                 result = core.apply_voucher(voucher=args.get("voucher"))
             elif op == "usage_report":
@@ -114,12 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--backend", default="software")
     ap.add_argument("--platform-dir")
+    ap.add_argument("--tcti")
     ap.add_argument("--dev-key")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--require-hardening", action="store_true")
+    ap.add_argument("--memory-limit-mb", type=float, default=0.0)
+    ap.add_argument("--shm-fd", type=int, default=-1)
     a = ap.parse_args(argv)
 
-    backend = get_backend(a.backend, **({"platform_dir": a.platform_dir} if a.platform_dir else {}))
+    backend_args: dict[str, Any] = {"platform_dir": a.platform_dir} if a.platform_dir else {}
+    if a.tcti:
+        backend_args["tcti"] = a.tcti
+    backend = get_backend(a.backend, **backend_args)  # the tpm backend connects now, before hardening
     b_read, b_write = backend.paths()
     read_paths = python_read_paths() + [a.capsule] + ([a.dev_key] if a.dev_key else []) + b_read
     write_paths = [a.state_dir, a.run_dir] + b_write
@@ -127,9 +150,21 @@ def main(argv: list[str] | None = None) -> int:
         Path(p).mkdir(parents=True, exist_ok=True)
     report = harden(read_paths=read_paths, write_paths=write_paths, require=a.require_hardening)
     os.chdir(a.run_dir)
+    if a.memory_limit_mb:
+        # Streaming mode: ORT's shared arena and one-time initialization, before the baseline.
+        from ..runtime.streaming import configure_onnxruntime
+
+        configure_onnxruntime()
+    arena = None
+    if a.shm_fd >= 0:
+        try:
+            arena = protocol.SharedArena.adopt(a.shm_fd)
+        except (OSError, errors.ProtocolError) as e:  # tensors then travel inline
+            print(f"shared memory refused: {e}", file=sys.stderr)
     core = EnclaveCore(backend, Path(a.capsule), Path(a.state_dir), Path(a.run_dir),
-                       hardening=report.as_dict(), threads=a.threads or None)
-    serve(core, a.fd_in, a.fd_out)
+                       hardening=report.as_dict(), threads=a.threads or None,
+                       memory_limit_mb=a.memory_limit_mb or None)
+    serve(core, a.fd_in, a.fd_out, arena)
     return 0
 
 

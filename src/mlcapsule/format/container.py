@@ -133,11 +133,15 @@ class CapsuleFile:
         if len(body) != mlen + SIG_LEN:
             raise FormatError("capsule file is truncated")
         self.manifest_bytes, signature = body[:mlen], body[mlen:]
+        pad_start = HEADER_LEN + mlen + SIG_LEN
+        pad = os.pread(self._fd, self.data_offset - pad_start, pad_start)
+        if pad.count(0) != len(pad):  # the padding is not signed: only zeros are allowed
+            raise FormatError("capsule has non-zero bytes between the signature and the data")
         try:
             raw = json.loads(self.manifest_bytes.decode("utf-8"))
             key = b64d(raw["provider"]["key"])
             pub = ed25519_public_from_raw(key)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError, RecursionError) as e:
             raise FormatError("capsule manifest is not valid") from e
         except SignatureError as e:
             raise FormatError("capsule manifest names an invalid provider key") from e

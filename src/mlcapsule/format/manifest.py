@@ -21,6 +21,7 @@ MAX_NAME = 256
 MAX_CLASSES = 100_000
 _DTYPES = {"float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool", "string"}
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
+_INITIALIZER_MODES = ("shared", "copy")
 
 
 def _req(d: Any, key: str, typ: type | tuple[type, ...], where: str) -> Any:
@@ -123,21 +124,41 @@ class Policy:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """How the enclave builds its ONNX Runtime session; chosen and checked at pack time."""
+    """How the enclave builds its ONNX Runtime session; chosen and checked at pack time.
+
+    ``initializers`` says how the decrypted weights reach ONNX Runtime:
+
+    * ``"shared"`` (the default, and what every manifest without the field means):
+      ``add_initializer`` with zero-copy views of the enclave's decrypted buffer;
+    * ``"copy"``: ``add_external_initializers`` with views of that buffer; ORT copies the
+      weights into the graph while it builds the session (so graph optimizations see the real
+      weights and are correct at every level) and the enclave then wipes and frees its buffer.
+      The weights are held once after load, twice during it.
+
+    ``to_dict`` leaves ``initializers`` out when it is ``"shared"``, so such manifests stay
+    readable by readers that predate the field (format 1.0).
+    """
 
     optimization: str = "extended"
     prepacking: bool = False
+    initializers: str = "shared"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"optimization": self.optimization, "prepacking": self.prepacking}
+        d: dict[str, Any] = {"optimization": self.optimization, "prepacking": self.prepacking}
+        if self.initializers != "shared":
+            d["initializers"] = self.initializers
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "runtime") -> "RuntimeConfig":
-        _no_extra(d if isinstance(d, dict) else {}, {"optimization", "prepacking"}, where)
+        _no_extra(d if isinstance(d, dict) else {}, {"optimization", "prepacking", "initializers"}, where)
         level = _req(d, "optimization", str, where)
         if level not in _OPT_LEVELS:
             raise FormatError(f"manifest: {where}.optimization must be one of {', '.join(_OPT_LEVELS)}")
-        return cls(level, _req(d, "prepacking", bool, where))
+        inits = _opt(d, "initializers", str, where) or "shared"
+        if inits not in _INITIALIZER_MODES:
+            raise FormatError(f"manifest: {where}.initializers must be one of {', '.join(_INITIALIZER_MODES)}")
+        return cls(level, _req(d, "prepacking", bool, where), inits)
 
 
 @dataclass(frozen=True)

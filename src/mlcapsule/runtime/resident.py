@@ -10,6 +10,11 @@ The ORT session options that matter (see docs/design.md, "Runtime"):
   (``add_initializer`` gives wrong outputs at some levels on some models: DESIGN.md §6).
 * ``session.disable_prepacking`` unless the manifest enables prepacking: prepacking copies
   weights into a packed layout, doubling their memory.
+* ``initializers = "copy"`` (chosen by the packer when it is faster: the optimizations at
+  ``all``, e.g. the NCHWc layout for convolutions, need the real weights while the graph is
+  optimized): views of the decrypted buffer go to ``add_external_initializers``, which puts them
+  in the graph before it is optimized. ORT copies them while it builds the session; then the
+  buffer is wiped and released, so the weights are held once, by ORT.
 """
 
 from __future__ import annotations
@@ -43,6 +48,26 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     return raw[shift:shift + nbytes]
 
 
+def mapped_buffer(nbytes: int) -> np.ndarray:
+    """A zeroed uint8 buffer of its own anonymous mapping (page-aligned), populated up front.
+
+    For the large buffers the enclave fills once (resident weights, the streaming scratch):
+    ``MAP_POPULATE`` faults all pages in with one call, several times faster on this VM than a
+    page fault at a time while decrypting, and ``munmap`` gives the memory back to the system
+    as soon as the last view of the buffer is gone (a large ``malloc`` may stay in the heap).
+    """
+    import mmap
+
+    if nbytes == 0:
+        return np.empty(0, dtype=np.uint8)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    try:
+        mm = mmap.mmap(-1, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError):
+        return aligned_empty(nbytes)
+    return np.frombuffer(mm, dtype=np.uint8)  # the array keeps the mapping alive
+
+
 def ensure_placeholder(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     p = folder / PLACEHOLDER
@@ -72,52 +97,88 @@ def placeholder_views(model: onnx.ModelProto, weights: np.ndarray) -> dict[str, 
     return views
 
 
-def session_options(cfg: RuntimeConfig, placeholder_dir: Path, *, threads: int | None = None) -> ort.SessionOptions:
+def session_options(cfg: RuntimeConfig, placeholder_dir: Path | None, *, threads: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = _LEVELS[cfg.optimization]
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(placeholder_dir))
+    if placeholder_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(placeholder_dir))
     if not cfg.prepacking:
         so.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         so.intra_op_num_threads = threads
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures surface as exceptions (FormatError); no duplicate log line
     return so
 
 
 class ResidentModel:
-    """An ORT session over weights that live in one caller-owned buffer."""
+    """An ORT session over the decrypted weights.
+
+    ``shared``: ORT reads the weights straight from ``weights`` (a caller-owned buffer) for as
+    long as the session lives. ``copy``: ORT copies them while the session is built; ``weights``
+    is then wiped (unless ``keep_weights``: the packer tries several configurations on one
+    buffer) and not referenced any more, so the caller's last reference frees it.
+    """
 
     def __init__(self, graph_bytes: bytes | bytearray, weights: np.ndarray, cfg: RuntimeConfig, *,
-                 placeholder_dir: Path, threads: int | None = None) -> None:
+                 placeholder_dir: Path, threads: int | None = None, keep_weights: bool = False) -> None:
+        raw = bytes(graph_bytes)  # the graph alone (weights are external): kilobytes
         try:
-            model = onnx.ModelProto.FromString(bytes(graph_bytes))
+            model = onnx.ModelProto.FromString(raw)
         except Exception as e:  # protobuf raises its own DecodeError
             raise FormatError("the capsule's graph does not parse as ONNX") from e
-        self.weights = weights
-        views = placeholder_views(model, weights)
-        ensure_placeholder(placeholder_dir)
-        so = session_options(cfg, placeholder_dir, threads=threads)
-        # ORT does not keep the OrtValues alive: we must, for as long as the session lives.
-        self._values = {name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in views.items()}
-        for name, value in self._values.items():
-            so.add_initializer(name, value)
+        views = placeholder_views(model, weights)  # checks every placeholder against the buffer
+        del model
+        self.config = cfg
+        self._keep = keep_weights
+        self.load_breakdown: dict[str, float] = {}
+        self.weights: np.ndarray | None = weights
+        self._values: dict[str, Any] = {}
+        if cfg.initializers == "copy":
+            so = session_options(cfg, None, threads=threads)
+            # ORT copies these while it builds the session (faster and with a lower peak than
+            # add_external_initializers_from_files_in_memory, which copies twice).
+            values = [ort.OrtValue.ortvalue_from_numpy(v) for v in views.values()]
+            so.add_external_initializers(list(views), values)
+            del values
+        else:
+            ensure_placeholder(placeholder_dir)
+            so = session_options(cfg, placeholder_dir, threads=threads)
+            # ORT does not keep the OrtValues alive: we must, for as long as the session lives.
+            self._values = {name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in views.items()}
+            for name, value in self._values.items():
+                so.add_initializer(name, value)
+        del views
         try:
-            self.session = ort.InferenceSession(bytes(graph_bytes), so, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(raw, so, providers=["CPUExecutionProvider"])
         except Exception as e:
+            if cfg.initializers == "copy" and not keep_weights and weights.flags.writeable:
+                weights.fill(0)
             raise FormatError(f"ONNX Runtime cannot load the model: {e}") from e
+        finally:
+            del so  # drops the in-memory file reference (copy mode)
+        if cfg.initializers == "copy":
+            # ORT holds its own copy now: wipe ours and let it go.
+            if not keep_weights and weights.flags.writeable:
+                weights.fill(0)
+            self.weights = None
         self.inputs = self.session.get_inputs()
         self.outputs = self.session.get_outputs()
         self.output_names = [o.name for o in self.outputs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return list(self.session.run(self.output_names, dict(feeds)))
+        return self.session.run(self.output_names, feeds if type(feeds) is dict else dict(feeds))
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": "resident", "runtime": self.config.to_dict() | {"initializers": self.config.initializers},
+                **self.load_breakdown}
 
     def close(self) -> None:
         """Drop the session and overwrite the plaintext weights (best effort)."""
         self.session = None  # type: ignore[assignment]
         self._values = {}
-        if self.weights.flags.writeable:
+        if self.weights is not None and not self._keep and self.weights.flags.writeable:
             self.weights.fill(0)
+        self.weights = None
 
 
 def plain_session(model_bytes: bytes, *, threads: int | None = None, **_: Any) -> ort.InferenceSession:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import Backend, ThreatModel
 
-BACKENDS = ("software",)
+BACKENDS = ("software", "tpm")
 
 
 def get_backend(name: str, **kwargs: object) -> Backend:
@@ -14,6 +14,12 @@ def get_backend(name: str, **kwargs: object) -> Backend:
         from .software import SoftwareBackend
 
         return SoftwareBackend(**kwargs)  # type: ignore[arg-type]
+    if name == "tpm":
+        try:
+            from .tpm import TpmBackend
+        except ImportError as e:
+            raise UsageError("the tpm backend needs tpm2-pytss", hint="pip install 'mlcapsule[tpm]'") from e
+        return TpmBackend(**kwargs)  # type: ignore[arg-type]
     raise UsageError(f"unknown enclave backend {name!r}", hint=f"choose one of: {', '.join(BACKENDS)}")
 
 

@@ -1,0 +1,812 @@
+"""Verifier for evidence from the ``tpm`` backend (:mod:`mlcapsule.enclave.backends.tpm`).
+
+Pure code on pyca ``cryptography``: it parses the TPM 2.0 structures itself (TPMT_PUBLIC,
+TPMS_ATTEST, TPMT_SIGNATURE; TPM 2.0 Library, Part 2) and needs neither a TPM nor tpm2-tss.
+
+Wire format (a JSON object; every field required, no others)::
+
+    {"type": "tpm", "version": 1,
+     "measurement": hex(32 bytes),            # the enclave's self-reported code measurement
+     "ak_public": b64(TPMT_PUBLIC),           # the attestation key (AK): restricted signing key
+     "quote": b64(TPMS_ATTEST),               # TPM2_Quote by the AK
+     "signature": b64(TPMT_SIGNATURE),
+     "pcrs": {"sha256": {"0": hex, ...}},     # the values of exactly the PCRs the quote covers
+     "ek_public": b64(TPMT_PUBLIC),           # the endorsement key (EK)
+     "ek_certificate": b64(DER),              # the EK certificate read from the TPM's NV
+     "ek_chain": [b64(DER), ...]}             # intermediates, as far as the client knows them
+
+The quote's extraData is :func:`quote_extra_data` = SHA-256(context || report_data ||
+measurement): the setup protocol's report_data (nonce, HPKE key, receipt key) and the
+measurement are bound into a structure only the TPM signs with a restricted key.
+
+What the checks establish: the quote was made by a restricted, fixedTPM signing key whose
+public area is ``ak_public``, over PCR values that the provider's policy accepts, for this setup
+(nonce and keys); the EK is certified by a manufacturer root the provider configured. They do
+NOT by themselves show that the AK lives in the TPM of that EK: that is what *credential
+activation* adds. The server seals the provisioning payload under a secret that only
+TPM2_ActivateCredential on the TPM holding both the EK and an object named like the AK can
+recover (:func:`credential_challenge`); an AK that is not in the same TPM as the certified EK
+never sees the content key or the license. No extra round trip is needed.
+
+    verified = verify_tpm(evidence, expected_report_data=rd, policy=policy, tpm_policy=TpmPolicy(...))
+    answer = credential_challenge(evidence, seal_payload(...))     # {"payload", "credential"}
+"""
+
+from __future__ import annotations
+
+import binascii
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+try:  # AES-CFB is what TPM2_MakeCredential uses; pyca moved CFB to its "decrepit" module
+    from cryptography.hazmat.decrepit.ciphers.modes import CFB
+except ImportError:  # pragma: no cover - older cryptography
+    from cryptography.hazmat.primitives.ciphers.modes import CFB
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
+from cryptography.hazmat.primitives.kdf.kbkdf import KBKDFHMAC, CounterLocation, Mode
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from .._util import b64d, b64e
+from ..errors import AttestationError
+from .policy import AttestationPolicy, VerifiedEvidence, normalize_measurement
+
+EVIDENCE_TYPE = "tpm"
+VERSION = 1
+FIELDS = frozenset({"type", "version", "measurement", "ak_public", "quote", "signature", "pcrs",
+                    "ek_public", "ek_certificate", "ek_chain"})
+#: Domain separation of the quote's extraData (also in the enclave backend; a test pins both).
+EXTRA_DATA_CONTEXT = b"mlcapsule-evidence/tpm/v1\0"
+#: AAD context of the payload wrapped under the activated credential (also in the backend).
+WRAP_CONTEXT = b"mlcapsule-tpm-activation/v1\0"
+CREDENTIAL_LEN = 32
+MAX_STRUCT = 8192  # no TPM structure we read is larger (TPM2 buffers are at most 4 KiB)
+MAX_CERT = 16384
+MAX_CHAIN = 8
+
+# -- TPM 2.0 constants (Part 2) -------------------------------------------------------------------
+TPM_GENERATED_VALUE = 0xFF544347
+TPM_ST_ATTEST_QUOTE = 0x8018
+TPM_ST_ATTEST_CREATION = 0x801A
+TPM_ST_ATTEST_CERTIFY = 0x8017
+
+ALG_RSA, ALG_SHA1, ALG_HMAC, ALG_AES, ALG_KEYEDHASH, ALG_XOR = 0x0001, 0x0004, 0x0005, 0x0006, 0x0008, 0x000A
+ALG_SHA256, ALG_SHA384, ALG_SHA512, ALG_NULL = 0x000B, 0x000C, 0x000D, 0x0010
+ALG_RSASSA, ALG_RSAES, ALG_RSAPSS, ALG_OAEP = 0x0014, 0x0015, 0x0016, 0x0017
+ALG_ECDSA, ALG_ECDH, ALG_ECDAA, ALG_SM2, ALG_ECSCHNORR = 0x0018, 0x0019, 0x001A, 0x001B, 0x001C
+ALG_ECC, ALG_SYMCIPHER, ALG_CFB = 0x0023, 0x0025, 0x0043
+
+HASHES: dict[int, tuple[str, type[hashes.HashAlgorithm]]] = {
+    ALG_SHA1: ("sha1", hashes.SHA1),
+    ALG_SHA256: ("sha256", hashes.SHA256),
+    ALG_SHA384: ("sha384", hashes.SHA384),
+    ALG_SHA512: ("sha512", hashes.SHA512),
+}
+BANKS = {name: alg for alg, (name, _) in HASHES.items()}
+CURVES: dict[int, ec.EllipticCurve] = {0x0003: ec.SECP256R1(), 0x0004: ec.SECP384R1(), 0x0005: ec.SECP521R1()}
+
+# TPMA_OBJECT bits
+FIXED_TPM, ST_CLEAR, FIXED_PARENT, SENSITIVE_DATA_ORIGIN = 1 << 1, 1 << 2, 1 << 4, 1 << 5
+USER_WITH_AUTH, ADMIN_WITH_POLICY, NO_DA, ENCRYPTED_DUPLICATION = 1 << 6, 1 << 7, 1 << 10, 1 << 11
+RESTRICTED, DECRYPT, SIGN = 1 << 16, 1 << 17, 1 << 18
+#: Reserved TPMA_OBJECT bits (bit 19 is x509sign since Library 1.59): a TPM never sets them.
+RESERVED_ATTRIBUTES = 0x00000001 | 0x00000008 | 0x00000300 | 0x0000F000 | 0xFFF00000
+
+
+class TpmFormatError(AttestationError):
+    """A TPM structure does not parse."""
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+class _Reader:
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data, self.pos, self.what = data, 0, what
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise TpmFormatError(f"{self.what} is truncated")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return int(struct.unpack(">H", self.take(2))[0])
+
+    def u32(self) -> int:
+        return int(struct.unpack(">I", self.take(4))[0])
+
+    def u64(self) -> int:
+        return int(struct.unpack(">Q", self.take(8))[0])
+
+    def tpm2b(self) -> bytes:
+        return self.take(self.u16())
+
+    def done(self) -> None:
+        if self.pos != len(self.data):
+            raise TpmFormatError(f"{self.what} has {len(self.data) - self.pos} trailing bytes")
+
+
+def _tpm2b(data: bytes) -> bytes:
+    return struct.pack(">H", len(data)) + data
+
+
+@dataclass(frozen=True)
+class TpmPublic:
+    """A parsed TPMT_PUBLIC (RSA or ECC)."""
+
+    raw: bytes  # the marshalled TPMT_PUBLIC, as hashed into the name
+    type: int
+    name_alg: int
+    attributes: int
+    auth_policy: bytes
+    symmetric: tuple[int, int, int]  # (algorithm, key bits, mode); (ALG_NULL, 0, 0) if none
+    scheme: tuple[int, int]  # (scheme, hash); (ALG_NULL, 0) if none
+    key_bits: int = 0  # RSA
+    exponent: int = 0  # RSA; 0 means 65537
+    curve: int = 0  # ECC
+    unique: tuple[bytes, ...] = ()  # RSA: (modulus,); ECC: (x, y)
+
+    @property
+    def name(self) -> bytes:
+        """The TPM name: nameAlg || H_nameAlg(TPMT_PUBLIC)."""
+        return struct.pack(">H", self.name_alg) + _digest(self.name_alg, self.raw)
+
+    def public_key(self) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+        try:
+            if self.type == ALG_RSA:
+                return rsa.RSAPublicNumbers(self.exponent or 65537, int.from_bytes(self.unique[0], "big")).public_key()
+            curve = CURVES.get(self.curve)
+            if curve is None:
+                raise TpmFormatError(f"TPM ECC curve {self.curve:#06x} is not supported")
+            x, y = (int.from_bytes(v, "big") for v in self.unique)
+            return ec.EllipticCurvePublicNumbers(x, y, curve).public_key()
+        except (ValueError, IndexError) as e:
+            raise TpmFormatError("the TPM public key is not a valid key") from e
+
+
+def _sym_def(r: _Reader) -> tuple[int, int, int]:
+    alg = r.u16()
+    if alg == ALG_NULL:
+        return (ALG_NULL, 0, 0)
+    if alg == ALG_XOR:
+        return (alg, r.u16(), 0)  # hash algorithm in place of key bits, no mode
+    return (alg, r.u16(), r.u16())
+
+
+def _scheme(r: _Reader) -> tuple[int, int]:
+    scheme = r.u16()
+    if scheme in (ALG_NULL, ALG_RSAES):
+        return (scheme, 0)
+    hash_alg = r.u16()
+    if scheme == ALG_ECDAA:
+        r.u16()  # count
+    return (scheme, hash_alg)
+
+
+def parse_public(data: bytes) -> TpmPublic:
+    """Parse a marshalled TPMT_PUBLIC of an RSA or ECC key (a TPM2B_PUBLIC is accepted too)."""
+    if len(data) > MAX_STRUCT:
+        raise TpmFormatError("TPM public area is too large")
+    if len(data) >= 4 and int.from_bytes(data[:2], "big") == len(data) - 2 \
+            and int.from_bytes(data[2:4], "big") in (ALG_RSA, ALG_ECC):
+        data = data[2:]  # a TPM2B_PUBLIC: drop the size
+    r = _Reader(data, "TPM public area")
+    kind, name_alg, attrs, policy = r.u16(), r.u16(), r.u32(), r.tpm2b()
+    if name_alg not in HASHES:
+        raise TpmFormatError(f"TPM public area: name algorithm {name_alg:#06x} is not supported")
+    if attrs & RESERVED_ATTRIBUTES:
+        raise TpmFormatError("TPM public area: reserved attribute bits are set")
+    if kind == ALG_RSA:
+        sym, scheme = _sym_def(r), _scheme(r)
+        bits, exponent = r.u16(), r.u32()
+        pub = TpmPublic(data, kind, name_alg, attrs, policy, sym, scheme, key_bits=bits, exponent=exponent,
+                        unique=(r.tpm2b(),))
+    elif kind == ALG_ECC:
+        sym, scheme = _sym_def(r), _scheme(r)
+        curve = r.u16()
+        kdf = r.u16()
+        if kdf != ALG_NULL:
+            r.u16()
+        pub = TpmPublic(data, kind, name_alg, attrs, policy, sym, scheme, curve=curve, unique=(r.tpm2b(), r.tpm2b()))
+    else:
+        raise TpmFormatError(f"TPM public area: key type {kind:#06x} is not RSA or ECC")
+    r.done()
+    return pub
+
+
+@dataclass(frozen=True)
+class PcrSelection:
+    hash_alg: int
+    pcrs: tuple[int, ...]
+
+    @property
+    def bank(self) -> str:
+        return HASHES[self.hash_alg][0] if self.hash_alg in HASHES else f"{self.hash_alg:#06x}"
+
+
+@dataclass(frozen=True)
+class Attest:
+    """A parsed TPMS_ATTEST."""
+
+    raw: bytes
+    type: int
+    qualified_signer: bytes
+    extra_data: bytes
+    clock: int
+    reset_count: int
+    restart_count: int
+    safe: bool
+    firmware_version: int
+    pcr_select: tuple[PcrSelection, ...] = ()  # quote
+    pcr_digest: bytes = b""  # quote
+    object_name: bytes = b""  # creation, certify
+    creation_hash: bytes = b""  # creation
+
+
+def _pcr_selection_list(r: _Reader) -> tuple[PcrSelection, ...]:
+    count = r.u32()
+    if count > 16:
+        raise TpmFormatError("TPM PCR selection lists too many banks")
+    out = []
+    for _ in range(count):
+        alg, size = r.u16(), r.u8()
+        if size > 8:
+            raise TpmFormatError("TPM PCR selection is too large")
+        bitmap = r.take(size)
+        out.append(PcrSelection(alg, tuple(i for i in range(8 * size) if bitmap[i // 8] >> (i % 8) & 1)))
+    return tuple(out)
+
+
+def parse_attest(data: bytes) -> Attest:
+    """Parse a marshalled TPMS_ATTEST (quote, creation or certify; a TPM2B_ATTEST is accepted too)."""
+    if len(data) > MAX_STRUCT:
+        raise TpmFormatError("TPM attestation structure is too large")
+    if len(data) >= 6 and int.from_bytes(data[:2], "big") == len(data) - 2 \
+            and int.from_bytes(data[2:6], "big") == TPM_GENERATED_VALUE:
+        data = data[2:]
+    r = _Reader(data, "TPM attestation structure")
+    if r.u32() != TPM_GENERATED_VALUE:
+        raise TpmFormatError("TPM attestation structure: magic is not TPM_GENERATED_VALUE")
+    kind = r.u16()
+    signer, extra = r.tpm2b(), r.tpm2b()
+    clock, resets, restarts, safe = r.u64(), r.u32(), r.u32(), r.u8()
+    firmware = r.u64()
+    common: dict[str, Any] = {"raw": data, "type": kind, "qualified_signer": signer, "extra_data": extra,
+                              "clock": clock, "reset_count": resets, "restart_count": restarts, "safe": bool(safe),
+                              "firmware_version": firmware}
+    if kind == TPM_ST_ATTEST_QUOTE:
+        att = Attest(**common, pcr_select=_pcr_selection_list(r), pcr_digest=r.tpm2b())
+    elif kind == TPM_ST_ATTEST_CREATION:
+        att = Attest(**common, object_name=r.tpm2b(), creation_hash=r.tpm2b())
+    elif kind == TPM_ST_ATTEST_CERTIFY:
+        att = Attest(**common, object_name=r.tpm2b())
+        r.tpm2b()  # qualified name
+    else:
+        raise TpmFormatError(f"TPM attestation structure of type {kind:#06x} is not supported")
+    r.done()
+    return att
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A parsed TPMT_SIGNATURE (RSASSA, RSAPSS or ECDSA)."""
+
+    alg: int
+    hash_alg: int
+    rsa: bytes = b""
+    ecc: tuple[int, int] = (0, 0)
+
+
+def parse_signature(data: bytes) -> Signature:
+    if len(data) > MAX_STRUCT:
+        raise TpmFormatError("TPM signature is too large")
+    r = _Reader(data, "TPM signature")
+    alg, hash_alg = r.u16(), r.u16()
+    if alg in (ALG_RSASSA, ALG_RSAPSS):
+        sig = Signature(alg, hash_alg, rsa=r.tpm2b())
+    elif alg == ALG_ECDSA:
+        sig = Signature(alg, hash_alg, ecc=(int.from_bytes(r.tpm2b(), "big"), int.from_bytes(r.tpm2b(), "big")))
+    else:
+        raise TpmFormatError(f"TPM signature scheme {alg:#06x} is not supported")
+    r.done()
+    return sig
+
+
+def _digest(alg: int, data: bytes) -> bytes:
+    if alg not in HASHES:
+        raise TpmFormatError(f"TPM hash algorithm {alg:#06x} is not supported")
+    h = hashes.Hash(HASHES[alg][1]())
+    h.update(data)
+    return h.finalize()
+
+
+# -- checks -----------------------------------------------------------------------------------------
+def verify_signature(signer: TpmPublic, message: bytes, signature: Signature) -> None:
+    """Raise AttestationError unless ``signature`` over ``message`` verifies with ``signer``."""
+    if signature.hash_alg not in HASHES:
+        raise AttestationError(f"TPM signature hash {signature.hash_alg:#06x} is not supported")
+    h = HASHES[signature.hash_alg][1]()
+    key = signer.public_key()
+    try:
+        if signature.alg == ALG_RSASSA and isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature.rsa, message, padding.PKCS1v15(), h)
+        elif signature.alg == ALG_RSAPSS and isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature.rsa, message, padding.PSS(padding.MGF1(h), padding.PSS.AUTO), h)
+        elif signature.alg == ALG_ECDSA and isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(encode_dss_signature(*signature.ecc), message, ec.ECDSA(h))
+        else:
+            raise AttestationError("TPM signature: the scheme does not match the key type")
+    except (InvalidSignature, ValueError) as e:
+        raise AttestationError("the TPM quote signature does not verify") from e
+
+
+def check_ak(ak: TpmPublic) -> None:
+    """The AK must be a restricted signing key that never leaves its TPM (cannot sign forged quotes)."""
+    need = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | RESTRICTED | SIGN
+    if ak.attributes & need != need or ak.attributes & DECRYPT:
+        raise AttestationError("the attestation key is not a restricted, fixedTPM, TPM-generated signing key")
+
+
+def check_ek(ek: TpmPublic) -> None:
+    need = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | RESTRICTED | DECRYPT
+    if ek.attributes & need != need or ek.attributes & SIGN:
+        raise AttestationError("the endorsement key is not a restricted, fixedTPM decryption key")
+    if ek.symmetric[0] != ALG_AES or ek.symmetric[2] != ALG_CFB or ek.symmetric[1] not in (128, 192, 256):
+        raise AttestationError("the endorsement key has no AES-CFB symmetric parameters")
+
+
+def pcr_digest(hash_alg: int, values: Sequence[bytes]) -> bytes:
+    """The quote's pcrDigest: H_sig(value || value || ...) in selection order."""
+    return _digest(hash_alg, b"".join(values))
+
+
+def verify_quote(ak: TpmPublic, quote: bytes, signature: bytes, *,
+                 pcr_values: Mapping[str, Mapping[int, bytes]] | None = None) -> Attest:
+    """Parse and check a TPM2_Quote: the AK's signature and, if given, the PCR values' digest.
+
+    ``pcr_values`` maps bank name ("sha256") to {index: value}; it must hold exactly the PCRs
+    the quote selects. The caller checks extraData and the PCR policy. Returns the parsed quote.
+    """
+    attest = parse_attest(quote)
+    if attest.type != TPM_ST_ATTEST_QUOTE:
+        raise AttestationError("the TPM attestation is not a quote")
+    sig = parse_signature(signature)
+    verify_signature(ak, attest.raw, sig)
+    if pcr_values is not None:
+        ordered = []
+        seen: dict[str, set[int]] = {}
+        for sel in attest.pcr_select:
+            if sel.hash_alg not in HASHES:
+                raise AttestationError(f"the quote selects an unsupported PCR bank {sel.bank}")
+            bank = pcr_values.get(sel.bank, {})
+            for i in sel.pcrs:
+                if i not in bank:
+                    raise AttestationError(f"the evidence lacks the value of PCR {sel.bank}:{i}")
+                if len(bank[i]) != len(_digest(sel.hash_alg, b"")):
+                    raise AttestationError(f"PCR {sel.bank}:{i} has the wrong length")
+                ordered.append(bank[i])
+                seen.setdefault(sel.bank, set()).add(i)
+        extra = {(b, i) for b, vals in pcr_values.items() for i in vals} - {(b, i) for b, s in seen.items() for i in s}
+        if extra:
+            raise AttestationError("the evidence carries PCR values that the quote does not cover")
+        if not hmac.compare_digest(pcr_digest(sig.hash_alg, ordered), attest.pcr_digest):
+            raise AttestationError("the PCR values do not match the quote's PCR digest")
+    return attest
+
+
+def quote_extra_data(report_data: bytes, measurement: str) -> bytes:
+    """The extraData the enclave asks the TPM to sign: binds report_data and the measurement."""
+    return hashlib.sha256(EXTRA_DATA_CONTEXT + report_data + bytes.fromhex(measurement)).digest()
+
+
+# -- EK certificates --------------------------------------------------------------------------------
+def _utc(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+
+def _valid_at(cert: x509.Certificate, now: dt.datetime, what: str) -> None:
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise AttestationError(f"the {what} is not valid at {now.isoformat()} "
+                               f"(valid {cert.not_valid_before_utc.isoformat()} to {cert.not_valid_after_utc.isoformat()})")
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def verify_ek_certificate(cert: x509.Certificate, *, roots: Sequence[x509.Certificate],
+                          intermediates: Sequence[x509.Certificate] = (), now: dt.datetime | None = None,
+                          ) -> list[x509.Certificate]:
+    """Build and check the chain from an EK certificate to one of ``roots``; returns it, leaf first.
+
+    Each link: issuer name matches, the signature verifies (``verify_directly_issued_by``), the
+    issuer is a CA, and every certificate is valid at ``now``. EK certificates are not web PKI
+    certificates (empty subject, critical SAN with TPM directory names), so no path-validation
+    library profile fits; this checks what matters for trust in the key.
+    """
+    if not roots:
+        raise AttestationError("the server trusts no TPM manufacturer roots",
+                               hint="configure the EK CA roots of the TPMs you accept")
+    now = _utc(now or dt.datetime.now(dt.UTC))
+    _valid_at(cert, now, "EK certificate")
+    root_der = {r.public_bytes(Encoding.DER) for r in roots}
+    chain = [cert]
+    current = cert
+    for _ in range(MAX_CHAIN + 1):
+        issuers = [c for c in (*roots, *intermediates) if c.subject == current.issuer]
+        for issuer in issuers:
+            try:
+                current.verify_directly_issued_by(issuer)
+            except (InvalidSignature, ValueError, TypeError):
+                continue
+            if not _is_ca(issuer):
+                raise AttestationError("an EK certificate issuer is not a CA")
+            _valid_at(issuer, now, "EK issuer certificate")
+            chain.append(issuer)
+            if issuer.public_bytes(Encoding.DER) in root_der:
+                return chain
+            current = issuer
+            break
+        else:
+            raise AttestationError("the EK certificate does not chain to a TPM manufacturer root this server trusts",
+                                   hint="the TPM's maker is not among the configured EK roots")
+    raise AttestationError("the EK certificate chain is too long")
+
+
+def ek_certificate_matches(cert: x509.Certificate, ek: TpmPublic) -> bool:
+    """Does the certificate certify exactly this EK public key?"""
+    spki = PublicFormat.SubjectPublicKeyInfo
+    try:
+        return cert.public_key().public_bytes(Encoding.DER, spki) == ek.public_key().public_bytes(Encoding.DER, spki)
+    except (ValueError, TypeError, x509.UnsupportedGeneralNameType):
+        return False
+
+
+# -- the policy and the registry verifier -----------------------------------------------------------
+PcrPolicy = Mapping[str, Mapping[int, frozenset[str]]]
+
+
+def _normalize_pcr_policy(pcrs: Mapping[str, Mapping[Any, Any]]) -> dict[str, dict[int, frozenset[str]]]:
+    out: dict[str, dict[int, frozenset[str]]] = {}
+    for bank, entries in pcrs.items():
+        if bank not in BANKS:
+            raise ValueError(f"unknown PCR bank {bank!r} (one of {', '.join(BANKS)})")
+        size = len(_digest(BANKS[bank], b""))
+        out[bank] = {}
+        for index, allowed in entries.items():
+            i = int(index)
+            if not 0 <= i < 32:
+                raise ValueError(f"PCR index {index!r} is out of range")
+            values = [allowed] if isinstance(allowed, str) else list(allowed)
+            norm = frozenset(v.strip().lower() for v in values)
+            if not norm or any(len(v) != 2 * size or any(c not in "0123456789abcdef" for c in v) for v in norm):
+                raise ValueError(f"PCR {bank}:{i}: allowed values must be {size}-byte hex digests")
+            out[bank][i] = norm
+    return out
+
+
+@dataclass(frozen=True)
+class TpmPolicy:
+    """What the provider accepts from ``tpm`` evidence.
+
+    ``roots``
+        EK CA root certificates (the TPM manufacturers, or a private CA for swtpm in tests).
+        Empty refuses every TPM.
+    ``intermediates``
+        Extra intermediate CA certificates the server knows (manufacturers publish them).
+    ``pcrs``
+        {bank: {index: allowed hex values}}: each listed PCR must be covered by the quote and hold
+        one of its allowed values. Empty accepts any platform state (the quote is still checked).
+    ``allow_sha1``
+        Accept quotes signed with SHA-1 (old TPMs and some vTPMs). Off by default.
+    ``now``
+        Check certificate validity at this time instead of the current time (tests, recordings).
+    """
+
+    roots: tuple[x509.Certificate, ...] = ()
+    intermediates: tuple[x509.Certificate, ...] = ()
+    pcrs: Mapping[str, Mapping[int, frozenset[str]]] = field(default_factory=dict)
+    allow_sha1: bool = False
+    now: dt.datetime | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "roots", tuple(self.roots))
+        object.__setattr__(self, "intermediates", tuple(self.intermediates))
+        object.__setattr__(self, "pcrs", _normalize_pcr_policy(self.pcrs))
+
+    @classmethod
+    def from_files(cls, roots: Iterable[str | os.PathLike[str]], *, intermediates: Iterable[str | os.PathLike[str]] = (),
+                   pcr_policy: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+                   allow_sha1: bool = False) -> TpmPolicy:
+        """Roots and intermediates from PEM or DER files (or folders of them); the PCR policy from
+        a JSON file ``{"sha256": {"7": ["hex", ...]}}`` or the same mapping."""
+        pcrs: Mapping[str, Any] = {}
+        if isinstance(pcr_policy, Mapping):
+            pcrs = pcr_policy
+        elif pcr_policy is not None:
+            pcrs = json.loads(Path(pcr_policy).read_text())
+        return cls(roots=tuple(load_certificates(roots)), intermediates=tuple(load_certificates(intermediates)),
+                   pcrs=pcrs, allow_sha1=allow_sha1)
+
+
+def load_certificates(paths: Iterable[str | os.PathLike[str]]) -> list[x509.Certificate]:
+    """Every certificate in these PEM/DER files, or in the files of these folders."""
+    out: list[x509.Certificate] = []
+    for p in map(Path, paths):
+        files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            data = f.read_bytes()
+            if b"-----BEGIN CERTIFICATE-----" in data:
+                out.extend(x509.load_pem_x509_certificates(data))
+            else:
+                out.append(x509.load_der_x509_certificate(data))
+    return out
+
+
+def _b64_field(evidence: Mapping[str, Any], name: str, limit: int) -> bytes:
+    value = evidence[name]
+    if not isinstance(value, str) or len(value) > 4 * limit // 3 + 4:
+        raise AttestationError(f"tpm evidence: {name} is malformed")
+    try:
+        return b64d(value)
+    except (ValueError, binascii.Error, UnicodeEncodeError) as e:
+        raise AttestationError(f"tpm evidence: {name} is not base64") from e
+
+
+def _pcr_values(raw: Any) -> dict[str, dict[int, bytes]]:
+    if not isinstance(raw, Mapping) or len(raw) > len(BANKS):
+        raise AttestationError("tpm evidence: pcrs is malformed")
+    out: dict[str, dict[int, bytes]] = {}
+    for bank, values in raw.items():
+        if bank not in BANKS or not isinstance(values, Mapping) or len(values) > 32:
+            raise AttestationError("tpm evidence: pcrs is malformed")
+        out[bank] = {}
+        for k, v in values.items():
+            if not isinstance(k, str) or not k.isdigit() or not isinstance(v, str) or len(v) > 128:
+                raise AttestationError("tpm evidence: pcrs is malformed")
+            try:
+                out[bank][int(k)] = bytes.fromhex(v)
+            except ValueError as e:
+                raise AttestationError("tpm evidence: a PCR value is not hex") from e
+    return out
+
+
+def check_pcr_policy(pcrs: Mapping[str, Mapping[int, bytes]], policy: TpmPolicy) -> None:
+    for bank, entries in policy.pcrs.items():
+        for index, allowed in entries.items():
+            value = pcrs.get(bank, {}).get(index)
+            if value is None:
+                raise AttestationError(f"the quote does not cover PCR {bank}:{index}, which the provider's policy checks")
+            if value.hex() not in allowed:
+                raise AttestationError(f"PCR {bank}:{index} holds a value the provider's policy does not accept",
+                                       hint="the platform's firmware, boot chain or configuration differs from "
+                                            "what the provider allows")
+
+
+@dataclass(frozen=True)
+class ParsedTpmEvidence:
+    measurement: str
+    ak: TpmPublic
+    ek: TpmPublic
+    attest: Attest
+    pcrs: dict[str, dict[int, bytes]]
+    ek_chain: list[x509.Certificate]
+
+
+def check_tpm_evidence(evidence: Mapping[str, Any], *, expected_report_data: bytes,
+                       tpm_policy: TpmPolicy) -> ParsedTpmEvidence:
+    """Every check on ``tpm`` evidence except the measurement allow-list (see module docstring)."""
+    if not isinstance(evidence, Mapping) or set(evidence) != FIELDS:
+        raise AttestationError("tpm evidence has missing or unknown fields")
+    version = evidence["version"]
+    if evidence["type"] != EVIDENCE_TYPE or type(version) is not int:
+        raise AttestationError("not tpm evidence")
+    if version != VERSION:
+        raise AttestationError(f"tpm evidence version {version} is not supported (this server reads {VERSION})",
+                               hint="client and server mlcapsule versions may not match")
+    m = evidence["measurement"]
+    if not isinstance(m, str):
+        raise AttestationError("tpm evidence: measurement is malformed")
+    measurement = normalize_measurement(m)
+    if measurement != m:
+        raise AttestationError("tpm evidence: measurement is malformed")
+    ak = parse_public(_b64_field(evidence, "ak_public", MAX_STRUCT))
+    ek = parse_public(_b64_field(evidence, "ek_public", MAX_STRUCT))
+    quote = _b64_field(evidence, "quote", MAX_STRUCT)
+    signature = _b64_field(evidence, "signature", MAX_STRUCT)
+    pcrs = _pcr_values(evidence["pcrs"])
+    chain_raw = evidence["ek_chain"]
+    if not isinstance(chain_raw, list) or len(chain_raw) > MAX_CHAIN:
+        raise AttestationError("tpm evidence: ek_chain is malformed")
+    try:
+        ek_cert = x509.load_der_x509_certificate(_b64_field(evidence, "ek_certificate", MAX_CERT))
+        client_chain = [x509.load_der_x509_certificate(_b64_field({"c": c}, "c", MAX_CERT)) for c in chain_raw]
+    except ValueError as e:
+        raise AttestationError("tpm evidence: an EK certificate does not parse") from e
+
+    check_ak(ak)
+    attest = verify_quote(ak, quote, signature, pcr_values=pcrs)
+    sig = parse_signature(signature)
+    if sig.hash_alg == ALG_SHA1 and not tpm_policy.allow_sha1:
+        raise AttestationError("the TPM quote is signed with SHA-1, which this server does not accept")
+    if not hmac.compare_digest(attest.extra_data, quote_extra_data(expected_report_data, measurement)):
+        raise AttestationError("the evidence does not bind this challenge and these keys (the quote's extraData differs)",
+                               hint="the evidence was made for another nonce or other keys; run setup again")
+    check_pcr_policy(pcrs, tpm_policy)
+    check_ek(ek)
+    if not ek_certificate_matches(ek_cert, ek):
+        raise AttestationError("the EK certificate does not certify this endorsement key")
+    chain = verify_ek_certificate(ek_cert, roots=tpm_policy.roots,
+                                  intermediates=(*tpm_policy.intermediates, *client_chain), now=tpm_policy.now)
+    return ParsedTpmEvidence(measurement, ak, ek, attest, pcrs, chain)
+
+
+def verify_tpm(evidence: Mapping[str, Any], *, expected_report_data: bytes, policy: AttestationPolicy,
+               tpm_policy: TpmPolicy | None = None) -> VerifiedEvidence:
+    """The registry verifier for ``tpm`` evidence.
+
+    The TPM settings come from ``tpm_policy``, else from ``policy.tpm`` (an AttestationPolicy
+    field, when the server has one), else from :func:`configure`. Without any, TPM evidence is
+    refused: there is no default set of trusted manufacturers.
+    """
+    tp = tpm_policy or getattr(policy, "tpm", None) or _configured
+    if not isinstance(tp, TpmPolicy):
+        raise AttestationError("this server does not accept evidence from the 'tpm' backend: no TPM EK roots are configured",
+                               hint="the provider must configure the EK CA roots (and PCR policy) it accepts")
+    parsed = check_tpm_evidence(evidence, expected_report_data=expected_report_data, tpm_policy=tp)
+    policy.check_measurement(parsed.measurement)
+    return VerifiedEvidence(EVIDENCE_TYPE, parsed.measurement, hashlib.sha256(parsed.ek.raw).hexdigest())
+
+
+class TpmVerifier:
+    """A verifier bound to one :class:`TpmPolicy`, for ``register_verifier("tpm", TpmVerifier(p), replace=True)``."""
+
+    def __init__(self, tpm_policy: TpmPolicy) -> None:
+        self.tpm_policy = tpm_policy
+
+    def __call__(self, evidence: Mapping[str, Any], *, expected_report_data: bytes,
+                 policy: AttestationPolicy) -> VerifiedEvidence:
+        return verify_tpm(evidence, expected_report_data=expected_report_data, policy=policy, tpm_policy=self.tpm_policy)
+
+
+_configured: TpmPolicy | None = None
+
+
+def configure(tpm_policy: TpmPolicy | None) -> None:
+    """Set the process-wide TPM policy used when the AttestationPolicy carries none."""
+    global _configured
+    _configured = tpm_policy
+
+
+# -- credential activation (server side) ------------------------------------------------------------
+def _kdfa(hash_alg: int, key: bytes, label: bytes, context: bytes, bits: int) -> bytes:
+    """TPM KDFa (SP 800-108 counter mode HMAC; pyca puts the 0 byte between label and context)."""
+    return KBKDFHMAC(algorithm=HASHES[hash_alg][1](), mode=Mode.CounterMode, length=bits // 8, rlen=4, llen=4,
+                     location=CounterLocation.BeforeFixed, label=label, context=context, fixed=None).derive(key)
+
+
+def _kdfe(hash_alg: int, z: bytes, use: bytes, party_u: bytes, party_v: bytes, bits: int) -> bytes:
+    """TPM KDFe (SP 800-56A concatenation KDF); ``use`` includes its terminating 0 byte."""
+    return ConcatKDFHash(algorithm=HASHES[hash_alg][1](), length=bits // 8,
+                         otherinfo=use + party_u + party_v).derive(z)
+
+
+def _seed(ek: TpmPublic, label: bytes) -> tuple[bytes, bytes]:
+    """(seed, encrypted seed) for the EK: RSA-OAEP, or ephemeral ECDH + KDFe (Part 1, Annex B/C)."""
+    h = HASHES[ek.name_alg][1]
+    size = h.digest_size
+    key = ek.public_key()
+    if isinstance(key, rsa.RSAPublicKey):
+        seed = os.urandom(size)
+        return seed, key.encrypt(seed, padding.OAEP(padding.MGF1(h()), h(), label))
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    eph = ec.generate_private_key(key.curve)
+    plen = (key.curve.key_size + 7) // 8
+    en = eph.public_key().public_numbers()
+    ex, ey = en.x.to_bytes(plen, "big"), en.y.to_bytes(plen, "big")
+    z = eph.exchange(ec.ECDH(), key)
+    seed = _kdfe(ek.name_alg, z, label, ex, key.public_numbers().x.to_bytes(plen, "big"), size * 8)
+    return seed, _tpm2b(ex) + _tpm2b(ey)
+
+
+def make_credential(ek: TpmPublic, object_name: bytes, credential: bytes) -> tuple[bytes, bytes]:
+    """TPM2_MakeCredential in software: (TPM2B_ID_OBJECT, TPM2B_ENCRYPTED_SECRET), marshalled.
+
+    Only a TPM holding the private EK *and* a loaded object named ``object_name`` can recover
+    ``credential`` with TPM2_ActivateCredential.
+    """
+    check_ek(ek)
+    if not 0 < len(credential) <= HASHES[ek.name_alg][1].digest_size:
+        raise ValueError("the credential must be at most one digest long")
+    seed, enc_seed = _seed(ek, b"IDENTITY\0")
+    sym_key = _kdfa(ek.name_alg, seed, b"STORAGE", object_name, ek.symmetric[1])
+    enc = Cipher(algorithms.AES(sym_key), CFB(bytes(16))).encryptor()
+    enc_identity = enc.update(_tpm2b(credential)) + enc.finalize()
+    hmac_key = _kdfa(ek.name_alg, seed, b"INTEGRITY", b"", HASHES[ek.name_alg][1].digest_size * 8)
+    mac = crypto_hmac.HMAC(hmac_key, HASHES[ek.name_alg][1]())
+    mac.update(enc_identity + object_name)
+    id_object = _tpm2b(mac.finalize()) + enc_identity
+    return _tpm2b(id_object), _tpm2b(enc_seed)
+
+
+def wrap_payload(secret: bytes, payload: bytes, ak_name: bytes) -> bytes:
+    """AES-256-GCM of the provisioning payload under the credential secret, bound to the AK name."""
+    nonce = os.urandom(12)
+    return nonce + AESGCM(secret).encrypt(nonce, payload, WRAP_CONTEXT + ak_name)
+
+
+def credential_challenge(evidence: Mapping[str, Any], payload: bytes) -> dict[str, Any]:
+    """Server side, after :func:`verify_tpm` accepted ``evidence``: gate ``payload`` on activation.
+
+    Returns the fields of the /v1/provision answer for TPM evidence::
+
+        {"payload": b64(nonce || AES-GCM(secret, HPKE payload, aad=WRAP_CONTEXT || ak_name)),
+         "credential": {"id_object": b64(TPM2B_ID_OBJECT), "encrypted_secret": b64(TPM2B_ENCRYPTED_SECRET)}}
+
+    ``secret`` is 32 fresh random bytes made into a credential for the evidence's EK and AK name;
+    the enclave recovers it with TPM2_ActivateCredential and unwraps the payload. Stateless: the
+    server stores nothing and needs no second request.
+    """
+    try:
+        ak = parse_public(b64d(evidence["ak_public"]))
+        ek = parse_public(b64d(evidence["ek_public"]))
+    except (KeyError, TypeError, ValueError, binascii.Error) as e:
+        raise AttestationError("tpm evidence: the AK or EK public area is malformed") from e
+    secret = os.urandom(CREDENTIAL_LEN)
+    id_object, enc_secret = make_credential(ek, ak.name, secret)
+    return {"payload": b64e(wrap_payload(secret, payload, ak.name)),
+            "credential": {"id_object": b64e(id_object), "encrypted_secret": b64e(enc_secret)}}
+
+
+__all__ = [
+    "EVIDENCE_TYPE",
+    "Attest",
+    "PcrSelection",
+    "Signature",
+    "TpmPolicy",
+    "TpmPublic",
+    "TpmVerifier",
+    "check_tpm_evidence",
+    "configure",
+    "credential_challenge",
+    "ek_certificate_matches",
+    "load_certificates",
+    "make_credential",
+    "parse_attest",
+    "parse_public",
+    "parse_signature",
+    "pcr_digest",
+    "quote_extra_data",
+    "verify_ek_certificate",
+    "verify_quote",
+    "verify_signature",
+    "verify_tpm",
+    "wrap_payload",
+]
+
+
+from . import register_verifier
+
+register_verifier(EVIDENCE_TYPE, verify_tpm)

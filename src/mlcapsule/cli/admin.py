@@ -1,0 +1,301 @@
+"""Provider-side commands: ``mlcapsule serve`` and the ``mlcapsule admin`` group.
+
+Every command reads the server settings the same way (flags > ``MLCAPSULE_SERVER_*`` > the TOML
+file given with ``--config``), so ``admin`` commands work on the database ``serve`` uses.
+Errors are raised as mlcapsule exceptions; the main CLI prints them on one line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .._util import atomic_write
+from ..errors import UsageError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _settings(database_url: str | None, config: str | None, **flags: Any) -> Any:
+    from ..server.settings import ServerSettings
+
+    return ServerSettings.load(config_file=config, database_url=database_url, **flags)
+
+
+def _service(settings: Any, *, with_key: bool = False) -> Any:
+    from ..attestation import AttestationPolicy
+    from ..crypto.keys import load_provider_key
+    from ..server.db import create_schema, make_engine, session_factory
+    from ..server.service import ProviderService
+
+    engine = make_engine(settings.database_url)
+    create_schema(engine)
+    key = load_provider_key(settings.provider_key_path, passphrase=settings.passphrase) if with_key else None
+    return ProviderService(session_factory(engine), policy=AttestationPolicy(), provider_key=key,
+                           nonce_ttl_seconds=settings.nonce_ttl_seconds)
+
+
+def _provider_public(settings: Any) -> bytes | None:
+    """The server's provider public key, from KEY.pub or the key itself; None if there is neither."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from ..crypto.keys import load_provider_key, raw_public
+
+    pub_path = Path(str(settings.provider_key_path) + ".pub")
+    if pub_path.is_file():
+        try:
+            pub = serialization.load_pem_public_key(pub_path.read_bytes())
+        except ValueError as e:
+            raise UsageError(f"{pub_path} is not a PEM public key") from e
+        if isinstance(pub, Ed25519PublicKey):
+            return raw_public(pub)
+    if settings.provider_key_path.is_file():
+        return raw_public(load_provider_key(settings.provider_key_path, passphrase=settings.passphrase).public_key())
+    return None
+
+
+def parse_expires(text: str | None, *, now: dt.datetime | None = None) -> dt.datetime | None:
+    """``30d``, ``12h``, ``never``, or an ISO 8601 time (UTC if it has no zone)."""
+    if not text or text == "never":
+        return None
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if text[-1] in "dh" and text[:-1].isdigit():
+        n = int(text[:-1])
+        return (now + (dt.timedelta(days=n) if text[-1] == "d" else dt.timedelta(hours=n))).replace(microsecond=0)
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError as e:
+        raise UsageError(f"--expires {text!r} is neither an ISO 8601 time nor a duration like 30d or 12h") from e
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def _when(t: dt.datetime | None) -> str:
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if t else "-"
+
+
+def db_options(f: Any) -> Any:
+    f = click.option("--config", type=click.Path(dir_okay=False), default=None,
+                     help="Server config file (TOML) [default: $MLCAPSULE_SERVER_CONFIG or "
+                          "$MLCAPSULE_HOME/server/server.toml if it exists].")(f)
+    f = click.option("--database-url", default=None, metavar="URL",
+                     help="sqlite:///PATH or postgresql+psycopg://USER@HOST/DB "
+                          "[default: sqlite:///$MLCAPSULE_HOME/server/server.db].")(f)
+    return f
+
+
+def key_options(f: Any) -> Any:
+    f = click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="File holding the provider key's passphrase (or MLCAPSULE_SERVER_PASSPHRASE).")(f)
+    f = click.option("--provider-key", type=click.Path(dir_okay=False), default=None,
+                     help="Provider signing key [default: $MLCAPSULE_HOME/provider/provider-key.pem].")(f)
+    return f
+
+
+# -- serve ------------------------------------------------------------------------------------
+@click.command()
+@click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1].")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="Port [default: 8700].")
+@db_options
+@key_options
+@click.option("--UNSAFE-allow-software-evidence", "allow_software", is_flag=True, default=None,
+              help="UNSAFE: accept evidence from the 'software' backend, which does not protect the model "
+                   "against the client machine's owner. For development and demos only.")
+@click.option("--allow-measurement", "measurements", multiple=True, metavar="HEX",
+              help="Accept enclaves with this measurement (repeatable; `local` = this installation's). "
+                   "Without any, every provisioning request is refused.")
+@click.option("--tpm-ek-root", "tpm_roots", multiple=True, type=click.Path(exists=True), metavar="PATH",
+              help="Accept `tpm` evidence whose EK certificate chains to this CA (PEM/DER file or folder; "
+                   "repeatable). Without any, TPM evidence is refused.")
+@click.option("--tpm-ek-intermediate", "tpm_intermediates", multiple=True, type=click.Path(exists=True),
+              metavar="PATH", help="Intermediate EK CA certificates (repeatable).")
+@click.option("--tpm-pcr-policy", type=click.Path(exists=True, dir_okay=False), default=None,
+              help='JSON {"sha256": {"7": ["hex", ...]}}: PCR values accepted in TPM quotes.')
+@click.option("--nonce-ttl", type=click.IntRange(0, 86400), default=None, help="Challenge lifetime in seconds [default: 120].")
+def serve(host: str | None, port: int | None, database_url: str | None, config: str | None,
+          provider_key: str | None, passphrase_file: str | None, allow_software: bool | None,
+          measurements: tuple[str, ...], tpm_roots: tuple[str, ...], tpm_intermediates: tuple[str, ...],
+          tpm_pcr_policy: str | None, nonce_ttl: int | None) -> None:
+    """Run the provider's provisioning server."""
+    import uvicorn
+
+    from ..server.app import create_app
+
+    settings = _settings(database_url, config, host=host, port=port, provider_key_path=provider_key,
+                         passphrase_file=passphrase_file, allow_software_evidence=allow_software,
+                         allowed_measurements=frozenset(measurements) if measurements else None,
+                         tpm_ek_roots=tuple(tpm_roots) or None, tpm_ek_intermediates=tuple(tpm_intermediates) or None,
+                         tpm_pcr_policy=tpm_pcr_policy, nonce_ttl_seconds=nonce_ttl)
+    if settings.allow_software_evidence:
+        err_console.print("[bold red]UNSAFE:[/] accepting 'software' evidence: it is signed by a key on the client's "
+                          "own disk and does not protect the model against the client machine's owner.")
+    if not settings.allowed_measurements:
+        err_console.print("[yellow]warning:[/] no --allow-measurement given: every provisioning request will be refused")
+    app = create_app(settings)
+    console.print(f"serving on http://{settings.host}:{settings.port}/v1/ (database {_safe_url(settings.database_url)})")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "?"
+
+
+# -- admin ------------------------------------------------------------------------------------
+@click.group()
+def admin() -> None:
+    """Administer the provider server: accounts, capsules, grants, vouchers, usage."""
+
+
+@admin.group()
+def account() -> None:
+    """Client accounts and their access tokens."""
+
+
+@account.command("add")
+@click.argument("name")
+@db_options
+def account_add(name: str, database_url: str | None, config: str | None) -> None:
+    """Create account NAME and print its access token (shown only this once)."""
+    svc = _service(_settings(database_url, config))
+    ref, token = svc.add_account(name)
+    console.print(f"account {ref.name} created. Its access token (shown once, only a hash is stored):")
+    console.print(token, soft_wrap=True)
+
+
+@account.command("list")
+@db_options
+def account_list(database_url: str | None, config: str | None) -> None:
+    """List accounts."""
+    rows = _service(_settings(database_url, config)).list_accounts()
+    t = Table("account", "created", "grants")
+    for r in rows:
+        t.add_row(r["name"], _when(r["created"]), str(r["grants"]))
+    console.print(t)
+
+
+@admin.group()
+def capsule() -> None:
+    """Capsules the server can provision."""
+
+
+@capsule.command("add")
+@click.argument("capsule_path", metavar="CAPSULE", type=click.Path(exists=True, dir_okay=False))
+@click.option("--key", "key_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The capsule's content key file (written by `mlcapsule pack` as CAPSULE.key).")
+@db_options
+@key_options
+def capsule_add(capsule_path: str, key_path: str, database_url: str | None, config: str | None,
+                provider_key: str | None, passphrase_file: str | None) -> None:
+    """Register CAPSULE and its content key. The database then holds the key: protect it like the key file."""
+    settings = _settings(database_url, config, provider_key_path=provider_key, passphrase_file=passphrase_file)
+    pub = _provider_public(settings)
+    if pub is None:
+        err_console.print(f"[yellow]warning:[/] no provider key at {settings.provider_key_path}: not checking that "
+                          "the capsule is signed by the key this server signs licenses with")
+    info, new = _service(settings).register_capsule(capsule_path, key_path, provider_public=pub)
+    state = "registered" if new else "already registered"
+    console.print(f"{state}: {info['name']} (capsule {info['capsule_id']} v{info['version']}, "
+                  f"lease size {info['lease_size']})")
+
+
+@admin.command()
+@click.argument("account_name", metavar="ACCOUNT")
+@click.argument("capsule_ref", metavar="CAPSULE")
+@click.option("--budget", type=click.IntRange(0), default=None,
+              help="Queries in each device's license [default: unlimited].")
+@click.option("--devices", type=click.IntRange(1), default=1, show_default=True,
+              help="How many devices the account may provision (each once).")
+@click.option("--expires", default=None, help="30d, 12h, an ISO 8601 time, or never [default: never].")
+@db_options
+def grant(account_name: str, capsule_ref: str, budget: int | None, devices: int, expires: str | None,
+          database_url: str | None, config: str | None) -> None:
+    """Let ACCOUNT provision CAPSULE (a capsule file, or CAPSULE_ID[:VERSION]).
+
+    Granting again replaces the terms (and lifts a revocation); licenses already issued keep theirs.
+    """
+    r = _service(_settings(database_url, config)).grant(account_name, capsule_ref, budget=budget, devices=devices,
+                                                        expires=parse_expires(expires))
+    console.print(f"{'granted' if r['created'] else 'updated grant'}: {r['account']} may provision "
+                  f"{r['devices']} device(s) for {r['capsule']}, budget "
+                  f"{'unlimited' if budget is None else budget} per device, expires {_when(r['expires'])} "
+                  f"({r['devices_provisioned']} device(s) already provisioned)")
+
+
+@admin.command()
+@click.argument("account_name", metavar="ACCOUNT")
+@click.argument("capsule_ref", metavar="CAPSULE")
+@db_options
+def revoke(account_name: str, capsule_ref: str, database_url: str | None, config: str | None) -> None:
+    """Refuse ACCOUNT's later challenges and provisions for CAPSULE.
+
+    Devices already provisioned run offline: the server cannot reach them. They keep working
+    until their license expires or their budget runs out; stop issuing them vouchers.
+    """
+    r = _service(_settings(database_url, config)).revoke(account_name, capsule_ref)
+    console.print(f"revoked: {r['account']} can no longer provision {r['capsule']}")
+    if r["devices_provisioned"]:
+        err_console.print(f"[yellow]note:[/] {r['devices_provisioned']} device(s) already provisioned run offline and "
+                          "cannot be reached; they keep working until their license expires or their budget is spent")
+
+
+@admin.command()
+@click.argument("license_id")
+@click.option("--queries", type=click.IntRange(1, 10**12), required=True, help="Queries the voucher adds.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Voucher file to write (JSON).")
+@db_options
+@key_options
+def voucher(license_id: str, queries: int, output: str, database_url: str | None, config: str | None,
+            provider_key: str | None, passphrase_file: str | None) -> None:
+    """Issue a provider-signed top-up of QUERIES for LICENSE_ID (the next in its sequence).
+
+    LICENSE_ID may be a unique prefix of at least 8 characters, as `admin usage` shows it.
+    """
+    settings = _settings(database_url, config, provider_key_path=provider_key, passphrase_file=passphrase_file)
+    env = _service(settings, with_key=True).issue_voucher(license_id, queries)
+    atomic_write(output, json.dumps(env, indent=1).encode(), mode=0o644)
+    console.print(f"voucher {env['body']['seq']} for license {env['body']['license_id']}: +{queries} queries, written to {output} "
+                  f"(redeem with `mlcapsule topup`)")
+
+
+@admin.command()
+@db_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def usage(database_url: str | None, config: str | None, as_json: bool) -> None:
+    """Usage reported by each device (from uploaded receipts)."""
+    rows = _service(_settings(database_url, config)).usage()
+    if as_json:
+        console.print_json(json.dumps(rows, default=lambda o: o.isoformat() if isinstance(o, dt.datetime) else str(o)))
+        return
+    t = Table(box=None, pad_edge=False, header_style="bold underline",
+              caption="times in UTC; ids shortened (full: --json); `admin voucher` takes a license-id prefix")
+    t.add_column("account")
+    t.add_column("capsule")
+    for col in ("device", "license"):
+        t.add_column(col, no_wrap=True, min_width=8)
+    for col in ("budget", "charged", "answered"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("last sync", no_wrap=True)
+    for r in rows:
+        budget = "unlimited" if r["budget"] is None else str(r["budget"] + r["vouchers"])
+        sync = r["last_sync"].astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M") if r["last_sync"] else "never"
+        t.add_row(r["account"], r["capsule"] + (" (revoked)" if r["revoked"] else ""), r["device_id"][:8],
+                  r["license_id"][:8], budget, str(r["charged"]), str(r["answered"]), sync)
+    console.print(t)
+
+
+def register(cli: click.Group) -> None:
+    """Add ``serve`` and ``admin`` to the main command group."""
+    cli.add_command(serve)
+    cli.add_command(admin)

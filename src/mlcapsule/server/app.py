@@ -1,0 +1,174 @@
+"""The provider server's HTTP API: ``create_app(settings)`` builds a FastAPI app, no globals.
+
+Endpoints (JSON; bytes in standard base64; ``Authorization: Bearer <account token>``)::
+
+    GET  /v1/health      -> {"status": "ok", "version"}
+    POST /v1/challenge   {capsule_id, version} -> {nonce, expires_at}
+    POST /v1/provision   {capsule_id, version, nonce, hpke_pub, receipt_pub, evidence}
+                         -> {license_id, device_id, payload}
+    POST /v1/usage       {license_id, device_id, receipts} -> {seq, charged, answered}
+
+Errors are ``{"error": {"type", "message", "hint"}}`` where ``type`` names a class of
+:mod:`mlcapsule.errors`: 401 bad token, 403 attestation / grant / device limit / revoked /
+unknown nonce, 404 unknown capsule or license, 409 nonce already used or receipts that do not
+continue the chain, 410 nonce expired, 413 body too large, 422 malformed request, 503 database
+unavailable. The OpenAPI description is served at ``/openapi.json``. Vouchers are not issued
+over HTTP: only the administrator issues them, with ``mlcapsule admin voucher``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from .._util import b64d, b64e
+from ..attestation import AttestationPolicy
+from ..crypto.keys import load_provider_key
+from ..errors import MlcapsuleError, UsageError
+from .db import create_schema, make_engine, session_factory
+from .errors import status_for, wire_type
+from .schemas import (ChallengeRequest, ChallengeResponse, ErrorResponse, HealthResponse, ProvisionRequest,
+                      ProvisionResponse, UsageRequest, UsageResponse)
+from .service import AccountRef, Clock, ProviderService, utcnow
+from .settings import ServerSettings
+
+log = logging.getLogger("mlcapsule.server")
+
+MAX_BODY = 64 * 1024 * 1024
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text} for code, text in {
+        401: "missing or invalid token", 403: "refused: attestation, grant, device limit, unknown nonce",
+        404: "unknown capsule or license", 409: "nonce already used, or receipts that do not continue the chain",
+        410: "nonce expired", 422: "malformed request", 503: "database unavailable"}.items()}
+
+
+def _error(status: int, type_: str, message: str, hint: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse.model_validate({"error": {"type": type_, "message": message, "hint": hint}})
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def create_app(settings: ServerSettings, *, clock: Clock | None = None,
+               provider_key: Ed25519PrivateKey | None = None, tpm_policy: Any = None) -> FastAPI:
+    """Build the server for ``settings``: opens the database (creating missing tables) and loads
+    the provider key (``provider_key`` overrides ``settings.provider_key_path``). ``clock``
+    returns the current aware UTC time; tests inject one to expire nonces and grants.
+    ``tpm_policy`` (a :class:`mlcapsule.attestation.tpm.TpmPolicy`) overrides the one built from
+    ``settings.tpm_ek_roots``; with neither, `tpm` evidence is refused.
+
+    ``app.state.service`` is the :class:`ProviderService`; ``app.state.engine`` the SQLAlchemy
+    engine, disposed when the app shuts down.
+    """
+    key = provider_key or load_provider_key(settings.provider_key_path, passphrase=settings.passphrase)
+    engine = make_engine(settings.database_url)
+    create_schema(engine)
+    if tpm_policy is None and settings.tpm_ek_roots:
+        from ..attestation.tpm import TpmPolicy
+
+        try:
+            tpm_policy = TpmPolicy.from_files(settings.tpm_ek_roots, intermediates=settings.tpm_ek_intermediates,
+                                              pcr_policy=settings.tpm_pcr_policy)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot load the TPM EK roots or PCR policy: {e}") from e
+    policy = AttestationPolicy(allow_software=settings.allow_software_evidence,
+                               measurements=settings.allowed_measurements, tpm=tpm_policy)
+    service = ProviderService(session_factory(engine), policy=policy, provider_key=key,
+                              nonce_ttl_seconds=settings.nonce_ttl_seconds, clock=clock or utcnow)
+    if settings.allow_software_evidence:
+        log.warning("UNSAFE: accepting evidence from the 'software' backend, which does not protect "
+                    "the model against the client machine's owner")
+    if not settings.allowed_measurements:
+        log.warning("no enclave measurement is allowed: every provisioning request will be refused")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="mlcapsule provider server", version=__version__, lifespan=lifespan,
+                  description="Provisions MLCapsule enclaves: challenges, attested provisioning, usage receipts.")
+    app.state.settings = settings
+    app.state.service = service
+    app.state.engine = engine
+    bearer = HTTPBearer(auto_error=False, description="the account token from `mlcapsule admin account add`")
+
+    def account(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> AccountRef:
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            return service.authenticate(None)
+        return service.authenticate(credentials.credentials)
+
+    v1 = APIRouter(prefix="/v1")
+
+    @v1.get("/health", response_model=HealthResponse, tags=["status"])
+    def health() -> HealthResponse:
+        return HealthResponse(status="ok", version=__version__)
+
+    @v1.post("/challenge", response_model=ChallengeResponse, responses=_ERRORS, tags=["setup"])
+    def challenge(req: ChallengeRequest, acc: AccountRef = Depends(account)) -> ChallengeResponse:
+        """A fresh single-use nonce for the setup phase; refused without a live grant."""
+        c = service.challenge(acc, req.capsule_id, req.version)
+        return ChallengeResponse(nonce=b64e(c.nonce), expires_at=c.expires_at)
+
+    @v1.post("/provision", response_model=ProvisionResponse, responses=_ERRORS, tags=["setup"])
+    def provision(req: ProvisionRequest, acc: AccountRef = Depends(account)) -> ProvisionResponse:
+        """Verify the enclave's evidence and answer with the content key and a license, sealed to it."""
+        p = service.provision(acc, capsule_id=req.capsule_id, version=req.version, nonce=b64d(req.nonce),
+                              hpke_pub=b64d(req.hpke_pub), receipt_pub=b64d(req.receipt_pub),
+                              evidence=req.evidence)
+        return ProvisionResponse(license_id=p.license_id, device_id=p.device_id, payload=b64e(p.payload),
+                                 credential=p.credential)
+
+    @v1.post("/usage", response_model=UsageResponse, responses=_ERRORS, tags=["usage"])
+    def usage(req: UsageRequest, acc: AccountRef = Depends(account)) -> UsageResponse:
+        """Upload usage receipts; they must continue the chain the server holds for the device."""
+        head = service.upload_usage(acc, license_id=req.license_id, device_id=req.device_id, receipts=req.receipts)
+        return UsageResponse(seq=head.seq, charged=head.charged, answered=head.answered)
+
+    app.include_router(v1)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return _error(413, "FormatError", f"request body larger than {MAX_BODY} bytes", "send less data")
+        return await call_next(request)
+
+    @app.exception_handler(MlcapsuleError)
+    async def on_mlcapsule_error(_request: Request, exc: MlcapsuleError) -> JSONResponse:
+        status = status_for(exc)
+        if status >= 500:
+            log.error("%s: %s", type(exc).__name__, exc.message)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return _error(status, wire_type(exc), exc.message, exc.hint, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors()[:5]:
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+        return _error(422, "FormatError", "malformed request: " + "; ".join(problems),
+                      "client and server versions may not match; upgrade mlcapsule")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, "ServerError", str(exc.detail), "check the server URL and API version (/v1/)")
+
+    @app.exception_handler(Exception)
+    async def on_bug(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return _error(500, "ServerError", "internal server error", "tell the provider; the server log has details")
+
+    return app
+
+
+__all__ = ["create_app"]

@@ -1,0 +1,133 @@
+"""The client's side of the provider API: :class:`ProviderClient` (httpx, synchronous).
+
+Errors come back as the exception class the server named (``{"error": {"type": ...}}``), with
+the server's message and hint, and the HTTP status in ``exc.status_code``. A server that cannot
+be reached raises :class:`~mlcapsule.errors.TransportError` naming the URL.
+"""
+
+from __future__ import annotations
+
+import binascii
+import datetime as dt
+import uuid
+from typing import Any
+
+import httpx
+
+from .. import __version__
+from .. import errors as E
+from .._util import b64d, b64e
+
+API = "/v1"
+
+
+def _error_class(name: Any) -> type[E.MlcapsuleError]:
+    cls = getattr(E, name, None) if isinstance(name, str) else None
+    if isinstance(cls, type) and issubclass(cls, E.MlcapsuleError):
+        return cls
+    return E.ServerError
+
+
+class ProviderClient:
+    """Talks to a provider's server at ``url`` (e.g. ``https://models.example.com``) as the
+    account whose bearer ``token`` the provider issued. Use as a context manager, or call
+    :meth:`close`.
+    """
+
+    def __init__(self, url: str, token: str | None, *, timeout: float = 30,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.url = url.rstrip("/")
+        if self.url.endswith(API):
+            self.url = self.url[: -len(API)]
+        if not self.url.startswith(("http://", "https://")):
+            raise E.UsageError(f"server URL {url!r} must start with http:// or https://")
+        headers = {"User-Agent": f"mlcapsule/{__version__}", "Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> "ProviderClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            r = self._http.request(method, API + path, json=body)
+        except httpx.TimeoutException as e:
+            raise E.TransportError(f"the server at {self.url} did not answer in time ({type(e).__name__})") from e
+        except httpx.HTTPError as e:
+            raise E.TransportError(f"cannot reach the server at {self.url}: {e}") from e
+        try:
+            data = r.json()
+        except ValueError:
+            data = None
+        if r.is_success:
+            if not isinstance(data, dict):
+                raise E.ProtocolError(f"the server at {self.url} answered {path} with something that is not JSON")
+            return data
+        err = data.get("error") if isinstance(data, dict) else None
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            hint = err.get("hint") if isinstance(err.get("hint"), str) else None
+            exc = _error_class(err.get("type"))(err["message"], hint=hint or None)
+        else:
+            exc = E.ServerError(f"the server at {self.url} answered {path} with HTTP {r.status_code}",
+                                hint="check the server URL; is it an mlcapsule provider server?")
+        exc.status_code = r.status_code  # type: ignore[attr-defined]
+        raise exc
+
+    @staticmethod
+    def _field(data: dict[str, Any], name: str, typ: type) -> Any:
+        v = data.get(name)
+        if not isinstance(v, typ) or isinstance(v, bool) and typ is int:
+            raise E.ProtocolError(f"the server's answer has no valid {name!r}")
+        return v
+
+    # -- API --------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/health")
+
+    def challenge(self, capsule_id: uuid.UUID | str, version: int) -> tuple[bytes, dt.datetime]:
+        """A fresh single-use nonce and when it expires."""
+        data = self._request("POST", "/challenge", {"capsule_id": str(capsule_id), "version": version})
+        try:
+            nonce = b64d(self._field(data, "nonce", str))
+            expires = dt.datetime.fromisoformat(self._field(data, "expires_at", str))
+        except (ValueError, binascii.Error) as e:
+            raise E.ProtocolError("the server's challenge is malformed") from e
+        if len(nonce) != 32:
+            raise E.ProtocolError("the server's challenge nonce is not 32 bytes")
+        return nonce, expires
+
+    def provision(self, capsule_id: uuid.UUID | str, version: int, *, nonce: bytes, hpke_pub: bytes,
+                  receipt_pub: bytes, evidence: dict[str, Any]) -> dict[str, Any]:
+        """Returns ``{"license_id": str, "device_id": str, "payload": str, "credential": dict | None}``.
+
+        ``payload`` stays standard base64, as on the wire (the enclave's message interface takes
+        it that way); ``b64d(payload)`` gives the HPKE message for ``open_payload``. For ``tpm``
+        evidence, ``credential`` is the TPM2_ActivateCredential challenge that unwraps it.
+        """
+        data = self._request("POST", "/provision", {
+            "capsule_id": str(capsule_id), "version": version, "nonce": b64e(nonce), "hpke_pub": b64e(hpke_pub),
+            "receipt_pub": b64e(receipt_pub), "evidence": evidence})
+        payload = self._field(data, "payload", str)
+        try:
+            b64d(payload)
+        except (ValueError, binascii.Error) as e:
+            raise E.ProtocolError("the server's provisioning payload is not base64") from e
+        credential = data.get("credential")
+        if credential is not None and not isinstance(credential, dict):
+            raise E.ProtocolError("the server's credential challenge is malformed")
+        return {"license_id": self._field(data, "license_id", str), "device_id": self._field(data, "device_id", str),
+                "payload": payload, "credential": credential}
+
+    def upload_usage(self, license_id: str, device_id: str, receipts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Returns ``{"seq", "charged", "answered"}``: the chain head the server now holds."""
+        data = self._request("POST", "/usage", {"license_id": license_id, "device_id": device_id,
+                                                "receipts": receipts})
+        return {k: self._field(data, k, int) for k in ("seq", "charged", "answered")}

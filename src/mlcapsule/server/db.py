@@ -1,0 +1,213 @@
+"""The provider server's database: SQLAlchemy 2 models, engine and session factory.
+
+SQLite is the embedded default, PostgreSQL the production choice; both are tested.
+
+**Protect the database like the key files.** The ``capsules`` table holds every capsule's
+32-byte content key in the clear, because the server must hand it to attested enclaves.
+Anyone who reads the database (or a backup of it) can decrypt every registered capsule. A
+SQLite file is created with mode 0600 in a 0700 folder; for PostgreSQL, restrict the role,
+encrypt backups, and do not share the database with other services.
+
+Access tokens are never stored: ``accounts.token_hash`` is the SHA-256 of the random token,
+which is shown once when the account is created.
+
+How the concurrency guarantees hold on both engines:
+
+* **Single-use nonces**: ``UPDATE nonces SET used_at = now WHERE nonce = ? AND used_at IS NULL``
+  and a check that exactly one row changed. The database applies the UPDATE atomically, so of
+  two racing requests exactly one sees rowcount 1. (On PostgreSQL the second UPDATE waits for
+  the first one's row lock, then re-checks ``used_at IS NULL`` against the committed row.)
+* **Provision once** (device limit): see :func:`~mlcapsule.server.service.ProviderService.provision`;
+  a grant's row is locked (``SELECT ... FOR UPDATE`` on PostgreSQL; on SQLite every transaction
+  starts with ``BEGIN IMMEDIATE``, which takes the database's write lock up front), and the
+  ``UNIQUE (grant_id, slot)`` constraint with ``0 <= slot < devices`` enforces the limit in the
+  database itself, whatever the isolation level.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String,
+                        UniqueConstraint, create_engine, event)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.types import TypeDecorator
+
+from ..errors import TransportError, UsageError
+
+UTC = dt.timezone.utc
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes on every engine (SQLite stores naive UTC, PostgreSQL timestamptz)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; use UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # hex SHA-256 of the token
+    created: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class Capsule(Base):
+    __tablename__ = "capsules"
+    __table_args__ = (UniqueConstraint("capsule_id", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    capsule_id: Mapped[str] = mapped_column(String(36))  # UUID, canonical text form
+    version: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(256))
+    #: The AES-256-GCM content key, in the clear: protect the database like the key file.
+    content_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    provider_key: Mapped[bytes] = mapped_column(LargeBinary(32))  # raw Ed25519 key the manifest pins
+    lease_size: Mapped[int] = mapped_column(Integer)
+    registered: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class Grant(Base):
+    """An account's right to provision devices for one capsule version."""
+
+    __tablename__ = "grants"
+    __table_args__ = (UniqueConstraint("account_id", "capsule_pk"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    capsule_pk: Mapped[int] = mapped_column(ForeignKey("capsules.id"))
+    budget: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # per device license; None = unlimited
+    devices: Mapped[int] = mapped_column(Integer)  # max devices that may be provisioned
+    expires: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class Device(Base):
+    """One provisioned enclave, its license, and the head of its usage-receipt chain."""
+
+    __tablename__ = "devices"
+    __table_args__ = (UniqueConstraint("grant_id", "slot"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(36), unique=True)
+    license_id: Mapped[str] = mapped_column(String(36), unique=True)
+    grant_id: Mapped[int] = mapped_column(ForeignKey("grants.id"))
+    slot: Mapped[int] = mapped_column(Integer)  # 0 <= slot < grant.devices when inserted
+    receipt_pub: Mapped[bytes] = mapped_column(LargeBinary(32))
+    measurement: Mapped[str] = mapped_column(String(64))
+    evidence_type: Mapped[str] = mapped_column(String(64))
+    platform_id: Mapped[str] = mapped_column(String(64))
+    created: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    head_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    charged: Mapped[int] = mapped_column(BigInteger, default=0)
+    answered: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_sync: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class Nonce(Base):
+    __tablename__ = "nonces"
+    __table_args__ = (Index("ix_nonces_expires_at", "expires_at"),)
+    nonce: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    capsule_pk: Mapped[int] = mapped_column(ForeignKey("capsules.id"))
+    created: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class Voucher(Base):
+    __tablename__ = "vouchers"
+    __table_args__ = (UniqueConstraint("license_id", "seq"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    license_id: Mapped[str] = mapped_column(ForeignKey("devices.license_id"))
+    seq: Mapped[int] = mapped_column(Integer)
+    queries: Mapped[int] = mapped_column(BigInteger)
+    issued: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+# -- engine -----------------------------------------------------------------------------------
+def _prepare_sqlite_file(database: str) -> None:
+    path = Path(database)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():  # created 0600: it holds content keys
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+def make_engine(database_url: str, *, echo: bool = False) -> Engine:
+    """An engine for SQLite or PostgreSQL, configured for the server's locking rules."""
+    try:
+        url = make_url(database_url)
+    except ArgumentError as e:
+        raise UsageError(f"{database_url!r} is not a database URL",
+                         hint="use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB") from e
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        memory = url.database in (None, "", ":memory:")
+        if not memory:
+            _prepare_sqlite_file(url.database)  # type: ignore[arg-type]
+        engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": 60},
+                               **({"poolclass": StaticPool} if memory else {"pool_size": 20, "max_overflow": 40,
+                                                                           "pool_timeout": 60}))
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not pysqlite, emit BEGIN (pysqlite would defer it, see below).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=60000")
+            if not memory:
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            # Take the write lock when the transaction starts, not at its first write. Every
+            # transaction is then serialized against every other writer, so a read-then-write
+            # (count devices, insert one) cannot interleave with another, and no deadlock-prone
+            # lock upgrade happens mid-transaction. Waiters block on busy_timeout.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if backend == "postgresql":
+        return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=20, max_overflow=40, pool_timeout=60)
+    raise UsageError(f"database {backend!r} is not supported", hint="use sqlite:///PATH or postgresql+psycopg://...")
+
+
+def create_schema(engine: Engine) -> None:
+    """Create missing tables (idempotent). An unreachable database raises TransportError."""
+    try:
+        Base.metadata.create_all(engine)
+    except OperationalError as e:
+        reason = str(getattr(e, "orig", e)).strip().splitlines()[0][:200]
+        raise TransportError(f"cannot use the database {engine.url.render_as_string(hide_password=True)}: {reason}",
+                             hint="check --database-url, and that the database server is running") from e
+
+
+def session_factory(engine: Engine) -> sessionmaker[Any]:
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,504 @@
+"""The provider server's transactional logic, separate from HTTP.
+
+:class:`ProviderService` holds the rules; :mod:`.app` only maps HTTP to these methods and
+:mod:`mlcapsule.cli.admin` calls the administrative ones. Time is injected (``clock``) so tests
+can expire nonces and grants without sleeping. Trust decisions on evidence and receipts are the
+pure functions of :mod:`mlcapsule.attestation` and :mod:`mlcapsule.protocol.receipts`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import re
+import secrets
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from sqlalchemy import delete, func, select, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session, sessionmaker
+
+from .._util import b64d
+from ..attestation import AttestationPolicy, verify_evidence
+from ..crypto.keys import ContentKey, ed25519_public_from_raw, raw_public
+from ..errors import FormatError, IntegrityError, SignatureError, UsageError
+from ..protocol.license import License
+from ..protocol.receipts import GENESIS, ChainHead, entry_hash, verify_chain
+from ..protocol.setup import NONCE_LEN, report_data, seal_payload
+from ..protocol.voucher import Voucher as VoucherMsg
+from .db import Account, Capsule, Device, Grant, Nonce, Voucher
+from .errors import (ChainConflict, DeviceLimitReached, GrantExpired, GrantRefused, Misconfigured, NonceExpired,
+                     NonceRefused, NonceReplayed, Unauthorized, Unavailable, UnknownCapsule, UnknownLicense)
+
+log = logging.getLogger("mlcapsule.server")
+
+Clock = Callable[[], dt.datetime]
+TOKEN_PREFIX = "mlc_"
+NONCE_RETENTION = dt.timedelta(days=1)  # expired nonces are deleted after this
+_ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def new_token() -> str:
+    """A random bearer token (256 bits). Shown once; only its hash is stored."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class AccountRef:
+    id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class Challenge:
+    nonce: bytes
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    license_id: str
+    device_id: str
+    payload: bytes  # seal_payload(hpke_pub, nonce, content_key, license_envelope), gated for tpm
+    credential: dict[str, str] | None = None  # tpm: the credential that opens the gated payload
+
+
+def drop_already_accepted(entries: Any, head: ChainHead) -> Any:
+    """Drop a leading run of receipts the server already holds, so a retried upload succeeds.
+
+    The enclave forgets receipts only when the server acknowledges them, so after a lost
+    response it sends them again. A leading run is dropped only if it is a linked chain whose
+    last entry has exactly ``head.seq`` and hashes to ``head.hash``: then it *is* the chain the
+    server accepted, and ignoring it changes nothing. Anything else is returned unchanged for
+    :func:`verify_chain` to refuse.
+    """
+    if not isinstance(entries, list) or not entries or head.seq == 0:
+        return entries
+    try:
+        seqs = [int(e["body"]["seq"]) for e in entries]
+    except (KeyError, TypeError, ValueError):
+        return entries
+    k = 0
+    while k < len(seqs) and seqs[k] <= head.seq:
+        k += 1
+    if k == 0:
+        return entries
+    if seqs[k - 1] != head.seq or entry_hash(entries[k - 1]) != head.hash:
+        return entries
+    for j in range(k - 1):
+        if seqs[j] + 1 != seqs[j + 1] or entries[j + 1]["body"].get("prev") != entry_hash(entries[j]):
+            return entries
+    return entries[k:]
+
+
+class ProviderService:
+    """Accounts, capsules, grants, challenges, provisioning, usage and vouchers.
+
+    ``provider_key`` signs licenses and vouchers; it may be None for administrative use that
+    signs nothing. ``policy`` decides which enclave evidence is accepted.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], *, policy: AttestationPolicy,
+                 provider_key: Ed25519PrivateKey | None = None, nonce_ttl_seconds: int = 120,
+                 clock: Clock = utcnow) -> None:
+        self.sessions = sessions
+        self.policy = policy
+        self.provider_key = provider_key
+        self.nonce_ttl = dt.timedelta(seconds=nonce_ttl_seconds)
+        self.clock = clock
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def now(self) -> dt.datetime:
+        t = self.clock()
+        if t.tzinfo is None:
+            raise ValueError("the clock must return aware datetimes")
+        return t.astimezone(dt.timezone.utc)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        """One transaction. Database outages become :class:`Unavailable` (details go to the log)."""
+        try:
+            with self.sessions() as s, s.begin():
+                yield s
+        except sa_exc.OperationalError as e:
+            log.error("database error: %s", e)
+            raise Unavailable("the server's database is unavailable") from e
+
+    def _key(self) -> Ed25519PrivateKey:
+        if self.provider_key is None:
+            raise Misconfigured("the server has no provider signing key loaded")
+        return self.provider_key
+
+    @staticmethod
+    def _capsule(s: Session, capsule_id: uuid.UUID, version: int) -> Capsule:
+        cap = s.scalar(select(Capsule).where(Capsule.capsule_id == str(capsule_id), Capsule.version == version))
+        if cap is None:
+            raise UnknownCapsule(f"the server does not know capsule {capsule_id} version {version}")
+        return cap
+
+    def _live_grant(self, s: Session, account: AccountRef, cap: Capsule, now: dt.datetime, *,
+                    lock: bool = False) -> Grant:
+        q = select(Grant).where(Grant.account_id == account.id, Grant.capsule_pk == cap.id)
+        grant = s.scalar(q.with_for_update() if lock else q)
+        what = f"capsule {cap.name} ({cap.capsule_id} v{cap.version})"
+        if grant is None:
+            raise GrantRefused(f"account {account.name!r} has no grant for {what}")
+        if grant.revoked:
+            raise GrantRefused(f"the provider revoked account {account.name!r}'s grant for {what}",
+                               hint="ask the provider")
+        if grant.expires is not None and grant.expires <= now:
+            raise GrantExpired(f"account {account.name!r}'s grant for {what} expired at {grant.expires.isoformat()}")
+        return grant
+
+    # -- HTTP operations --------------------------------------------------------------------
+    def authenticate(self, token: str | None) -> AccountRef:
+        if not token or len(token) > 512:
+            raise Unauthorized("missing or malformed bearer token")
+        with self._tx() as s:
+            acc = s.scalar(select(Account).where(Account.token_hash == hash_token(token)))
+        if acc is None:
+            raise Unauthorized("the access token is not valid")
+        return AccountRef(acc.id, acc.name)
+
+    def challenge(self, account: AccountRef, capsule_id: uuid.UUID, version: int) -> Challenge:
+        """A fresh single-use nonce, refused unless the account holds a live grant."""
+        now = self.now()
+        nonce = os.urandom(NONCE_LEN)
+        expires = now + self.nonce_ttl
+        with self._tx() as s:
+            cap = self._capsule(s, capsule_id, version)
+            self._live_grant(s, account, cap, now)
+            s.add(Nonce(nonce=nonce, account_id=account.id, capsule_pk=cap.id, created=now, expires_at=expires))
+            s.execute(delete(Nonce).where(Nonce.expires_at < now - NONCE_RETENTION)
+                      .execution_options(synchronize_session=False))
+        return Challenge(nonce, expires)
+
+    def provision(self, account: AccountRef, *, capsule_id: uuid.UUID, version: int, nonce: bytes,
+                  hpke_pub: bytes, receipt_pub: bytes, evidence: Any) -> Provisioned:
+        """Provision one device: the setup phase's server side (DESIGN §2, step 3-4).
+
+        Checks, in order: the nonce (exists, is this account's and this capsule's, is not
+        expired, was not used: it is consumed here, in its own committed transaction, so a
+        failed attempt cannot be retried with it); the evidence; the grant (not revoked, not
+        expired); the device limit. Then the device is recorded and the license signed.
+
+        *Provision once* under concurrency. The device count and the insert happen in one
+        transaction that first locks the grant:
+
+        * PostgreSQL: ``SELECT ... FROM grants WHERE ... FOR UPDATE`` blocks every other
+          provision of the same grant until this transaction ends. Under READ COMMITTED the next
+          statement of the waiter takes a fresh snapshot, so its device count includes the row
+          committed by the lock's previous holder.
+        * SQLite: every transaction begins with ``BEGIN IMMEDIATE`` (see :mod:`.db`), which takes
+          the database write lock before the first read; transactions are therefore serial.
+
+        Independently of the locks, the device takes the lowest free ``slot`` in
+        ``[0, grant.devices)`` and ``UNIQUE (grant_id, slot)`` holds in the database. Even if two
+        transactions saw the same count, they would pick the same slot and one insert would
+        fail; so ``devices provisioned <= grant.devices`` is an invariant the database enforces
+        on any engine and isolation level. The locks only make sure no request is refused
+        spuriously by that race. A unique violation is reported as the device limit.
+        """
+        now = self.now()
+        try:
+            expected = report_data(nonce, hpke_pub, receipt_pub)
+            ed25519_public_from_raw(receipt_pub)
+        except (FormatError, SignatureError, ValueError) as e:
+            raise FormatError("nonce, hpke_pub and receipt_pub must be 32 bytes each") from e
+        try:  # a low-order X25519 point gives an all-zero shared secret: refuse it before the nonce is spent
+            X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(hpke_pub))
+        except ValueError as e:
+            raise FormatError("hpke_pub is not a usable X25519 public key") from e
+        key = self._key()
+        with self._tx() as s:
+            cap = self._capsule(s, capsule_id, version)
+            if cap.provider_key != raw_public(key.public_key()):
+                raise Misconfigured(f"capsule {cap.capsule_id} v{cap.version} is signed by another provider key "
+                                    "than the one this server signs licenses with")
+            row = s.get(Nonce, nonce)
+            if row is None or row.account_id != account.id or row.capsule_pk != cap.id:
+                raise NonceRefused("unknown challenge nonce (not issued by this server, or not for this account "
+                                   "and capsule)")
+            if row.expires_at <= now:
+                raise NonceExpired(f"the challenge nonce expired at {row.expires_at.isoformat()}")
+            marked = s.execute(update(Nonce).where(Nonce.nonce == nonce, Nonce.used_at.is_(None))
+                               .values(used_at=now).execution_options(synchronize_session=False))
+            if marked.rowcount != 1:
+                raise NonceReplayed("the challenge nonce was already used")
+        # The nonce is spent now, whatever happens next.
+        verified = verify_evidence(evidence, expected_report_data=expected, policy=self.policy)
+        try:
+            with self._tx() as s:
+                cap = self._capsule(s, capsule_id, version)
+                grant = self._live_grant(s, account, cap, now, lock=True)
+                used = set(s.scalars(select(Device.slot).where(Device.grant_id == grant.id)))
+                slot = next((i for i in range(grant.devices) if i not in used), None)
+                if slot is None:
+                    raise DeviceLimitReached(
+                        f"account {account.name!r} has already provisioned {len(used)} of the {grant.devices} "
+                        f"device(s) its grant allows for capsule {cap.name} v{cap.version}")
+                lic = License(license_id=str(uuid.uuid4()), capsule_id=uuid.UUID(cap.capsule_id),
+                              version=cap.version, device_id=str(uuid.uuid4()), account=account.name,
+                              receipt_key=receipt_pub, budget=grant.budget, expires=grant.expires, issued=now,
+                              lease_size=cap.lease_size)
+                payload = seal_payload(hpke_pub, nonce, cap.content_key, lic.sign(key))
+                credential = None
+                if verified.type == "tpm":
+                    # Only the TPM that holds both the certified EK and the quoting AK can recover
+                    # the secret that unwraps the payload (TPM2_ActivateCredential).
+                    from ..attestation.tpm import credential_challenge
+
+                    gated = credential_challenge(evidence, payload)
+                    payload, credential = b64d(gated["payload"]), gated["credential"]
+                s.add(Device(device_id=lic.device_id, license_id=lic.license_id, grant_id=grant.id, slot=slot,
+                             receipt_pub=receipt_pub, measurement=verified.measurement,
+                             evidence_type=verified.type, platform_id=verified.platform_id, created=now,
+                             head_seq=0, head_hash=GENESIS, charged=0, answered=0))
+                s.flush()
+        except sa_exc.IntegrityError as e:  # UNIQUE (grant_id, slot): another provision took the slot
+            raise DeviceLimitReached(f"account {account.name!r} has no device left on its grant") from e
+        log.info("provisioned device %s (license %s) for account %s, capsule %s v%s, %s evidence",
+                 lic.device_id, lic.license_id, account.name, cap.capsule_id, cap.version, verified.type)
+        return Provisioned(lic.license_id, lic.device_id, payload, credential)
+
+    def upload_usage(self, account: AccountRef, *, license_id: str, device_id: str, receipts: Any) -> ChainHead:
+        """Verify receipts continue the stored chain; store the new head (compare-and-swap)."""
+        now = self.now()
+        with self._tx() as s:
+            dev = s.scalar(select(Device).join(Grant, Device.grant_id == Grant.id)
+                           .where(Device.license_id == license_id, Device.device_id == device_id,
+                                  Grant.account_id == account.id))
+            if dev is None:
+                raise UnknownLicense(f"no license {license_id[:64]} for device {device_id[:64]} on this account")
+            head = ChainHead(dev.head_seq, dev.head_hash, dev.charged, dev.answered)
+            dev_pk, receipt_pub = dev.id, dev.receipt_pub
+        entries = drop_already_accepted(receipts, head)
+        try:
+            new = verify_chain(entries, ed25519_public_from_raw(receipt_pub), license_id=license_id, head=head)
+        except IntegrityError as e:
+            raise ChainConflict(f"usage receipts refused: {e.message}") from e
+        if new == head:
+            return head
+        with self._tx() as s:
+            res = s.execute(update(Device)
+                            .where(Device.id == dev_pk, Device.head_seq == head.seq, Device.head_hash == head.hash)
+                            .values(head_seq=new.seq, head_hash=new.hash, charged=new.charged,
+                                    answered=new.answered, last_sync=now)
+                            .execution_options(synchronize_session=False))
+            if res.rowcount != 1:
+                raise ChainConflict("another upload for this device changed the chain meanwhile; upload again")
+        return new
+
+    # -- administration (CLI) ---------------------------------------------------------------
+    def add_account(self, name: str) -> tuple[AccountRef, str]:
+        """Create an account; returns it and its token (the only time the token exists in clear)."""
+        if not _ACCOUNT_NAME.match(name):
+            raise UsageError(f"{name[:80]!r} is not a valid account name",
+                             hint="use 1-128 letters, digits and . _ @ + - (starting with a letter or digit)")
+        token = new_token()
+        try:
+            with self._tx() as s:
+                acc = Account(name=name, token_hash=hash_token(token), created=self.now())
+                s.add(acc)
+                s.flush()
+                ref = AccountRef(acc.id, acc.name)
+        except sa_exc.IntegrityError as e:
+            raise UsageError(f"account {name!r} already exists") from e
+        return ref, token
+
+    def list_accounts(self) -> list[dict[str, Any]]:
+        with self._tx() as s:
+            rows = s.execute(select(Account, func.count(Grant.id)).outerjoin(Grant, Grant.account_id == Account.id)
+                             .group_by(Account.id).order_by(Account.name)).all()
+            return [{"name": a.name, "created": a.created, "grants": n} for a, n in rows]
+
+    def register_capsule(self, capsule_path: str | os.PathLike[str], key_path: str | os.PathLike[str], *,
+                         provider_public: bytes | None) -> tuple[dict[str, Any], bool]:
+        """Register a capsule version and its content key. Returns (info, newly registered).
+
+        Checks: the capsule's signature and structure; the key file names the same capsule id
+        and version; the key authenticates the first chunk of an encrypted segment (so it is
+        the key this capsule was packed with); and, if ``provider_public`` is given, the capsule
+        is signed by the server's provider key (licenses signed by another key would be refused
+        by every enclave).
+        """
+        from ..crypto.chunks import TAG_LEN, SegmentCipher, n_chunks
+        from ..format.container import CapsuleFile
+
+        with CapsuleFile(capsule_path) as cf:
+            m = cf.manifest
+            manifest_sha = hashlib.sha256(cf.manifest_bytes).hexdigest()
+            ck = ContentKey.load(key_path)
+            if ck.capsule_id != m.capsule_id or ck.version != m.version:
+                raise UsageError(f"the key file {key_path} is for capsule {ck.capsule_id} v{ck.version}, "
+                                 f"not {m.capsule_id} v{m.version}")
+            enc = [seg for seg in m.segments if seg.encrypted]
+            if enc:
+                seg = enc[0]
+                view = cf.segment_view(seg)
+                try:
+                    ct = view[:min(seg.chunk_size + TAG_LEN, len(view))]
+                    out = bytearray(len(ct) - TAG_LEN)
+                    try:
+                        SegmentCipher(ck.key, m.capsule_id, m.version, seg.index, seg.chunk_size).decrypt_chunk_into(
+                            ct, 0, n_chunks(seg.plain_length, seg.chunk_size), memoryview(out))
+                    except IntegrityError as e:
+                        raise UsageError(f"the key in {key_path} does not decrypt capsule {capsule_path}",
+                                         hint="use the .key file written when this capsule was packed") from e
+                    finally:
+                        out[:] = bytes(len(out))
+                        ct.release()
+                finally:
+                    view.release()
+        if provider_public is not None and m.provider_key != provider_public:
+            raise UsageError(f"capsule {capsule_path} is signed by another provider key than this server's",
+                             hint="pack it with the server's provider key (--provider-key / provider_key_path)")
+        info = {"capsule_id": str(m.capsule_id), "version": m.version, "name": m.name,
+                "lease_size": m.policy.lease_size}
+        with self._tx() as s:
+            old = s.scalar(select(Capsule).where(Capsule.capsule_id == str(m.capsule_id), Capsule.version == m.version))
+            if old is not None:
+                if old.content_key == ck.key and old.manifest_sha256 == manifest_sha:
+                    return info, False
+                raise UsageError(f"capsule {m.capsule_id} v{m.version} is already registered with another "
+                                 "manifest or key", hint="pack a new version (--version) instead")
+            s.add(Capsule(capsule_id=str(m.capsule_id), version=m.version, name=m.name, content_key=ck.key,
+                          manifest_sha256=manifest_sha, provider_key=m.provider_key,
+                          lease_size=m.policy.lease_size, registered=self.now()))
+        return info, True
+
+    def _resolve_capsule(self, s: Session, ref: str) -> Capsule:
+        """CAPSULE as a capsule file path, ``UUID`` (latest registered version) or ``UUID:VERSION``."""
+        version: int | None
+        if Path(ref).is_file():
+            from ..format.container import CapsuleFile
+
+            with CapsuleFile(ref) as cf:
+                cid, version = cf.manifest.capsule_id, cf.manifest.version
+        else:
+            text, _, vtext = ref.partition(":")
+            try:
+                cid = uuid.UUID(text)
+                version = int(vtext) if vtext else None
+            except ValueError as e:
+                raise UsageError(f"{ref!r} is neither a capsule file nor CAPSULE_ID[:VERSION]") from e
+        q = select(Capsule).where(Capsule.capsule_id == str(cid))
+        q = q.where(Capsule.version == version) if version is not None else q.order_by(Capsule.version.desc())
+        cap = s.scalars(q).first()
+        if cap is None:
+            raise UsageError(f"capsule {cid}{'' if version is None else f' v{version}'} is not registered",
+                             hint="register it with `mlcapsule admin capsule add CAPSULE --key CAPSULE.key`")
+        return cap
+
+    @staticmethod
+    def _account(s: Session, name: str) -> Account:
+        acc = s.scalar(select(Account).where(Account.name == name))
+        if acc is None:
+            raise UsageError(f"no account named {name!r}", hint="create it with `mlcapsule admin account add NAME`")
+        return acc
+
+    def grant(self, account_name: str, capsule_ref: str, *, budget: int | None, devices: int,
+              expires: dt.datetime | None) -> dict[str, Any]:
+        """Create or replace the account's grant for a capsule version (clears a revocation).
+
+        ``budget`` is the query budget of *each* device's license. New terms apply to devices
+        provisioned from now on; licenses already issued keep theirs (top up with vouchers).
+        """
+        if devices < 1 or (budget is not None and budget < 0):
+            raise UsageError("--devices must be at least 1 and --budget at least 0")
+        if expires is not None and expires.tzinfo is None:
+            raise UsageError("--expires must carry a time zone")
+        with self._tx() as s:
+            acc = self._account(s, account_name)
+            cap = self._resolve_capsule(s, capsule_ref)
+            g = s.scalar(select(Grant).where(Grant.account_id == acc.id, Grant.capsule_pk == cap.id).with_for_update())
+            created = g is None
+            if g is None:
+                g = Grant(account_id=acc.id, capsule_pk=cap.id, created=self.now())
+                s.add(g)
+            g.budget, g.devices, g.expires, g.revoked, g.revoked_at = budget, devices, expires, False, None
+            used = s.scalar(select(func.count(Device.id)).join(Grant).where(
+                Grant.account_id == acc.id, Grant.capsule_pk == cap.id)) or 0
+            return {"account": acc.name, "capsule": f"{cap.name} {cap.capsule_id} v{cap.version}",
+                    "budget": budget, "devices": devices, "expires": expires, "created": created,
+                    "devices_provisioned": used}
+
+    def revoke(self, account_name: str, capsule_ref: str) -> dict[str, Any]:
+        """Refuse every later challenge and provision under this grant.
+
+        Devices already provisioned keep working offline until their license expires or their
+        budget runs out: the server cannot reach an offline enclave.
+        """
+        with self._tx() as s:
+            acc = self._account(s, account_name)
+            cap = self._resolve_capsule(s, capsule_ref)
+            g = s.scalar(select(Grant).where(Grant.account_id == acc.id, Grant.capsule_pk == cap.id).with_for_update())
+            if g is None:
+                raise UsageError(f"account {account_name!r} has no grant for capsule {cap.capsule_id} v{cap.version}")
+            g.revoked, g.revoked_at = True, self.now()
+            n = s.scalar(select(func.count(Device.id)).where(Device.grant_id == g.id)) or 0
+            return {"account": acc.name, "capsule": f"{cap.name} {cap.capsule_id} v{cap.version}",
+                    "devices_provisioned": n}
+
+    def issue_voucher(self, license_id: str, queries: int) -> dict[str, Any]:
+        """A provider-signed top-up for ``license_id``, numbered after the last one issued."""
+        if not 0 < queries <= 10**12:
+            raise UsageError("--queries must be between 1 and 10^12")
+        key = self._key()
+        try:
+            with self._tx() as s:
+                dev = s.scalar(select(Device).where(Device.license_id == license_id).with_for_update())
+                if dev is None and len(license_id) >= 8:  # a unique prefix, as `admin usage` shows it
+                    found = s.scalars(select(Device.license_id)
+                                      .where(Device.license_id.startswith(license_id, autoescape=True)).limit(2)).all()
+                    if len(found) > 1:
+                        raise UsageError(f"{license_id!r} matches several licenses", hint="give more of the id")
+                    if found:
+                        dev = s.scalar(select(Device).where(Device.license_id == found[0]).with_for_update())
+                if dev is None:
+                    raise UsageError(f"no license {license_id!r}", hint="`mlcapsule admin usage` lists the licenses")
+                license_id = dev.license_id
+                grant = s.get(Grant, dev.grant_id)
+                if grant is not None and grant.revoked:
+                    raise UsageError(f"the grant behind license {license_id} is revoked",
+                                     hint="grant it again first if you mean to top it up")
+                seq = (s.scalar(select(func.max(Voucher.seq)).where(Voucher.license_id == license_id)) or 0) + 1
+                s.add(Voucher(license_id=license_id, seq=seq, queries=queries, issued=self.now()))
+                s.flush()
+                envelope = VoucherMsg(license_id, dev.device_id, seq, queries).sign(key)
+        except sa_exc.IntegrityError as e:
+            raise Unavailable("another voucher for this license was issued at the same time; try again") from e
+        return envelope
+
+    def usage(self) -> list[dict[str, Any]]:
+        with self._tx() as s:
+            rows = s.execute(
+                select(Account.name, Capsule.name, Capsule.capsule_id, Capsule.version, Device, Grant.budget,
+                       Grant.revoked)
+                .select_from(Device).join(Grant, Device.grant_id == Grant.id)
+                .join(Account, Grant.account_id == Account.id).join(Capsule, Grant.capsule_pk == Capsule.id)
+                .order_by(Account.name, Capsule.name, Device.created)).all()
+            vouchers = dict(s.execute(select(Voucher.license_id, func.sum(Voucher.queries))
+                                      .group_by(Voucher.license_id)).all())
+            return [{"account": a, "capsule": f"{cname} v{ver}", "capsule_id": cid, "device_id": d.device_id,
+                     "license_id": d.license_id, "budget": budget, "vouchers": int(vouchers.get(d.license_id) or 0),
+                     "charged": d.charged, "answered": d.answered, "receipts": d.head_seq,
+                     "last_sync": d.last_sync, "created": d.created, "revoked": revoked, "evidence": d.evidence_type}
+                    for a, cname, cid, ver, d, budget, revoked in rows]
