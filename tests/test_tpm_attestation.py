@@ -29,7 +29,9 @@ from mlcapsule.protocol.setup import report_data
 
 pytestmark = pytest.mark.tpm
 
-GCP = Path(__file__).resolve().parents[2] / "shared" / "attestation-vectors" / "tpm" / "windows_gcp_shielded_vm.json"
+# shared/ sits beside the checkout (as in CI); MLCAPSULE_SHARED points elsewhere.
+SHARED = Path(os.environ.get("MLCAPSULE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+GCP = SHARED / "attestation-vectors" / "tpm" / "windows_gcp_shielded_vm.json"
 
 
 def _gcp() -> dict[str, Any]:
