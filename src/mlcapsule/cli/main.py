@@ -65,20 +65,6 @@ def provider_init(key_path: str | None, passphrase_file: str | None, force: bool
 
 
 # -- pack, inspect, verify ---------------------------------------------------------------------
-def _parse_expiry(text: str | None) -> dt.datetime | None:
-    if not text:
-        return None
-    now = dt.datetime.now(dt.timezone.utc)
-    if text[-1] in "dh" and text[:-1].isdigit():
-        n = int(text[:-1])
-        return (now + (dt.timedelta(days=n) if text[-1] == "d" else dt.timedelta(hours=n))).replace(microsecond=0)
-    try:
-        t = dt.datetime.fromisoformat(text)
-    except ValueError as e:
-        raise UsageError(f"--expires {text!r} is neither an ISO 8601 time nor a duration like 30d or 12h") from e
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
-
-
 def _preprocessing(image_size: str | None, channels: int, layout: str, scale: float | None,
                    mean: str | None, std: str | None) -> dict[str, Any] | None:
     if image_size is None and scale is None:
@@ -146,7 +132,9 @@ def pack(model: str, output: str, key_path: str | None, passphrase_file: str | N
     from ..format.manifest import Policy
     from ..packer import pack as do_pack
 
-    policy = Policy(budget=budget, expires=_parse_expiry(expires), lease_size=lease_size)
+    from .admin import parse_expires
+
+    policy = Policy(budget=budget, expires=parse_expires(expires), lease_size=lease_size)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=err_console,
                   transient=True) as bar:
         tasks: dict[str, Any] = {}
@@ -442,6 +430,27 @@ def demo(workdir: str | None) -> None:
     from .demo import run_demo
 
     run_demo(Path(workdir) if workdir else None, console)
+
+
+@cli.command()
+@click.option("--suite", "suites", multiple=True, type=click.Choice(["dense", "conv", "networks", "fixed"]),
+              help="Run only this suite (repeatable) [default: all].")
+@click.option("--quick", is_flag=True, help="Small models, few repetitions: a smoke run (results go to benchmarks/results/quick).")
+@click.option("--threads", type=click.IntRange(1), help="Intra-op threads for plain ORT and the capsule [default: CPUs].")
+@click.option("--results", "results_dir", type=click.Path(file_okay=False),
+              help="Where the JSON results go [default: benchmarks/results].")
+@click.option("--markdown", type=click.Path(dir_okay=False), help="The report to write [default: BENCHMARKS.md].")
+@click.option("--workdir", type=click.Path(file_okay=False), help="Keep the models and capsules here [default: a temp folder].")
+def bench(suites: tuple[str, ...], quick: bool, threads: int | None, results_dir: str | None, markdown: str | None,
+          workdir: str | None) -> None:
+    """Benchmark capsules against plain ONNX Runtime and the MLCapsule paper; writes BENCHMARKS.md.
+
+    Run it from the repository root. The full run takes 10-20 minutes.
+    """
+    from ..bench import run as run_bench
+
+    run_bench(list(suites) or None, quick=quick, results_dir=results_dir, markdown=markdown, threads=threads,
+              workdir=workdir, log=lambda msg: err_console.print(msg, highlight=False))
 
 
 from .admin import register as _register_provider_commands  # noqa: E402
