@@ -154,3 +154,25 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "voucher #1 redeemed" in out
     assert "does not answer" in out
     assert "rollback protected: NO" in out
+
+
+def test_run_on_a_capsule_packed_without_preprocessing(tmp_path: Path) -> None:
+    """A plain `pack` (no --image-size/--scale) takes model-ready .npy/.csv/.json inputs."""
+    import onnx
+    import onnxruntime as ort
+
+    from mlcapsule.models import mlp
+
+    cli = CLI(tmp_path / "home")
+    model = mlp(16, [32], 4, seed=3)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.savetxt(tmp_path / "x.csv", x, delimiter=",")
+    cli("provider", "init")
+    cli("pack", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.capsule"))
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, {"input": x})[0]
+    for f in ("x.npy", "x.csv"):
+        rows = json.loads(cli("run", str(tmp_path / "m.capsule"), str(tmp_path / f),
+                              "--unsafe-dev-key", str(tmp_path / "m.capsule.key")).stdout)
+        np.testing.assert_allclose(np.array([r["probabilities"] for r in rows]), ref, rtol=1e-5, atol=1e-6)

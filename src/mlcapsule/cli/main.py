@@ -270,9 +270,9 @@ def _load_inputs(inputs: tuple[str, ...], manifest: Any) -> Any:
     if len(manifest.inputs) != 1:
         raise UsageError("the CLI runs models with one input; use the Python API for several")
     spec = manifest.inputs[0]
-    prep = Preprocessing.from_dict(manifest.preprocessing) if manifest.preprocessing else None
-    x = load_inputs([Path(p) for p in inputs], prep, spec.shape) if prep else load_inputs([Path(p) for p in inputs], None, spec.shape)
-    return x.astype(spec.dtype, copy=False)
+    # Without preprocessing in the manifest, inputs are model-ready arrays (kind "tensor").
+    prep = Preprocessing.from_dict(manifest.preprocessing) if manifest.preprocessing else Preprocessing()
+    return load_inputs([Path(p) for p in inputs], prep, spec.shape).astype(spec.dtype, copy=False)
 
 
 _token_option = click.option("--token", envvar="MLCAPSULE_TOKEN", required=True,
