@@ -83,10 +83,12 @@ def ratio(a: dict[str, float], b: dict[str, float]) -> float | None:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int, per_round: int,
-                warmup: int = 1) -> dict[str, list[float]]:
+                warmup: int = 1, settle: int = 1) -> dict[str, list[float]]:
     """Time each function in turn, ``per_round`` calls at a time, for ``rounds`` rounds, the
     order reversed every other round: background load on a shared machine then falls on every
-    variant alike, and the ratios of medians stay fair."""
+    variant alike, and the ratios of medians stay fair. The first ``settle`` calls of each
+    round are not timed: ONNX Runtime's pool threads spin for a while after a run, and those of
+    the variant that ran before would otherwise compete with this one's first call."""
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -96,6 +98,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int, per_round: in
         for k in (names if r % 2 == 0 else names[::-1]):
             f = fns[k]
             samples = out[k]
+            for _ in range(settle):
+                f()
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 f()

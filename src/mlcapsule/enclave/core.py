@@ -310,7 +310,7 @@ class EnclaveCore:
         graph = self._decrypt(capsule, "graph", content_key)
         # The reader decrypts chunk by chunk and drops the ciphertext pages it has read from the
         # process, so the mapped capsule does not count twice in the enclave's memory.
-        reader = WeightReader(capsule, content_key)
+        reader = WeightReader(capsule, content_key, threads=self.threads)
         if self.memory_limit_mb:
             try:
                 return StreamingModel(graph, reader, int(self.memory_limit_mb * MiB), threads=self.threads)

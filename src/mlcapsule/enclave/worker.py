@@ -61,13 +61,14 @@ def _b64(args: dict[str, Any], key: str) -> bytes:
 
 def serve(core: EnclaveCore, fd_in: int, fd_out: int, arena: protocol.SharedArena | None = None) -> None:
     reader = protocol.FrameReader(fd_in)
+    inputs: list[Any] = []  # input buffers, reused from one call to the next
     while True:
         try:
             body = reader.read()
             if protocol.frame_kind(body) == protocol.TENSOR_REQUEST:
                 # The fast path of `infer`: binary tensors in the manifest's input order.
                 try:
-                    outputs = core.infer_arrays(protocol.decode_tensors(body, arena)[1])
+                    outputs = core.infer_arrays(protocol.decode_tensors(body, arena, reuse=inputs)[1])
                     frame = protocol.encode_tensors(protocol.TENSOR_REPLY, outputs, arena)
                 except Exception as e:  # every failure becomes a reply; the worker keeps serving
                     frame = protocol.encode(protocol.REPLY, _error_reply(e))
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     arena = None
     if a.shm_fd >= 0:
         try:
-            arena = protocol.SharedArena.adopt(a.shm_fd)
+            arena = protocol.SharedArena.adopt(a.shm_fd, release=bool(a.memory_limit_mb))
         except (OSError, errors.ProtocolError) as e:  # tensors then travel inline
             print(f"shared memory refused: {e}", file=sys.stderr)
     core = EnclaveCore(backend, Path(a.capsule), Path(a.state_dir), Path(a.run_dir),

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from ..crypto.chunks import TAG_LEN, SegmentCipher, n_chunks, stored_length
-from ..errors import FormatError, IntegrityError, UsageError
+from ..errors import FormatError, InputError, IntegrityError, UsageError
 from .resident import aligned_empty, mapped_buffer
 from .split import PLACEHOLDER
 
@@ -63,8 +64,10 @@ PAGE = mmap.PAGESIZE
 PIN_TENSOR_BYTES = 16 * 1024
 #: ... as long as all pinned tensors together stay under this share of the limit.
 PIN_TOTAL_FRACTION = 1 / 32
-#: Fixed part of the reserve: ORT kernels and session state, Python objects, allocator slack.
-RESERVE_FIXED = 7 * MiB
+#: Fixed part of the reserve: what loading and the first query cost whatever the model, as
+#: measured in the worker: ORT session state, code pages of the kernels that run for the first
+#: time, thread stacks, frame buffers, Python objects, allocator slack.
+RESERVE_FIXED = 10 * MiB
 #: Per ORT session (measured: 70-130 KiB each; rounded up).
 RESERVE_PER_SESSION = 192 * 1024
 #: The activation estimate from shape inference is multiplied by this (ORT temporaries, arena
@@ -72,6 +75,8 @@ RESERVE_PER_SESSION = 192 * 1024
 ACTIVATION_MARGIN = 1.25
 #: The smallest scratch worth having.
 MIN_SCRATCH = 256 * 1024
+#: Reads of at least this many whole chunks are decrypted by two threads.
+PARALLEL_CHUNKS = 4
 #: Lowest memory limit accepted, in MiB.
 MIN_LIMIT_MB = 8.0
 
@@ -112,6 +117,12 @@ def configure_onnxruntime() -> dict[str, Any]:
     if _ORT_SETUP is not None:
         return _ORT_SETUP
     setup: dict[str, Any] = {"shared_arena": False}
+    try:  # one malloc arena for all threads: each new thread's arena would cost fresh pages
+        import ctypes
+
+        setup["malloc_arena_max"] = ctypes.CDLL(None).mallopt(-8, 1) == 1  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
     try:
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
         # kSameAsRequested: grow by what is asked, not by powers of two.
@@ -175,7 +186,8 @@ class WeightReader:
     chunk does not decrypt it again. Ciphertext pages are dropped from the process after use.
     """
 
-    def __init__(self, capsule: Any, key: bytes, segment: str = "weights", *, release_pages: bool = True) -> None:
+    def __init__(self, capsule: Any, key: bytes, segment: str = "weights", *, release_pages: bool = True,
+                 threads: int | None = None) -> None:
         m = capsule.manifest
         seg = m.segment(segment)
         if not seg.encrypted:
@@ -197,6 +209,8 @@ class WeightReader:
             _munlock(self._mmap)  # ciphertext is public; locked pages could not be dropped
         self.bytes_decrypted = 0
         self.seconds = 0.0
+        self.threads = min(2, threads or os.cpu_count() or 1)
+        self._pool: Any = None
 
     def read_into(self, out: memoryview | np.ndarray, start: int) -> None:
         out = memoryview(out).cast("B") if not isinstance(out, memoryview) else out
@@ -207,27 +221,58 @@ class WeightReader:
         if n == 0:
             return
         t0 = time.perf_counter()
-        cs, step = self.chunk_size, self.chunk_size + TAG_LEN
+        cs = self.chunk_size
+        whole: list[int] = []  # chunks wanted whole: decrypted straight into `out`
         for i in range(start // cs, (stop - 1) // cs + 1):
             c_lo = i * cs
             c_len = min(cs, self.plain_length - c_lo)
             a, b = max(start, c_lo), min(stop, c_lo + c_len)
-            if i != self._bounce_index:
-                ct = self._view[i * step: i * step + c_len + TAG_LEN]
-                if a == c_lo and b == c_lo + c_len:
-                    self._cipher.decrypt_chunk_into(ct, i, self.total, out[a - start:b - start])
-                    self.bytes_decrypted += c_len
-                    self._drop(i * step, i * step + c_len + TAG_LEN)
-                    continue
+            if a == c_lo and b == c_lo + c_len and i != self._bounce_index:
+                whole.append(i)
+                continue
+            if i != self._bounce_index:  # wanted in part: through the bounce buffer, which keeps it
                 if self._bounce is None:
                     self._bounce = mapped_buffer(cs)
                 self._bounce_index = -1
-                self._cipher.decrypt_chunk_into(ct, i, self.total, memoryview(self._bounce)[:c_len])
+                self._decrypt(i, memoryview(self._bounce)[:c_len])
                 self._bounce_index = i
                 self.bytes_decrypted += c_len
-                self._drop(i * step, i * step + c_len + TAG_LEN)
             out[a - start:b - start] = memoryview(self._bounce)[a - c_lo:b - c_lo]  # type: ignore[arg-type]
+        if len(whole) >= PARALLEL_CHUNKS and self.threads > 1:
+            # AES-GCM releases the GIL: a second thread decrypts half of the chunks.
+            if self._pool is None:
+                import threading
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlcapsule-decrypt")
+                # A small stack: an 8 MB one may be backed by 2 MB huge pages, which count.
+                old = threading.stack_size(512 * 1024)
+                try:
+                    self._pool.submit(int).result()  # start the thread now, with that stack
+                finally:
+                    threading.stack_size(old)
+            half = len(whole) // 2
+            job = self._pool.submit(self._decrypt_whole, whole[:half], out, start)
+            try:
+                self._decrypt_whole(whole[half:], out, start)
+            finally:
+                job.result()
+        else:
+            self._decrypt_whole(whole, out, start)
+        self.bytes_decrypted += sum(min(cs, self.plain_length - i * cs) for i in whole)
         self.seconds += time.perf_counter() - t0
+
+    def _decrypt_whole(self, chunks: list[int], out: memoryview, start: int) -> None:
+        cs = self.chunk_size
+        for i in chunks:
+            c_lo = i * cs
+            self._decrypt(i, out[c_lo - start:c_lo - start + min(cs, self.plain_length - c_lo)])
+
+    def _decrypt(self, i: int, dst: memoryview) -> None:
+        step = self.chunk_size + TAG_LEN
+        ct = self._view[i * step: i * step + len(dst) + TAG_LEN]
+        self._cipher.decrypt_chunk_into(ct, i, self.total, dst)
+        self._drop(i * step, i * step + len(dst) + TAG_LEN)
 
     def _drop(self, lo: int, hi: int) -> None:
         """Unmap the pages of ciphertext ``[lo, hi)`` of this segment from the process (the page
@@ -247,6 +292,9 @@ class WeightReader:
             self._bounce.fill(0)
             self._bounce = None
         self._bounce_index = -1
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self._mmap = None
         self._view.release()
 
@@ -283,7 +331,7 @@ class _Segment:
 
 @dataclass
 class _Split:
-    """A MatMul/Gemm run in row blocks of its stored weight."""
+    """A MatMul, Gemm or Conv run in blocks of rows of its stored weight."""
 
     node: onnx.NodeProto
     # "k": blocks over the reduction axis, summed; "n": over output columns, concatenated;
@@ -350,6 +398,9 @@ class StreamingModel:
         except Exception as e:
             raise FormatError("the capsule's graph does not parse as ONNX") from e
         self._plan(model)
+        if reader.plain_length:
+            # Decrypt one chunk now: a wrong key fails at load (setup relies on it), not at a query.
+            reader.read_into(memoryview(bytearray(1)), 0)
         self.load_seconds = time.perf_counter() - t0
 
     # -- planning ------------------------------------------------------------------------------
@@ -457,18 +508,20 @@ class StreamingModel:
         # The scratch gets what the limit leaves after the reserve and the activations. Plan for a
         # guessed number of sessions; plan again if the plan needs more.
         def reserve(n_sessions: int) -> int:
-            bounce = min(self.reader.chunk_size, self.reader.plain_length) if streamed else 0
+            # the bounce buffer, and the ciphertext chunk a second decrypting thread has mapped
+            bounce = min(self.reader.chunk_size, self.reader.plain_length) * (1 + (self.reader.threads > 1)) if streamed else 0
             return RESERVE_FIXED + bounce + pinned_bytes + n_sessions * RESERVE_PER_SESSION
 
         sessions = 8
         for _ in range(4):
             cap = self.limit - reserve(sessions) - self.activation_bytes
-            if streamed and cap < MIN_SCRATCH:
-                need = (self.limit - cap + MIN_SCRATCH) / MiB
+            least = MIN_SCRATCH if streamed else 0
+            if cap < least:
+                need = (self.limit - cap + least) / MiB
                 raise UsageError(f"a memory limit of {self.limit / MiB:g} MB is too small for this model: it needs "
                                  f"at least {math.ceil(need)} MB ({self.activation_bytes / MiB:.1f} MB for activations, "
-                                 f"{reserve(sessions) / MiB:.1f} MB for sessions and buffers, and some room for "
-                                 "weights)", hint="raise --memory-limit")
+                                 f"{reserve(sessions) / MiB:.1f} MB for sessions and buffers"
+                                 + (", and some room for weights)" if streamed else ")"), hint="raise --memory-limit")
             cap = max(cap, 0)
             steps = self._segments(nodes, streamed, cap)
             n_sessions = sum(1 if isinstance(s, _Segment) else 2 for s in steps)
@@ -491,6 +544,7 @@ class StreamingModel:
             users = step.act_inputs if isinstance(step, _Segment) else [x for x in (step.a, step.c) if x and x not in weights]
             step.free = [i for i in users if last_use.get(i, end) <= last and i not in self.output_names]
         self.steps = steps
+        self._step_seconds = [[0.0, 0.0] for _ in steps]  # per step: decrypting, in all
         n_sessions = sum(1 if isinstance(s, _Segment) else 2 for s in steps)
 
         # Scratch: as large as the largest step needs, no larger.
@@ -521,11 +575,23 @@ class StreamingModel:
                 first, rest = self._split_models(step)
                 step.first = self._session(first)
                 step.rest = self._session(rest) if rest is not None else None
+        # The sessions hold their own copies of the pinned tensors now; keep only what a split
+        # node feeds at run time.
+        keep = {s.c for s in steps if isinstance(s, _Split) and s.c in self._pinned}
+        pins_left = {name: self._pinned[name].copy() for name in keep}
+        for v in self._pinned.values():
+            v.fill(0)
+        self._pinned = pins_left
 
-        # Batches whose activations would not fit run in sub-batches.
-        room = self.limit - self.reserve_bytes - self.scratch_bytes
-        per_item = max(self.activation_bytes, 1)
-        self.max_batch = max(1, room // per_item) if self.activation_bytes else 0
+        # Batches whose activations would not fit run in sub-batches (if every input and output
+        # has the batch as its first, dynamic, dimension): the whole batch's inputs and outputs
+        # stay in memory, the activations are those of one sub-batch.
+        self.room = self.limit - self.reserve_bytes - self.scratch_bytes
+        self.max_batch = max(1, self.room // self.activation_bytes) if self.activation_bytes else 0
+        io_values = [vi for vi in list(g.input) + list(g.output) if vi.name not in weights and vi.name not in self._inline]
+        self.io_item_bytes = sum(sizes.get(vi.name) or 0 for vi in io_values)
+        self._batched = all(vi.type.tensor_type.shape.dim and not vi.type.tensor_type.shape.dim[0].HasField("dim_value")
+                            for vi in io_values)
 
     def _segments(self, nodes: list[onnx.NodeProto], streamed: dict[str, _Tensor], cap: int) -> list[_Segment | _Split]:
         """Greedy, in topological order: a node joins the current segment while the segment's
@@ -660,18 +726,30 @@ class StreamingModel:
     # -- running -------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         batch = _batch(feeds)
-        if self.max_batch and batch > self.max_batch:
-            parts = [self._run_once({k: v[i:i + self.max_batch] for k, v in feeds.items()})
-                     for i in range(0, batch, self.max_batch)]
-            return [np.concatenate(outs, axis=0) for outs in zip(*parts)]
-        return self._run_once(feeds)
+        if not (self.max_batch and batch > self.max_batch and self._batched):
+            return self._run_once(feeds)
+        sub = (self.room - batch * self.io_item_bytes) // self.activation_bytes
+        if sub < 1:
+            most = max(1, (self.room - self.activation_bytes) // max(self.io_item_bytes, 1))
+            raise InputError(f"a batch of {batch} does not fit in the memory limit of {self.limit / MiB:g} MB",
+                             hint=f"send at most {most} at a time, or raise --memory-limit")
+        outputs: list[np.ndarray] = []
+        for i in range(0, batch, sub):
+            part = self._run_once({k: v[i:i + sub] for k, v in feeds.items()})
+            if not outputs:  # the whole batch's outputs, filled in place: no second copy
+                outputs = [np.empty((batch, *o.shape[1:]), dtype=o.dtype) for o in part]
+            for out, o in zip(outputs, part):
+                out[i:i + len(o)] = o
+            del part
+        return outputs
 
     def _run_once(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         t0 = time.perf_counter()
         values: dict[str, Any] = dict(feeds)
         scratch = memoryview(self._scratch) if self._scratch is not None else None
         reader = self.reader
-        for step in self.steps:
+        for k, step in enumerate(self.steps):
+            t_step, d_step = time.perf_counter(), reader.seconds
             if isinstance(step, _Segment):
                 for t, off in zip(step.weights, step.offsets):
                     reader.read_into(scratch[off:off + t.length], t.offset)  # type: ignore[index]
@@ -682,6 +760,9 @@ class StreamingModel:
                 values[step.output] = self._run_split(step, values, scratch)
             for name in step.free:
                 values.pop(name, None)
+            times = self._step_seconds[k]
+            times[0] += reader.seconds - d_step
+            times[1] += time.perf_counter() - t_step
         self.queries += 1
         self.run_seconds += time.perf_counter() - t0
         return [values[name] for name in self.output_names]
@@ -757,6 +838,10 @@ class StreamingModel:
             "decrypt_seconds": self.reader.seconds,
             "runs": self.queries,
             "run_seconds": self.run_seconds,
+            "steps": [{"kind": "segment" if isinstance(s, _Segment) else f"split {s.node.op_type}",
+                       "nodes": len(s.nodes) if isinstance(s, _Segment) else 1,
+                       "weight_bytes": s.weight_bytes if isinstance(s, _Segment) else s.weight.length,
+                       "decrypt_seconds": t[0], "seconds": t[1]} for s, t in zip(self.steps, self._step_seconds)],
             "onnxruntime": dict(_ORT_SETUP or {}),
         }
 
