@@ -202,7 +202,8 @@ def inspect(capsule: str, as_json: bool) -> None:
     p = m.policy
     t.add_row("default policy", f"budget {'unlimited' if p.budget is None else p.budget}, "
               f"expires {p.expires.isoformat() if p.expires else 'never'}, lease {p.lease_size}")
-    t.add_row("runtime", f"optimization {m.runtime.optimization}, prepacking {'on' if m.runtime.prepacking else 'off'}")
+    t.add_row("runtime", f"optimization {m.runtime.optimization}, prepacking {'on' if m.runtime.prepacking else 'off'}, "
+              f"initializers {m.runtime.initializers}")
     for s in m.segments:
         t.add_row(f"segment {s.index}", f"{s.name}: {s.length} bytes, {'encrypted' if s.encrypted else 'plaintext'}")
     console.print(t)

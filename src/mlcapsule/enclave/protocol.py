@@ -306,6 +306,9 @@ def decode_tensors(body: bytearray | memoryview, arena: "SharedArena | None" = N
 
 #: How long a reader polls its pipe before it blocks (see :meth:`FrameReader._spin`).
 SPIN_SECONDS = 100e-6
+#: ... which host and enclave do only while calls take less than this: polling beside a model
+#: that keeps every CPU busy slows it down more than a wake-up costs.
+SPIN_IF_UNDER = 1e-3
 
 
 class FrameReader:

@@ -18,6 +18,7 @@ import ctypes
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -67,12 +68,26 @@ def serve(core: EnclaveCore, fd_in: int, fd_out: int, arena: protocol.SharedAren
             body = reader.read()
             if protocol.frame_kind(body) == protocol.TENSOR_REQUEST:
                 # The fast path of `infer`: binary tensors in the manifest's input order.
+                t0 = time.perf_counter()
+                prof = core.ecall_profile  # where an infer ECALL spends its time, for `status`
                 try:
-                    outputs = core.infer_arrays(protocol.decode_tensors(body, arena, reuse=inputs)[1])
+                    arrays = protocol.decode_tensors(body, arena, reuse=inputs)[1]
+                    t1 = time.perf_counter()
+                    outputs = core.infer_arrays(arrays)
+                    t2 = time.perf_counter()
                     frame = protocol.encode_tensors(protocol.TENSOR_REPLY, outputs, arena)
+                    t3 = time.perf_counter()
+                    prof["decode"] += t1 - t0
+                    prof["infer"] += t2 - t1
+                    prof["encode"] += t3 - t2
                 except Exception as e:  # every failure becomes a reply; the worker keeps serving
-                    frame = protocol.encode(protocol.REPLY, _error_reply(e))
+                    frame, t3 = protocol.encode(protocol.REPLY, _error_reply(e)), time.perf_counter()
                 protocol.write_frame(fd_out, frame)
+                t4 = time.perf_counter()
+                prof["write"] += t4 - t3
+                prof["calls"] += 1
+                # Poll for the next request only after a quick one (see FrameReader._spin).
+                reader.spin = protocol.SPIN_SECONDS if t4 - t0 < protocol.SPIN_IF_UNDER else 0.0
                 continue
             msg = protocol.decode(body)
         except EOFError:
