@@ -137,9 +137,9 @@ def suite_networks(ws: Workspace) -> dict[str, Any]:
         # and streaming: a round of a fast model is long enough for the other process's ORT
         # threads, which spin for a while after a run, to have stopped before timing starts
         ("VGG-16", lambda: models.vgg16(image_size=64 if q else 224), 64 if q else 224,
-         (3, 1, 1) if q else (12, 2, 1), (2, 1, 1) if q else (8, 2, 1)),
+         (3, 1, 1) if q else (16, 2, 1), (2, 1, 1) if q else (8, 2, 1)),
         ("MobileNetV2", lambda: models.mobilenet_v2(image_size=96 if q else 224), 96 if q else 224,
-         (5, 4, 2) if q else (16, 12, 4), (3, 4, 2) if q else (10, 8, 3)),
+         (5, 4, 2) if q else (40, 12, 4), (3, 4, 2) if q else (10, 8, 3)),
     ]
     limits = [64.0] if q else [256.0, 128.0, 64.0]
     colds = 1 if q else 5
@@ -172,8 +172,11 @@ def suite_networks(ws: Workspace) -> dict[str, Any]:
             ref = plain.run(None, {"input": x})[0]
             resident_out = res.predict(x)
             row["resident_max_rel_diff"] = max_rel_diff(ref, resident_out)
+            host0, encl0 = dict(res._enclave.profile), res.status()["ecall_profile"]
             samples = interleaved({"plain": lambda: plain.run(None, {"input": x}), "resident": lambda: res.predict(x)},
                                   rounds=steady_n[0], per_round=steady_n[1], settle=steady_n[2])
+            row["resident_profile_ms"] = _call_profile(host0, dict(res._enclave.profile), encl0,
+                                                       res.status()["ecall_profile"])
             row["plain_ms"] = stats(samples["plain"])
             row["resident_ms"] = stats(samples["resident"])
             row["resident_ratio"] = ratio(row["resident_ms"], row["plain_ms"])
@@ -190,6 +193,18 @@ def suite_networks(ws: Workspace) -> dict[str, Any]:
         rows.append(row)
     return {"suite": "networks", "title": "Whole networks, 224x224, random weights, batch 1" if not q
             else "Whole networks (quick: small images), random weights, batch 1", "rows": rows}
+
+
+def _call_profile(host0: dict[str, float], host1: dict[str, float], encl0: dict[str, float],
+                  encl1: dict[str, float]) -> dict[str, float]:
+    """Where a capsule call's time went between two snapshots of the host's and the enclave's
+    profile counters: mean ms per call of each step (timed and untimed calls alike)."""
+    hn = max(1, host1["calls"] - host0["calls"])
+    en = max(1, encl1["calls"] - encl0["calls"])
+    out = {f"host_{k}": 1e3 * (host1[k] - host0[k]) / hn for k in ("encode", "wait", "decode")}
+    out |= {f"enclave_{k}": 1e3 * (encl1[k] - encl0[k]) / en for k in ("decode", "infer", "encode", "write")}
+    out["calls"] = hn
+    return out
 
 
 def _stream_row(packed: dict[str, Any], ws: Workspace, tag: str, limit: float, x: np.ndarray, res: Any,
@@ -351,5 +366,75 @@ def _breakdown(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return out
 
 
+# -- tpm backend: NV counter wear ---------------------------------------------------------------
+def suite_tpm(ws: Workspace) -> dict[str, Any]:
+    """NV counter increments per query on the tpm backend (a private swtpm), at lease sizes N:
+    the budget's rollback protection must cost at most 1/N increments per query (plus one per
+    restart), because TPM NV memory wears out. Needs swtpm and the repository's ``tests/``
+    helpers (which manufacture a TPM with EK certificates); skipped, and says so, without them."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from .._util import b64e
+
+    title = "TPM backend: NV counter increments per query (swtpm)"
+    tests = Path(__file__).resolve().parents[3] / "tests"
+    missing = [t for t in ("swtpm", "swtpm_setup", "swtpm_localca") if not shutil.which(t)]
+    try:
+        import tpm2_pytss  # noqa: F401
+    except ImportError:
+        missing.append("tpm2-pytss (pip install 'mlcapsule[tpm]')")
+    if not (tests / "swtpm.py").exists():
+        missing.append("the repository's tests/ folder (run from a checkout)")
+    if missing:
+        return {"suite": "tpm", "title": title, "skipped": "needs " + ", ".join(missing)}
+    sys.path.insert(0, str(tests))
+    try:
+        from provider_sim import Provider  # type: ignore[import-not-found]
+        from swtpm import Swtpm, make_ca_config, manufacture  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(tests))
+    from ..attestation.tpm import credential_challenge
+    from ..enclave.host import EnclaveProcess
+
+    ws.log("  tpm: manufacture a swtpm")
+    tpm_state = manufacture(ws.root / "tpm-state", make_ca_config(ws.root / "tpm-ca"))
+    provider = Provider(ws.root / "tpm-provider")
+    x = np.ones((1, 8), np.float32)
+    plan = [(1, 2, 25), (10, 2, 100), (100, 2, 500)] if not ws.quick else [(1, 2, 5), (10, 2, 20)]
+    rows = []
+    with Swtpm(tpm_state) as tpm:
+        for lease, restarts, per_run in plan:
+            cap, ckey = provider.pack(name=f"tiny-lease{lease}")
+            state = ws.state(f"tpm-lease{lease}")
+            with EnclaveProcess(cap, state_dir=state, backend="tpm", tcti=tpm.tcti) as e:
+                nonce = os.urandom(32)
+                begin = e.call("setup_begin", {"nonce": b64e(nonce)})
+                payload, _ = provider.answer(begin, nonce, ckey, budget=None, lease_size=lease)
+                answer = credential_challenge(begin["evidence"], payload)
+                e.call("setup_finish", {"payload": answer["payload"], "credential": answer["credential"]})
+            name = f"c-{ckey.capsule_id}-v{ckey.version}"
+            before = tpm.counter_value(name) or 0
+            times: list[float] = []
+            for _ in range(restarts):
+                with EnclaveProcess(cap, state_dir=state, backend="tpm", tcti=tpm.tcti) as e:
+                    e.call("load", {"dev_key": None})
+                    for _ in range(per_run):
+                        t0 = time.perf_counter()
+                        e.infer([x])
+                        times.append(time.perf_counter() - t0)
+            increments = (tpm.counter_value(name) or 0) - before
+            queries = restarts * per_run
+            ws.log(f"  tpm: lease {lease}: {increments} increments for {queries} queries")
+            rows.append({"lease": lease, "restarts": restarts, "queries": queries, "increments": increments,
+                         "per_query": increments / queries, "bound": 1 / lease + restarts / queries,
+                         "within_bound": increments / queries <= 1 / lease + restarts / queries + 1e-12,
+                         "query_us": stats(times, unit=1e6)})
+    return {"suite": "tpm", "title": title, "rows": rows,
+            "notes": "Each run of a restart: a fresh enclave worker loads the sealed state, then answers queries one "
+                     "at a time; the NV counter is read through the TPM before and after all runs."}
+
+
 SUITES: dict[str, Callable[[Workspace], dict[str, Any]]] = {
-    "dense": suite_dense, "conv": suite_conv, "networks": suite_networks, "fixed": suite_fixed}
+    "dense": suite_dense, "conv": suite_conv, "networks": suite_networks, "fixed": suite_fixed, "tpm": suite_tpm}

@@ -434,7 +434,7 @@ def demo(workdir: str | None) -> None:
 
 
 @cli.command()
-@click.option("--suite", "suites", multiple=True, type=click.Choice(["dense", "conv", "networks", "fixed"]),
+@click.option("--suite", "suites", multiple=True, type=click.Choice(["dense", "conv", "networks", "fixed", "tpm"]),
               help="Run only this suite (repeatable) [default: all].")
 @click.option("--quick", is_flag=True, help="Small models, few repetitions: a smoke run (results go to benchmarks/results/quick).")
 @click.option("--threads", type=click.IntRange(1), help="Intra-op threads for plain ORT and the capsule [default: CPUs].")
