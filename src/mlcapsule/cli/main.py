@@ -446,7 +446,7 @@ def bench(suites: tuple[str, ...], quick: bool, threads: int | None, results_dir
           workdir: str | None) -> None:
     """Benchmark capsules against plain ONNX Runtime and the MLCapsule paper; writes BENCHMARKS.md.
 
-    Run it from the repository root. The full run takes 10-20 minutes.
+    Run it from the repository root. The full run takes about 5 minutes on 2 cores.
     """
     from ..bench import run as run_bench
 
