@@ -309,6 +309,31 @@ def test_receipt_chain_verifies_and_tampering_or_gap_is_detected(env, provider):
         verify_chain(list(reversed(receipts)), key, license_id=lid, head=ChainHead(0, GENESIS, 0, 0))
 
 
+def test_offline_lease_receipts_stay_bounded_and_reported_ones_are_never_rewritten(env, provider):
+    """A device offline for many leases keeps one receipt per run of leases (the sealed state
+    and each persist stay small), and receipts already reported are never replaced, so an upload
+    after a report whose ack was lost still continues the server's chain."""
+    cap, ckey = provider.pack()
+    with enclave(cap, env) as e:
+        _, lic, begin = set_up(e, provider, ckey, budget=None, lease_size=1)
+        for _ in range(150):
+            query(e, 1)
+        assert e.call("status")["license_status"]["receipts_pending"] <= 3  # setup?, lease run, ...
+        first = e.call("usage_report")["receipts"]
+        for _ in range(5):  # the ack of the first report never arrives
+            query(e, 1)
+        second = e.call("usage_report")["receipts"]
+    key = ed25519_public_from_raw(b64d(begin["receipt_pub"]))
+    lid = lic["body"]["license_id"]
+    assert len(first) <= 3 and second[:len(first)] == first  # reported receipts are unchanged
+    server = verify_chain(first, key, license_id=lid, head=ChainHead(0, GENESIS, 0, 0))
+    assert server.charged == 150 and server.answered == 150
+    leases = [r for r in first if r["body"]["kind"] == "lease"]
+    assert sum(r["body"]["data"]["queries"] for r in leases) == 150
+    head = verify_chain(second[len(first):], key, license_id=lid, head=server)
+    assert head.charged == 155 and head.answered == 155
+
+
 # -- stateful: queries, crashes, restarts ---------------------------------------------------------
 BUDGET, LEASE = 23, 4
 

@@ -146,6 +146,26 @@ def test_expired_nonces_are_pruned(srv: Harness) -> None:
         assert len(list(s.scalars(select(Nonce)))) == 1
 
 
+def test_challenge_flood_is_bounded_per_account(srv: Harness) -> None:
+    """An account cannot make the server store challenges without bound: after
+    ``max_open_challenges`` open ones it gets 429 until they are used or expire; others are unaffected."""
+    MAX_OPEN_CHALLENGES = srv.service.max_open_challenges = 8  # noqa: N806  (the setting, made small)
+    with pytest.raises(E.UsageError, match="max_open_challenges"):
+        ServerSettings(max_open_challenges=0)
+    nonces = [srv.nonce() for _ in range(MAX_OPEN_CHALLENGES)]
+    r = srv.challenge()
+    assert error(r) == (429, "ServerError") and "open challenges" in r.json()["error"]["message"]
+    bob = srv.add_account("bob")
+    assert srv.challenge(token=bob).status_code == 200  # another account is unaffected
+    assert srv.provision(srv.enclave(), nonces[0]).status_code == 200  # a used challenge frees a place
+    assert srv.challenge().status_code == 200
+    assert error(srv.challenge()) == (429, "ServerError")
+    srv.clock.advance(121)  # expired challenges free every place
+    assert srv.challenge().status_code == 200
+    with srv.service.sessions() as s:
+        assert len(list(s.scalars(select(Nonce)))) <= 2 * MAX_OPEN_CHALLENGES + 2
+
+
 # -- accounts, grants, devices ----------------------------------------------------------------
 def test_bad_or_missing_token_refused(srv: Harness) -> None:
     r = srv.client.post("/v1/challenge", json={"capsule_id": srv.files.capsule_id, "version": 1})
@@ -367,6 +387,32 @@ def test_client_against_real_server_maps_errors_to_classes(srv: Harness) -> None
         with ProviderClient(url, "wrong") as bad, pytest.raises(E.ServerError) as e:
             bad.challenge(srv.files.capsule_id, srv.files.version)
         assert e.value.status_code == 401  # type: ignore[attr-defined]
+
+
+def test_oversized_body_refused_even_without_content_length(db_url: str, provider_files: ProviderFiles, platform: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory exhaustion by a huge request body: refused with 413 whether the client declares
+    its size or streams it chunked; the server keeps serving."""
+    import mlcapsule.server.app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_BODY", 4096)
+    with harness(db_url, provider_files, platform) as h, serve_in_thread(h.app) as url, httpx.Client() as http:
+        auth = h.auth(None)
+        declared = http.post(url + "/v1/challenge", content=b"x" * 5000, headers=auth)
+        assert declared.status_code == 413 and declared.json()["error"]["type"] == "FormatError"
+
+        sent = 0
+
+        def chunks() -> Any:  # no Content-Length: httpx sends this chunked
+            nonlocal sent
+            for _ in range(64):
+                sent += 1024
+                yield b'{"pad": "' + b"y" * 1014 if sent == 1024 else b"y" * 1024
+
+        streamed = http.post(url + "/v1/challenge", content=chunks(), headers=auth)
+        assert streamed.status_code == 413 and "larger than 4096" in streamed.json()["error"]["message"]
+        ok = http.post(url + "/v1/challenge", json={"capsule_id": h.files.capsule_id, "version": 1}, headers=auth)
+        assert ok.status_code == 200
 
 
 def test_client_unreachable_server_is_transport_error() -> None:

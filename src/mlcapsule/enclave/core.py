@@ -282,12 +282,28 @@ class EnclaveCore:
         if extra:
             state = replace(state, charged=state.charged + extra)
             state = replace(state, answered=state.charged - self.remaining - extra)
-            state = self._append_receipt(state, "lease", {"queries": extra})
+            state = self._append_lease(state, extra)
             self.state = store.save(state)  # persisted before anything is answered
             self.remaining += extra
         else:
             self.state = state
         self.remaining -= n
+
+    def _append_lease(self, state: EnclaveState, queries: int) -> EnclaveState:
+        """A lease receipt; if the last pending receipt is a lease too, it is replaced by one
+        that covers both (same seq and link, the new cumulative counters), so a device offline
+        for a long time keeps one receipt per run of leases, not one per lease. That entry
+        cannot have reached the server: a usage report always ends with a 'report' entry, so a
+        lease that was reported is never the last one."""
+        last = state.receipts[-1]["body"] if state.receipts else None
+        if last is None or last["kind"] != "lease" or set(last["data"]) != {"queries", "leases"}:
+            return self._append_receipt(state, "lease", {"queries": queries, "leases": 1})
+        key = Ed25519PrivateKey.from_private_bytes(state.receipt_key)
+        entry = make_entry(key, seq=last["seq"], prev=last["prev"], kind="lease", license_id=state.license_id,
+                           time=state.last_time or self.clock().isoformat(), charged=state.charged,
+                           answered=min(state.answered, state.charged),
+                           data={"queries": last["data"]["queries"] + queries, "leases": last["data"]["leases"] + 1})
+        return replace(state, receipts=state.receipts[:-1] + [entry], head_hash=entry_hash(entry))
 
     def _append_receipt(self, state: EnclaveState, kind: str, data: dict[str, Any]) -> EnclaveState:
         key = Ed25519PrivateKey.from_private_bytes(state.receipt_key)

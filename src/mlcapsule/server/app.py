@@ -19,12 +19,12 @@ over HTTP: only the administrator issues them, with ``mlcapsule admin voucher``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -49,12 +49,64 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text} for code, text in {
         401: "missing or invalid token", 403: "refused: attestation, grant, device limit, unknown nonce",
         404: "unknown capsule or license", 409: "nonce already used, or receipts that do not continue the chain",
-        410: "nonce expired", 422: "malformed request", 503: "database unavailable"}.items()}
+        410: "nonce expired", 413: "request body too large", 422: "malformed request",
+        429: "too many open challenges for this account", 503: "database unavailable"}.items()}
 
 
 def _error(status: int, type_: str, message: str, hint: str, headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorResponse.model_validate({"error": {"type": type_, "message": message, "hint": hint}})
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """Refuse request bodies larger than ``limit`` bytes with 413, whether the client declares
+    the size (``Content-Length``) or not (chunked transfer): the body is counted as it arrives,
+    and the application sees a disconnect, never more than ``limit`` bytes."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def _refuse(self, send: Any) -> None:
+        resp = _error(413, "FormatError", f"request body larger than {self.limit} bytes", "send less data")
+        await send({"type": "http.response.start", "status": 413, "headers": resp.raw_headers})
+        await send({"type": "http.response.body", "body": resp.body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await self._refuse(send)
+            return
+        seen, too_big, started = 0, False, False
+
+        async def counted_receive() -> Any:
+            nonlocal seen, too_big
+            if too_big:
+                return {"type": "http.disconnect"}
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    too_big = True
+                    return {"type": "http.disconnect"}
+            return msg
+
+        async def guarded_send(msg: Any) -> None:
+            nonlocal started
+            if too_big and not started:
+                return  # the app's answer to the disconnect; ours goes out below
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not too_big:
+                raise
+        if too_big and not started:
+            await self._refuse(send)
 
 
 def create_app(settings: ServerSettings, *, clock: Clock | None = None,
@@ -82,7 +134,8 @@ def create_app(settings: ServerSettings, *, clock: Clock | None = None,
     policy = AttestationPolicy(allow_software=settings.allow_software_evidence,
                                measurements=settings.allowed_measurements, tpm=tpm_policy)
     service = ProviderService(session_factory(engine), policy=policy, provider_key=key,
-                              nonce_ttl_seconds=settings.nonce_ttl_seconds, clock=clock or utcnow)
+                              nonce_ttl_seconds=settings.nonce_ttl_seconds,
+                              max_open_challenges=settings.max_open_challenges, clock=clock or utcnow)
     if settings.allow_software_evidence:
         log.warning("UNSAFE: accepting evidence from the 'software' backend, which does not protect "
                     "the model against the client machine's owner")
@@ -135,12 +188,7 @@ def create_app(settings: ServerSettings, *, clock: Clock | None = None,
 
     app.include_router(v1)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return _error(413, "FormatError", f"request body larger than {MAX_BODY} bytes", "send less data")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
 
     @app.exception_handler(MlcapsuleError)
     async def on_mlcapsule_error(_request: Request, exc: MlcapsuleError) -> JSONResponse:

@@ -72,6 +72,12 @@ class ChainConflict(E.IntegrityError):
     default_hint = "the receipts do not continue the chain the server holds; do not edit or drop receipts"
 
 
+class TooManyChallenges(E.ServerError):
+    status_code = 429
+    default_hint = ("finish the setups in progress, or wait for their challenges to expire, then try again; "
+                    "a device needs one challenge per setup")
+
+
 class Misconfigured(E.ServerError):
     status_code = 500
     default_hint = "the provider's server is misconfigured; tell the provider"

@@ -37,13 +37,17 @@ from ..protocol.setup import NONCE_LEN, report_data, seal_payload
 from ..protocol.voucher import Voucher as VoucherMsg
 from .db import Account, Capsule, Device, Grant, Nonce, Voucher
 from .errors import (ChainConflict, DeviceLimitReached, GrantExpired, GrantRefused, Misconfigured, NonceExpired,
-                     NonceRefused, NonceReplayed, Unauthorized, Unavailable, UnknownCapsule, UnknownLicense)
+                     NonceRefused, NonceReplayed, TooManyChallenges, Unauthorized, Unavailable, UnknownCapsule,
+                     UnknownLicense)
 
 log = logging.getLogger("mlcapsule.server")
 
 Clock = Callable[[], dt.datetime]
 TOKEN_PREFIX = "mlc_"
 NONCE_RETENTION = dt.timedelta(days=1)  # expired nonces are deleted after this
+#: Unused, unexpired challenges one account may hold at once, by default: a bound on what
+#: /v1/challenge can make the database store (ServerSettings.max_open_challenges).
+MAX_OPEN_CHALLENGES = 1000
 _ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 
 
@@ -117,11 +121,12 @@ class ProviderService:
 
     def __init__(self, sessions: sessionmaker[Session], *, policy: AttestationPolicy,
                  provider_key: Ed25519PrivateKey | None = None, nonce_ttl_seconds: int = 120,
-                 clock: Clock = utcnow) -> None:
+                 max_open_challenges: int = MAX_OPEN_CHALLENGES, clock: Clock = utcnow) -> None:
         self.sessions = sessions
         self.policy = policy
         self.provider_key = provider_key
         self.nonce_ttl = dt.timedelta(seconds=nonce_ttl_seconds)
+        self.max_open_challenges = max_open_challenges
         self.clock = clock
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -185,6 +190,12 @@ class ProviderService:
         with self._tx() as s:
             cap = self._capsule(s, capsule_id, version)
             self._live_grant(s, account, cap, now)
+            open_ = s.scalar(select(func.count()).select_from(Nonce).where(
+                Nonce.account_id == account.id, Nonce.used_at.is_(None), Nonce.expires_at >= now))
+            if (open_ or 0) >= self.max_open_challenges:
+                raise TooManyChallenges(
+                    f"this account already holds {open_} open challenges (at most {self.max_open_challenges}); "
+                    f"each expires {int(self.nonce_ttl.total_seconds())} s after it was issued")
             s.add(Nonce(nonce=nonce, account_id=account.id, capsule_pk=cap.id, created=now, expires_at=expires))
             s.execute(delete(Nonce).where(Nonce.expires_at < now - NONCE_RETENTION)
                       .execution_options(synchronize_session=False))

@@ -13,12 +13,13 @@ or under a ``[server]`` table::
     tpm_ek_intermediates = []
     tpm_pcr_policy = "/etc/mlcapsule/pcr-policy.json"      # optional
     nonce_ttl_seconds = 120
+    max_open_challenges = 1000                             # per account: unused, unexpired
     host = "127.0.0.1"
     port = 8700
 
 Environment: ``MLCAPSULE_SERVER_DATABASE_URL``, ``..._PROVIDER_KEY_PATH``, ``..._PASSPHRASE``,
 ``..._PASSPHRASE_FILE``, ``..._ALLOW_SOFTWARE_EVIDENCE`` (1/0, true/false, yes/no, on/off),
-``..._ALLOWED_MEASUREMENTS`` (comma- or space-separated), ``..._NONCE_TTL_SECONDS``,
+``..._ALLOWED_MEASUREMENTS`` (comma- or space-separated), ``..._NONCE_TTL_SECONDS``, ``..._MAX_OPEN_CHALLENGES``,
 ``..._HOST``, ``..._PORT``, ``..._TPM_EK_ROOTS`` and ``..._TPM_EK_INTERMEDIATES`` (paths separated by
 ``os.pathsep``), ``..._TPM_PCR_POLICY``.
 """
@@ -61,6 +62,9 @@ class ServerSettings:
     allow_software_evidence: bool = False
     allowed_measurements: frozenset[str] = frozenset()
     nonce_ttl_seconds: int = 120
+    #: Unused, unexpired challenges one account may hold at once (429 beyond): bounds what
+    #: /v1/challenge can make the database store; a fleet set up in parallel needs one each.
+    max_open_challenges: int = 1000
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     #: TPM evidence: EK CA certificates (PEM/DER files or folders) and an optional PCR policy
@@ -81,6 +85,8 @@ class ServerSettings:
             _measurement(m) for m in self.allowed_measurements))
         if not 0 <= self.nonce_ttl_seconds <= 86_400:
             raise UsageError("nonce_ttl_seconds must be between 0 and 86400")
+        if not 1 <= self.max_open_challenges <= 1_000_000:
+            raise UsageError("max_open_challenges must be between 1 and 1000000")
         if not 0 <= self.port <= 65_535:
             raise UsageError("port must be between 0 and 65535")
 
@@ -170,7 +176,7 @@ def _from_env(environ: Mapping[str, str], known: set[str]) -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     """Turn strings from the environment (and TOML values) into the field's type."""
     try:
-        if name in ("nonce_ttl_seconds", "port"):
+        if name in ("nonce_ttl_seconds", "max_open_challenges", "port"):
             if isinstance(value, bool):
                 raise ValueError
             return int(value)
