@@ -157,6 +157,21 @@ def test_pack_writes_capsule_and_private_content_key(mlp_files: dict[str, Any]) 
     assert m.segment("graph").encrypted and m.segment("weights").encrypted
 
 
+def test_pack_no_tune_takes_the_first_correct_runtime_and_says_which(run_cli: RunCli, mlp_files: dict[str, Any],
+                                                                     provider: dict[str, Path], tmp_path: Path) -> None:
+    from mlcapsule.packer import RUNTIME_CANDIDATES
+
+    out = tmp_path / "fast.capsule"
+    r = _ok(run_cli(["pack", mlp_files["dir"] / "mlp.onnx", "-o", out, "--key", provider["key"], "--no-tune"],
+                    home=provider["home"]))
+    with CapsuleFile(out) as cf:
+        rt = cf.manifest.runtime
+    assert (rt.initializers, rt.optimization, rt.prepacking) == (
+        RUNTIME_CANDIDATES[0].initializers, RUNTIME_CANDIDATES[0].optimization, RUNTIME_CANDIDATES[0].prepacking)
+    assert "first correct" in _flat(r.stdout) and f"'{rt.optimization}'" in _flat(r.stdout)
+    assert "fastest correct" in _flat(mlp_files["pack_stdout"])
+
+
 def test_inspect_shows_capsule_id_and_inputs(run_cli: RunCli, mlp_files: dict[str, Any]) -> None:
     with CapsuleFile(mlp_files["capsule"]) as cf:
         cid = str(cf.manifest.capsule_id)

@@ -121,11 +121,14 @@ def _class_names(spec: str | None) -> list[str] | None:
 @click.option("--lease-size", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
 @click.option("--public-architecture", is_flag=True, help="Leave the graph in the clear (weights stay encrypted).")
 @click.option("--key-output", type=click.Path(dir_okay=False), help="Content key file [default: OUTPUT.key].")
+@click.option("--no-tune", is_flag=True,
+              help="Take the first ONNX Runtime configuration that reproduces the plain model's outputs, "
+                   "without timing the others (packs large models faster; may run slower).")
 def pack(model: str, output: str, key_path: str | None, passphrase_file: str | None, name: str | None,
          capsule_id: str | None, cversion: int, description: str, provider_name: str, server_url: str | None,
          image_size: str | None, channels: str, layout: str, scale: float | None, mean: str | None, std: str | None,
          class_names: str | None, budget: int | None, expires: str | None, lease_size: int,
-         public_architecture: bool, key_output: str | None) -> None:
+         public_architecture: bool, key_output: str | None, no_tune: bool) -> None:
     """Pack an ONNX MODEL into an encrypted, signed capsule."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
@@ -149,10 +152,14 @@ def pack(model: str, output: str, key_path: str | None, passphrase_file: str | N
                       description=description, provider_name=provider_name, server_url=server_url,
                       preprocessing=_preprocessing(image_size, int(channels), layout, scale, mean, std),
                       class_names=_class_names(class_names), policy=policy,
-                      public_architecture=public_architecture, key_output=key_output, progress=progress)
+                      public_architecture=public_architecture, key_output=key_output, progress=progress,
+                      tune_runtime=not no_tune)
     m = res.manifest
-    console.print(f"packed {res.capsule_path} (capsule {m.capsule_id} v{m.version}, "
-                  f"runtime optimization '{m.runtime.optimization}' verified against plain ONNX Runtime)")
+    rt = m.runtime
+    console.print(f"packed {res.capsule_path} (capsule {m.capsule_id} v{m.version}; ONNX Runtime: initializers "
+                  f"'{rt.initializers}', optimization '{rt.optimization}', prepacking {'on' if rt.prepacking else 'off'}, "
+                  f"{'fastest correct' if not no_tune else 'first correct'} configuration, verified against plain "
+                  "ONNX Runtime)")
     console.print(f"content key: {res.key_path} (mode 0600; keep it at the provider, never ship it)")
 
 
