@@ -295,6 +295,27 @@ def usage(database_url: str | None, config: str | None, as_json: bool) -> None:
     console.print(t)
 
 
+@admin.command()
+@db_options
+def migrate(database_url: str | None, config: str | None) -> None:
+    """Create or upgrade the database schema (every command and `serve` also do this on start)."""
+    from ..server.db import make_engine, migrate as do_migrate, schema_revisions
+
+    settings = _settings(database_url, config)
+    engine = make_engine(settings.database_url)
+    try:
+        before, head = schema_revisions(engine)
+        do_migrate(engine)
+    finally:
+        engine.dispose()
+    where = _safe_url(settings.database_url)
+    if before == head:
+        console.print(f"{where}: schema at revision {head}, nothing to do")
+    else:
+        console.print(f"{where}: schema {'set up' if before is None else 'upgraded from ' + before} "
+                      f"at revision {head}")
+
+
 def register(cli: click.Group) -> None:
     """Add ``serve`` and ``admin`` to the main command group."""
     cli.add_command(serve)

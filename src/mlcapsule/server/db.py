@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String,
+from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, inspect,
                         UniqueConstraint, create_engine, event)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -199,14 +199,78 @@ def make_engine(database_url: str, *, echo: bool = False) -> Engine:
     raise UsageError(f"database {backend!r} is not supported", hint="use sqlite:///PATH or postgresql+psycopg://...")
 
 
-def create_schema(engine: Engine) -> None:
-    """Create missing tables (idempotent). An unreachable database raises TransportError."""
+MIGRATIONS = Path(__file__).with_name("migrations")
+#: The revision whose schema mlcapsule 0.1.0 created with ``create_all`` (no version table).
+LEGACY_REVISION = "0001"
+_PG_MIGRATION_LOCK = 0x6D6C6361  # pg_advisory_xact_lock key: one migrating process at a time
+
+
+def alembic_config(connection: Any = None) -> Any:
+    """Alembic's configuration for the server's migrations (no alembic.ini)."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def schema_revisions(engine: Engine) -> tuple[str | None, str]:
+    """(the database's schema revision or None, the revision this mlcapsule expects)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision(), head
+
+
+def migrate(engine: Engine) -> str:
+    """Bring the database to this mlcapsule's schema (Alembic revisions in ``migrations/``)
+    and return its revision. An empty database gets every table; a database of mlcapsule 0.1.0
+    (tables, no version table) is recognised and carried forward; a database whose revision
+    this mlcapsule does not know (made by a newer one) is refused, unchanged. Runs in one
+    transaction, serialized against other processes doing the same (``BEGIN IMMEDIATE`` on
+    SQLite, an advisory lock on PostgreSQL). An unreachable database raises TransportError."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
+    script = ScriptDirectory.from_config(alembic_config())
+    head = script.get_current_head()
+    assert head is not None
     try:
-        Base.metadata.create_all(engine)
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+            current = MigrationContext.configure(conn).get_current_revision()
+            if current == head:
+                return head
+            if current is not None:
+                try:
+                    script.get_revision(current)
+                except CommandError:
+                    raise UsageError(
+                        f"the database's schema is at revision {current!r}, which this mlcapsule does not know "
+                        f"(it expects {head!r}): a newer mlcapsule has used this database",
+                        hint="upgrade mlcapsule on this server; the database was left unchanged") from None
+            cfg = alembic_config(conn)
+            if current is None and inspect(conn).has_table("accounts"):
+                command.stamp(cfg, LEGACY_REVISION)  # made by mlcapsule 0.1.0's create_all
+            command.upgrade(cfg, "head")
+        return head
     except OperationalError as e:
         reason = str(getattr(e, "orig", e)).strip().splitlines()[0][:200]
         raise TransportError(f"cannot use the database {engine.url.render_as_string(hide_password=True)}: {reason}",
                              hint="check --database-url, and that the database server is running") from e
+
+
+def create_schema(engine: Engine) -> None:
+    """Create or upgrade the schema: :func:`migrate`."""
+    migrate(engine)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Any]:
