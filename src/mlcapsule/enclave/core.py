@@ -67,8 +67,6 @@ class EnclaveCore:
         self.memory_baseline = memory_status()
         self.license_mode = "none"
         self.queries = 0
-        self.calls = 0  # infer ECALLs on the fast path, and the time their model runs took
-        self.model_seconds = 0.0
         #: Seconds spent in each step of the fast-path infer ECALLs (filled by the worker).
         self.ecall_profile: dict[str, float] = {"calls": 0, "decode": 0.0, "infer": 0.0, "encode": 0.0, "write": 0.0}
         self.load_seconds = 0.0
@@ -196,10 +194,7 @@ class EnclaveCore:
         n = _batch_size(feeds)
         if self.state is not None:
             self._charge(n)  # before the model runs: no partial answer can leak
-        t0 = time.perf_counter()
         outputs = self.model.run(feeds)
-        self.model_seconds += time.perf_counter() - t0
-        self.calls += 1
         self.queries += n
         return outputs
 
@@ -240,7 +235,6 @@ class EnclaveCore:
             "license": self.license_mode,
             "license_status": self._license_status() if self.state is not None else None,
             "queries_this_session": self.queries,
-            "model_runs": {"calls": self.calls, "seconds": self.model_seconds},
             "ecall_profile": dict(self.ecall_profile),
             "load_seconds": self.load_seconds,
             "runtime": None if m is None else m.runtime.to_dict(),
