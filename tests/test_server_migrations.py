@@ -38,13 +38,20 @@ def test_a_new_database_gets_every_table_and_matches_the_models(db_url: str) -> 
 def test_a_database_made_by_mlcapsule_0_1_0_is_carried_forward_with_its_data(db_url: str) -> None:  # noqa: F811
     engine = make_engine(db_url)
     try:
-        Base.metadata.create_all(engine)  # what 0.1.0 did: no version table
+        # What 0.1.0 made with create_all: the schema of revision 0001 and no version table.
+        from alembic import command
+
+        from mlcapsule.server.db import alembic_config
+
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), LEGACY_REVISION)
+            conn.execute(text("DROP TABLE alembic_version"))
         with session_factory(engine)() as s, s.begin():
             s.add(Account(name="alice", token_hash="ab" * 32, created=dt.datetime.now(dt.timezone.utc)))
         assert schema_revisions(engine)[0] is None
         head = migrate(engine)
         current, _ = schema_revisions(engine)
-        assert current == head and LEGACY_REVISION <= head
+        assert current == head and LEGACY_REVISION < head  # and every later revision ran
         with session_factory(engine)() as s:
             assert [a.name for a in s.scalars(select(Account))] == ["alice"]
     finally:

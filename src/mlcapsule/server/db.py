@@ -131,7 +131,8 @@ class Device(Base):
 
 class Nonce(Base):
     __tablename__ = "nonces"
-    __table_args__ = (Index("ix_nonces_expires_at", "expires_at"),)
+    # account_id: /v1/challenge counts an account's open challenges (revision 0002).
+    __table_args__ = (Index("ix_nonces_expires_at", "expires_at"), Index("ix_nonces_account_id", "account_id"))
     nonce: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
     capsule_pk: Mapped[int] = mapped_column(ForeignKey("capsules.id"))
