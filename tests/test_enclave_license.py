@@ -69,8 +69,43 @@ def test_setup_then_offline_predictions_after_restart(env, provider):
     with enclave(cap, env) as e:
         e.call("load", {"dev_key": None})
         st_ = e.call("status")["license_status"]
-        assert st_["charged"] == 4 and st_["answered"] == 4  # the rest of the lease is spent by the restart
+        # A clean close keeps the rest of the lease: a CLI call per query must not burn a lease each.
+        assert st_["charged"] == 4 and st_["answered"] == 2 and st_["remaining"] == 8
+        assert query(e, 2).shape == (2, 3)
+        st_ = e.call("status")["license_status"]
+        assert st_["charged"] == 4 and st_["answered"] == 4  # answered from the carried rest, no new lease
         assert query(e, 1).shape == (1, 3)
+        e.kill()  # a crash: the rest of this lease (3 queries) is lost, as the lease rule says
+    with enclave(cap, env) as e:
+        e.call("load", {"dev_key": None})
+        st_ = e.call("status")["license_status"]
+        assert st_["charged"] == 8 and st_["answered"] == 8 and st_["remaining"] == 2
+
+
+def test_restoring_the_state_written_at_a_clean_close_does_not_refill_the_lease(env, provider):
+    """Rollback of the carried lease: the rest of a lease kept at a clean close is spent only
+    after the counter has stepped, so restoring that file later is a rollback, charged."""
+    cap, ckey = provider.pack()
+    with enclave(cap, env) as e:
+        set_up(e, provider, ckey, budget=20, lease_size=10)
+        query(e, 1)  # lease of 10 charged, 9 carried at close
+    shutil.copytree(env["state"], env["root"] / "snap")
+    answered = 1
+    with enclave(cap, env) as e:
+        e.call("load", {"dev_key": None})
+        answered += len(query(e, 9))  # the carried 9
+    shutil.rmtree(env["state"])
+    shutil.copytree(env["root"] / "snap", env["state"])  # the sealed state only: the counter stays
+    with enclave(cap, env) as e:
+        e.call("load", {"dev_key": None})
+        st_ = e.call("status")["license_status"]
+        assert st_["rollbacks_detected"] == 1
+        while True:
+            try:
+                answered += len(query(e, 1))
+            except BudgetExhaustedError:
+                break
+    assert answered <= 20
 
 
 def test_predict_without_setup_is_refused(env, provider):

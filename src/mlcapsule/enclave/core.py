@@ -74,6 +74,8 @@ class EnclaveCore:
         self.state: EnclaveState | None = None
         self.store: SealedStore | None = None
         self.remaining = 0  # unanswered queries of the current lease (memory only)
+        #: Queries carried from the last session's lease (clean close), usable after a counter step.
+        self.carried = 0
         self._setup: dict[str, Any] | None = None  # ephemeral keys between setup_begin and setup_finish
         # Per-query bookkeeping in memory (licensed mode): the latest time seen and the expiry, so
         # a query within the current lease costs no state copy, parse or write.
@@ -116,8 +118,9 @@ class EnclaveCore:
                 else:
                     store.catch_up(state)
                 # Queries of a lease cut short by a crash count as answered: they were paid for.
-                state = replace(state, answered=state.charged)
-                self.state, self.store, self.remaining = state, store, 0
+                # After a clean close the state carries the rest of its lease (state.carry).
+                state = replace(state, answered=state.charged - state.carry)
+                self.state, self.store, self.remaining, self.carried = state, store, 0, state.carry
                 content_key, mode = state.content_key, "license"
             self.model = self._build_model(capsule, content_key)
         finally:
@@ -253,7 +256,20 @@ class EnclaveCore:
         return self.state, self.store, self.manifest
 
     def _answered(self, state: EnclaveState) -> int:
-        return state.charged - self.remaining
+        return state.charged - self.remaining - self.carried
+
+    def close(self) -> None:
+        """A clean close: keep the unanswered rest of the current lease for the next session
+        (a crash loses it), then drop the model."""
+        try:
+            if self.state is not None and self.store is not None and (self.remaining or self.carried):
+                carry = self.remaining + self.carried
+                self.state = self.store.save_in_place(replace(self.state, answered=self.state.charged - carry,
+                                                              carry=carry))
+                self.remaining = self.carried = 0
+        finally:
+            if self.model is not None:
+                self.model.close()
 
     def _charge(self, n: int) -> None:
         floor = self._clock_floor
@@ -272,6 +288,11 @@ class EnclaveCore:
         state, effective = check_time(state, now if floor is None or now > floor else floor)
         self._clock_floor = effective
         self._expiry = dt.datetime.fromisoformat(state.expires) if state.expires else None
+        if self.carried:
+            # The rest of the last session's lease: usable once the counter has stepped past
+            # the file that carried it (so restoring that file is a rollback, charged).
+            self.state = state = store.save(replace(state, carry=0))
+            self.remaining, self.carried = self.remaining + self.carried, 0
         extra = lease_for(state, self.remaining, n)
         if extra:
             state = replace(state, charged=state.charged + extra)

@@ -60,6 +60,9 @@ class EnclaveState:
     head_seq: int = 0
     head_hash: str = "0" * 64
     rollbacks_detected: int = 0
+    #: Unanswered queries of the last lease, written at a clean close (:meth:`SealedStore.
+    #: save_in_place`); the next session may answer them after one counter step.
+    carry: int = 0
 
     def to_bytes(self) -> bytes:
         d = self.__dict__.copy()
@@ -131,7 +134,7 @@ def charge_rollback(state: EnclaveState, counter_now: int) -> EnclaveState:
         return state
     extra = missing * state.lease_size
     charged = state.charged + extra if state.budget is None else min(state.budget, state.charged + extra)
-    return replace(state, charged=charged, answered=charged, counter=counter_now,
+    return replace(state, charged=charged, answered=charged, counter=counter_now, carry=0,
                    rollbacks_detected=state.rollbacks_detected + 1)
 
 
@@ -180,6 +183,17 @@ class SealedStore:
         atomic_write(self.path, self.backend.seal(state.to_bytes(), label=self.label), mode=0o600)
         for _ in range(steps):
             self.backend.counter_increment(self.counter_name)
+        self._saved_charged = state.charged
+        return state
+
+    def save_in_place(self, state: EnclaveState) -> EnclaveState:
+        """Seal and write ``state`` at the counter's current value, without a step: for a clean
+        close that keeps the unanswered rest of a lease (``carry``). The file then equals the
+        last one written in what it can be used for, and the carry is spent only after the next
+        session has stepped the counter (:meth:`save`), so restoring this file afterwards is a
+        rollback like any other."""
+        state = replace(state, counter=self.backend.counter_read(self.counter_name))
+        atomic_write(self.path, self.backend.seal(state.to_bytes(), label=self.label), mode=0o600)
         self._saved_charged = state.charged
         return state
 

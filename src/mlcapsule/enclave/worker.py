@@ -127,8 +127,7 @@ def serve(core: EnclaveCore, fd_in: int, fd_out: int, arena: protocol.SharedAren
             elif op == "status":
                 result = core.status()
             else:  # shutdown
-                if core.model is not None:
-                    core.model.close()
+                core.close()
                 protocol.write_frame(fd_out, protocol.encode(protocol.REPLY, {"ok": {}}))
                 return
             reply: dict[str, Any] = {"ok": result}
