@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -290,6 +291,31 @@ def _core(cap: Path, env: dict[str, Path], clock: _Clock) -> EnclaveCore:
     run = env["root"] / "run"
     run.mkdir(exist_ok=True)
     return EnclaveCore(SoftwareBackend(env["platform"]), cap, env["state"], run, clock=clock)
+
+
+def test_upgrading_mlcapsule_keeps_the_license_and_the_budget(env, provider, monkeypatch):
+    """A new mlcapsule version (another measurement) opens the state the previous one sealed:
+    an upgrade must not cost the client its license, nor a device slot for a second setup."""
+    import mlcapsule.enclave.backends.software as sw
+
+    clock = _Clock(dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc))
+    cap, ckey = provider.pack()
+    core = _core(cap, env, clock)
+    old_measurement = core.backend.measurement()
+    nonce = os.urandom(32)
+    begin = core.setup_begin(nonce=nonce)
+    payload, _ = provider.answer(begin, nonce, ckey, budget=5, lease_size=1)
+    core.setup_finish(payload=payload)
+    core.infer({"input": X1})
+    monkeypatch.setattr(sw, "measurement", lambda: hashlib.sha256(b"mlcapsule, the next version").digest())
+    upgraded = _core(cap, env, clock)
+    assert upgraded.backend.measurement() != old_measurement
+    upgraded.load(dev_key=None)
+    assert upgraded._license_status()["remaining"] == 4
+    for _ in range(4):
+        upgraded.infer({"input": X1})
+    with pytest.raises(BudgetExhaustedError):
+        upgraded.infer({"input": X1})
 
 
 def test_expired_license_refused_and_clock_rollback_does_not_revive_it(env, provider):

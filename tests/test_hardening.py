@@ -384,3 +384,21 @@ def test_python_read_paths_cover_the_interpreter_and_the_package() -> None:
     paths = hardening.python_read_paths()
     assert sys.prefix in paths and sys.base_prefix in paths
     assert str(Path(hardening.__file__).resolve().parents[1]) in paths
+
+
+def test_code_swap_outside_the_measured_files_is_impossible() -> None:
+    """Every mlcapsule module the enclave worker imports (both backends) is among the files the
+    measurement hashes: changing any code the enclave runs changes the measurement."""
+    import subprocess
+    import sys
+
+    from mlcapsule.enclave.measurement import PACKAGE_ROOT, tcb_files
+
+    code = ("import sys, mlcapsule.enclave.worker, mlcapsule.enclave.backends.software, "
+            "mlcapsule.enclave.backends.tpm\n"
+            "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.startswith('mlcapsule')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    imported = {Path(p).resolve() for p in out.split()}
+    measured = {f.resolve() for f in tcb_files()}
+    host = (PACKAGE_ROOT / "enclave" / "host.py").resolve()
+    assert imported - {host} <= measured, sorted(str(p) for p in imported - measured)

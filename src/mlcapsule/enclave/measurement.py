@@ -14,7 +14,7 @@ from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 #: The trusted computing base, relative to the package root. host.py is the untrusted proxy.
-TCB = ("enclave", "runtime", "format", "crypto", "errors.py", "_util.py")
+TCB = ("__init__.py", "enclave", "runtime", "format", "crypto", "protocol", "errors.py", "_util.py")
 TCB_EXCLUDE = {"enclave/host.py"}
 PINNED = ("onnxruntime", "onnx", "numpy", "cryptography")
 

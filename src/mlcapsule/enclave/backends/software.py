@@ -109,8 +109,9 @@ class SoftwareBackend(Backend):
 
     def _seal_key(self) -> AESGCM:
         self._ensure()
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                    info=b"mlcapsule/seal/software/v1\0" + self.measurement())
+        # Bound to this installation's platform secret, not to the measurement: an upgraded
+        # mlcapsule must open the state the previous one sealed (docs/design.md, "Sealing").
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"mlcapsule/seal/software/v2\0")
         return AESGCM(hkdf.derive(self._secret or b""))
 
     def seal(self, plaintext: bytes, *, label: bytes) -> bytes:
@@ -125,7 +126,8 @@ class SoftwareBackend(Backend):
             return self._seal_key().decrypt(nonce, blob[len(SEAL_MAGIC) + 12:], SEAL_MAGIC + label)
         except InvalidTag as e:
             raise IntegrityError("sealed state cannot be opened on this installation",
-                                 hint="sealed state only opens on the installation and enclave version that sealed it; run setup again") from e
+                                 hint="sealed state only opens on the installation that sealed it (states sealed "
+                                      "by mlcapsule 0.1.0 were also bound to its exact version); run setup again") from e
 
     def _counter_path(self, name: str) -> Path:
         if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 128:

@@ -399,7 +399,8 @@ class TpmBackend(Backend):
             raise IntegrityError("sealed state is not valid") from e
 
     def _aad(self, header: bytes, label: bytes) -> bytes:
-        return SEAL_MAGIC + label + b"\0" + self.measurement() + hashlib.sha256(header).digest()
+        # Not bound to the measurement: an upgraded mlcapsule opens what the last one sealed.
+        return SEAL_MAGIC + label + b"\0v2\0" + hashlib.sha256(header).digest()
 
     def configure_from_license(self, policy: dict[str, Any]) -> None:
         """Take the seal policy from the license's ``policy["tpm"]["seal_pcrs"]`` (e.g.
@@ -446,8 +447,8 @@ class TpmBackend(Backend):
             plaintext = AESGCM(key).decrypt(nonce, ct, self._aad(header, label))
         except (InvalidTag, ValueError) as e:
             raise IntegrityError("sealed state cannot be opened by this enclave",
-                                 hint="sealed state only opens with the enclave version that sealed it; "
-                                      "run setup again") from e
+                                 hint="it was altered, or sealed for another capsule, or by mlcapsule 0.1.0 "
+                                      "(whose states were bound to its exact version); run setup again") from e
         with self._lock:
             self._state_key = (header, key)  # later seals reuse this sealed object: no TPM2_Create per lease
         return plaintext
