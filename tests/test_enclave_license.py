@@ -400,7 +400,8 @@ BUDGET, LEASE = 23, 4
 
 
 class BudgetMachine(RuleBasedStateMachine):
-    """Queries answered never exceed the budget; each crash loses at most one lease."""
+    """Queries answered never exceed the budget; each crash loses at most one lease, and a
+    clean restart loses nothing."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -442,6 +443,15 @@ class BudgetMachine(RuleBasedStateMachine):
         self.e.kill()
         self.e = None
         self.crashes += 1
+
+    @precondition(lambda self: self.e is not None)
+    @rule()
+    def clean_restart(self) -> None:
+        """A clean close and a new session lose nothing: the rest of the lease is carried."""
+        assert self.e is not None
+        self.e.close()
+        self.e = enclave(self.cap, self.env)
+        self.e.call("load", {"dev_key": None})
 
     @precondition(lambda self: self.e is None)
     @rule()
