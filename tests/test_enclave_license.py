@@ -293,6 +293,44 @@ def _core(cap: Path, env: dict[str, Path], clock: _Clock) -> EnclaveCore:
     return EnclaveCore(SoftwareBackend(env["platform"]), cap, env["state"], run, clock=clock)
 
 
+@pytest.mark.parametrize("copied_state", [False, True])
+def test_double_spending_with_two_sessions_of_one_license_is_refused(env, provider, copied_state):
+    """Two enclaves of one license at once (on the same state folder, or on a copy of it, with
+    the installation's counter) cannot each spend the same budget: the one whose state the
+    counter has moved past refuses to charge, and later loads charge what it cannot prove."""
+    cap, ckey = provider.pack()
+    with enclave(cap, env) as e:
+        set_up(e, provider, ckey, budget=12, lease_size=2)
+    other = env["root"] / "state2"
+    if copied_state:
+        shutil.copytree(env["state"], other)
+    a = enclave(cap, env)
+    b = EnclaveProcess(cap, state_dir=other if copied_state else env["state"], platform_dir=env["platform"])
+    answered = 0
+    try:
+        for x in (a, b):
+            x.call("load", {"dev_key": None})
+        live = [a, b]
+        while live:
+            for x in list(live):
+                try:
+                    answered += len(query(x, 1))
+                except (BudgetExhaustedError, RollbackError):
+                    live.remove(x)
+    finally:
+        a.close()
+        b.close()
+    assert answered <= 12
+    with enclave(cap, env) as e:  # and what is left afterwards does not add up to more either
+        e.call("load", {"dev_key": None})
+        while True:
+            try:
+                answered += len(query(e, 1))
+            except BudgetExhaustedError:
+                break
+    assert answered <= 12
+
+
 def test_upgrading_mlcapsule_keeps_the_license_and_the_budget(env, provider, monkeypatch):
     """A new mlcapsule version (another measurement) opens the state the previous one sealed:
     an upgrade must not cost the client its license, nor a device slot for a second setup."""

@@ -264,9 +264,12 @@ class EnclaveCore:
         try:
             if self.state is not None and self.store is not None and (self.remaining or self.carried):
                 carry = self.remaining + self.carried
-                self.state = self.store.save_in_place(replace(self.state, answered=self.state.charged - carry,
-                                                              carry=carry))
                 self.remaining = self.carried = 0
+                try:
+                    self.state = self.store.save_in_place(replace(self.state, answered=self.state.charged - carry,
+                                                                  carry=carry))
+                except RollbackError:
+                    pass  # another session has moved the license on: its state stands, the rest is lost
         finally:
             if self.model is not None:
                 self.model.close()

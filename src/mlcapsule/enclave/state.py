@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .._util import atomic_write, b64d, b64e
-from ..errors import BudgetExhaustedError, FormatError, LicenseExpiredError, NotProvisionedError
+from ..errors import BudgetExhaustedError, FormatError, LicenseExpiredError, NotProvisionedError, RollbackError
 from .backends.base import Backend
 
 STATE_FORMAT = "mlcapsule-enclave-state/v1"
@@ -147,6 +147,10 @@ class SealedStore:
         self.label = f"mlcapsule-state/v1\0{capsule_id}\0{version}".encode()
         self.counter_name = f"c-{capsule_id}-v{version}"
         self._saved_charged: int | None = None  # `charged` of the state last loaded or saved
+        #: The counter value this session's state stands at (set once the state was checked
+        #: against the counter at load); a save finding another value means another session
+        #: of the same license has moved on (see :meth:`save`).
+        self._expected: int | None = None
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -163,6 +167,16 @@ class SealedStore:
     def rebase(self, state: EnclaveState) -> None:
         """Count ``state.charged`` as already covered by counter steps (after a rollback charge)."""
         self._saved_charged = state.charged
+        self._expected = state.counter
+
+    def _check_current(self) -> int:
+        """The counter's value, which must be the one this session's state stands at."""
+        now = self.backend.counter_read(self.counter_name)
+        if self._expected is not None and now != self._expected:
+            raise RollbackError(
+                "another session of this license has used it since this one started",
+                hint="run one session per license at a time; start again to continue from the newest state")
+        return now
 
     def save(self, state: EnclaveState) -> EnclaveState:
         """Seal and write ``state`` with counter value c+k, then advance the counter k times.
@@ -179,11 +193,19 @@ class SealedStore:
         steps = 1
         if self._saved_charged is not None and state.charged > self._saved_charged:
             steps = max(1, -(-(state.charged - self._saved_charged) // state.lease_size))
-        state = replace(state, counter=self.backend.counter_read(self.counter_name) + steps)
+        now = self._check_current()
+        state = replace(state, counter=now + steps)
         atomic_write(self.path, self.backend.seal(state.to_bytes(), label=self.label), mode=0o600)
         for _ in range(steps):
-            self.backend.counter_increment(self.counter_name)
+            after = self.backend.counter_increment(self.counter_name)
         self._saved_charged = state.charged
+        self._expected = state.counter
+        if after != state.counter:
+            # Another session stepped the counter between our read and our increments: one of
+            # the two state files is now behind the counter, and the next load charges it. This
+            # session answers nothing more on a lease it cannot prove is its own.
+            raise RollbackError("another session of this license is running at the same time",
+                                hint="run one session per license at a time; start again")
         return state
 
     def save_in_place(self, state: EnclaveState) -> EnclaveState:
@@ -192,7 +214,7 @@ class SealedStore:
         last one written in what it can be used for, and the carry is spent only after the next
         session has stepped the counter (:meth:`save`), so restoring this file afterwards is a
         rollback like any other."""
-        state = replace(state, counter=self.backend.counter_read(self.counter_name))
+        state = replace(state, counter=self._check_current())
         atomic_write(self.path, self.backend.seal(state.to_bytes(), label=self.label), mode=0o600)
         self._saved_charged = state.charged
         return state
@@ -204,4 +226,5 @@ class SealedStore:
         """After a crash between write and increment, bring the counter up to the state's."""
         while self.counter() < state.counter:
             self.backend.counter_increment(self.counter_name)
+        self._expected = state.counter
 

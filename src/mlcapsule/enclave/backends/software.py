@@ -144,6 +144,18 @@ class SoftwareBackend(Backend):
             raise IntegrityError(f"counter {name} is damaged") from e
 
     def counter_increment(self, name: str) -> int:
-        value = self.counter_read(name) + 1
-        atomic_write(self._counter_path(name), str(value).encode(), mode=0o600)
-        return value
+        """Atomic across processes (an exclusive lock on a file beside the counter), as a TPM's
+        NV increment is: two sessions of one license must never both step from the same value."""
+        import fcntl
+
+        self._ensure()
+        path = self._counter_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            value = self.counter_read(name) + 1
+            atomic_write(path, str(value).encode(), mode=0o600)
+            return value
+        finally:
+            os.close(fd)  # releases the lock
