@@ -356,6 +356,26 @@ def test_upgrading_mlcapsule_keeps_the_license_and_the_budget(env, provider, mon
         upgraded.infer({"input": X1})
 
 
+def test_clock_turned_back_after_a_clean_close_does_not_extend_the_license(env, provider):
+    """Queries within a lease persist nothing, but a clean close records the latest time they saw:
+    turning the clock back before the next session does not buy time before expiry."""
+    t0 = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    clock = _Clock(t0)
+    cap, ckey = provider.pack()
+    core = _core(cap, env, clock)
+    nonce = os.urandom(32)
+    begin = core.setup_begin(nonce=nonce)
+    payload, _ = provider.answer(begin, nonce, ckey, budget=100, lease_size=50, expires=t0 + dt.timedelta(days=1))
+    core.setup_finish(payload=payload)
+    core.infer({"input": X1})  # charges the lease at t0
+    clock.t = t0 + dt.timedelta(hours=20)
+    core.infer({"input": X1})  # within the lease: nothing persisted
+    core.close()
+    later = _core(cap, env, _Clock(t0 + dt.timedelta(hours=1)))  # the clock turned back 19 hours
+    later.load(dev_key=None)
+    assert later.state is not None and later.state.last_time == (t0 + dt.timedelta(hours=20)).isoformat()
+
+
 def test_expired_license_refused_and_clock_rollback_does_not_revive_it(env, provider):
     t0 = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
     clock = _Clock(t0)

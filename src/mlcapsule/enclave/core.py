@@ -262,12 +262,18 @@ class EnclaveCore:
         """A clean close: keep the unanswered rest of the current lease for the next session
         (a crash loses it), then drop the model."""
         try:
-            if self.state is not None and self.store is not None and (self.remaining or self.carried):
+            state = self.state
+            floor = self._clock_floor
+            later = floor is not None and state is not None and (
+                not state.last_time or floor > dt.datetime.fromisoformat(state.last_time))
+            if state is not None and self.store is not None and (self.remaining or self.carried or later):
                 carry = self.remaining + self.carried
                 self.remaining = self.carried = 0
+                if later:  # the latest time the fast path saw: a clock turned back later cannot undercut it
+                    assert floor is not None
+                    state = replace(state, last_time=floor.isoformat())
                 try:
-                    self.state = self.store.save_in_place(replace(self.state, answered=self.state.charged - carry,
-                                                                  carry=carry))
+                    self.state = self.store.save_in_place(replace(state, answered=state.charged - carry, carry=carry))
                 except RollbackError:
                     pass  # another session has moved the license on: its state stands, the rest is lost
         finally:
