@@ -7,10 +7,11 @@ code; the enclave is the real worker process unless a test needs an injected clo
 from __future__ import annotations
 
 import datetime as dt
-import os
 import hashlib
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -293,6 +294,17 @@ def _core(cap: Path, env: dict[str, Path], clock: _Clock) -> EnclaveCore:
     return EnclaveCore(SoftwareBackend(env["platform"]), cap, env["state"], run, clock=clock)
 
 
+def _set_up_core(cap: Path, env: dict[str, Path], clock: _Clock, provider: Provider, ckey: Any,
+                 **license_kw: Any) -> EnclaveCore:
+    """An in-process enclave core, set up with a license from ``provider``."""
+    core = _core(cap, env, clock)
+    nonce = os.urandom(32)
+    begin = core.setup_begin(nonce=nonce)
+    payload, _ = provider.answer(begin, nonce, ckey, **license_kw)
+    core.setup_finish(payload=payload)
+    return core
+
+
 @pytest.mark.parametrize("copied_state", [False, True])
 def test_double_spending_with_two_sessions_of_one_license_is_refused(env, provider, copied_state):
     """Two enclaves of one license at once (on the same state folder, or on a copy of it, with
@@ -338,12 +350,8 @@ def test_upgrading_mlcapsule_keeps_the_license_and_the_budget(env, provider, mon
 
     clock = _Clock(dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc))
     cap, ckey = provider.pack()
-    core = _core(cap, env, clock)
+    core = _set_up_core(cap, env, clock, provider, ckey, budget=5, lease_size=1)
     old_measurement = core.backend.measurement()
-    nonce = os.urandom(32)
-    begin = core.setup_begin(nonce=nonce)
-    payload, _ = provider.answer(begin, nonce, ckey, budget=5, lease_size=1)
-    core.setup_finish(payload=payload)
     core.infer({"input": X1})
     monkeypatch.setattr(sw, "measurement", lambda: hashlib.sha256(b"mlcapsule, the next version").digest())
     upgraded = _core(cap, env, clock)
@@ -362,11 +370,8 @@ def test_clock_turned_back_after_a_clean_close_does_not_extend_the_license(env, 
     t0 = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
     clock = _Clock(t0)
     cap, ckey = provider.pack()
-    core = _core(cap, env, clock)
-    nonce = os.urandom(32)
-    begin = core.setup_begin(nonce=nonce)
-    payload, _ = provider.answer(begin, nonce, ckey, budget=100, lease_size=50, expires=t0 + dt.timedelta(days=1))
-    core.setup_finish(payload=payload)
+    core = _set_up_core(cap, env, clock, provider, ckey, budget=100, lease_size=50,
+                        expires=t0 + dt.timedelta(days=1))
     core.infer({"input": X1})  # charges the lease at t0
     clock.t = t0 + dt.timedelta(hours=20)
     core.infer({"input": X1})  # within the lease: nothing persisted
@@ -380,11 +385,8 @@ def test_expired_license_refused_and_clock_rollback_does_not_revive_it(env, prov
     t0 = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
     clock = _Clock(t0)
     cap, ckey = provider.pack()
-    core = _core(cap, env, clock)
-    nonce = os.urandom(32)
-    begin = core.setup_begin(nonce=nonce)
-    payload, _ = provider.answer(begin, nonce, ckey, budget=100, lease_size=1, expires=t0 + dt.timedelta(days=1))
-    core.setup_finish(payload=payload)
+    core = _set_up_core(cap, env, clock, provider, ckey, budget=100, lease_size=1,
+                        expires=t0 + dt.timedelta(days=1))
     core.infer({"input": X1})
     clock.t = t0 + dt.timedelta(days=2)
     with pytest.raises(LicenseExpiredError):
