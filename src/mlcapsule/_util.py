@@ -58,3 +58,18 @@ def data_home() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(xdg) / "mlcapsule"
+
+
+def munlock(mapping: Any) -> None:
+    """Best-effort ``munlock`` of a buffer (an mmap, even a read-only one): undoes the hardened
+    worker's ``mlockall(MCL_FUTURE)`` for memory that must be droppable (``MADV_DONTNEED``
+    refuses locked pages)."""
+    try:
+        import ctypes
+
+        import numpy as np
+
+        addr = np.frombuffer(mapping, dtype=np.uint8).ctypes.data
+        ctypes.CDLL(None).munlock(ctypes.c_void_p(addr), ctypes.c_size_t(len(mapping)))
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass

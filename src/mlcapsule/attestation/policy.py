@@ -7,7 +7,7 @@ empty measurement allow-list).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,18 @@ class AttestationPolicy:
             raise AttestationError(f"enclave measurement {measurement[:16]}... is not on the server's allow-list",
                                    hint="upgrade mlcapsule to a release the provider accepts, or ask the provider "
                                         "to allow this measurement (`mlcapsule status` shows it)")
+
+
+def check_evidence_header(evidence: Any, *, evidence_type: str, fields: Iterable[str], version: int) -> None:
+    """The checks every verifier starts with: exactly ``fields``, this ``type``, this ``version``."""
+    if not isinstance(evidence, Mapping) or set(evidence) != set(fields):
+        raise AttestationError(f"{evidence_type} evidence has missing or unknown fields")
+    got = evidence["version"]
+    if evidence["type"] != evidence_type or type(got) is not int:
+        raise AttestationError(f"not {evidence_type} evidence")
+    if got != version:
+        raise AttestationError(f"{evidence_type} evidence version {got} is not supported (this server reads {version})",
+                               hint="client and server mlcapsule versions may not match")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .._util import b64d, canonical_json
 from ..errors import AttestationError
-from .policy import SOFTWARE_OPTION, AttestationPolicy, VerifiedEvidence, normalize_measurement
+from .policy import SOFTWARE_OPTION, AttestationPolicy, VerifiedEvidence, check_evidence_header, normalize_measurement
 
 EVIDENCE_TYPE = "software"
 VERSION = 1
@@ -52,14 +52,7 @@ def _b64_field(evidence: Mapping[str, Any], name: str, length: int) -> bytes:
 
 def verify_software(evidence: Mapping[str, Any], *, expected_report_data: bytes,
                     policy: AttestationPolicy) -> VerifiedEvidence:
-    if set(evidence) != FIELDS:
-        raise AttestationError("software evidence has missing or unknown fields")
-    version = evidence["version"]
-    if evidence["type"] != EVIDENCE_TYPE or type(version) is not int:
-        raise AttestationError("not software evidence")
-    if version != VERSION:
-        raise AttestationError(f"software evidence version {version} is not supported (this server reads {VERSION})",
-                               hint="client and server mlcapsule versions may not match")
+    check_evidence_header(evidence, evidence_type=EVIDENCE_TYPE, fields=FIELDS, version=VERSION)
     if not policy.allow_software:
         raise AttestationError(
             "this server does not accept evidence from the 'software' backend (the provider has not started it "

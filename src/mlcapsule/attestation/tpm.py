@@ -65,7 +65,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .._util import b64d, b64e
 from ..errors import AttestationError
-from .policy import AttestationPolicy, VerifiedEvidence, normalize_measurement
+from .policy import AttestationPolicy, VerifiedEvidence, check_evidence_header, normalize_measurement
 
 EVIDENCE_TYPE = "tpm"
 VERSION = 1
@@ -618,14 +618,7 @@ class ParsedTpmEvidence:
 def check_tpm_evidence(evidence: Mapping[str, Any], *, expected_report_data: bytes,
                        tpm_policy: TpmPolicy) -> ParsedTpmEvidence:
     """Every check on ``tpm`` evidence except the measurement allow-list (see module docstring)."""
-    if not isinstance(evidence, Mapping) or set(evidence) != FIELDS:
-        raise AttestationError("tpm evidence has missing or unknown fields")
-    version = evidence["version"]
-    if evidence["type"] != EVIDENCE_TYPE or type(version) is not int:
-        raise AttestationError("not tpm evidence")
-    if version != VERSION:
-        raise AttestationError(f"tpm evidence version {version} is not supported (this server reads {VERSION})",
-                               hint="client and server mlcapsule versions may not match")
+    check_evidence_header(evidence, evidence_type=EVIDENCE_TYPE, fields=FIELDS, version=VERSION)
     m = evidence["measurement"]
     if not isinstance(m, str):
         raise AttestationError("tpm evidence: measurement is malformed")

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .._util import munlock
 from ..errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -376,16 +377,6 @@ class FrameReader:
         return view
 
 
-def _munlock(mm: Any) -> None:
-    try:
-        import ctypes
-
-        addr = np.frombuffer(mm, dtype=np.uint8).ctypes.data
-        ctypes.CDLL(None).munlock(ctypes.c_void_p(addr), ctypes.c_size_t(len(mm)))
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass
-
-
 class SharedArena:
     """A memfd shared by host and enclave for large tensors.
 
@@ -438,7 +429,7 @@ class SharedArena:
 
         new = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         if self.release:
-            _munlock(new)  # the hardened worker locks future mappings; released pages must not be
+            munlock(new)  # the hardened worker locks future mappings; released pages must not be
         if self._map is not None:
             try:
                 self._map.close()

@@ -52,6 +52,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from .._util import munlock
 from ..crypto.chunks import TAG_LEN, SegmentCipher, n_chunks, stored_length
 from ..errors import FormatError, InputError, IntegrityError, UsageError
 from .resident import aligned_empty, mapped_buffer
@@ -165,18 +166,6 @@ def _segment_options(threads: int | None) -> ort.SessionOptions:
 
 
 # -- reading the weights segment ----------------------------------------------------------------
-def _munlock(mm: mmap.mmap) -> None:
-    """Undo ``mlockall(MCL_FUTURE)`` (the hardened worker's) for a mapping of public bytes:
-    ``MADV_DONTNEED`` refuses locked pages."""
-    try:
-        import ctypes
-
-        addr = np.frombuffer(mm, dtype=np.uint8).ctypes.data
-        ctypes.CDLL(None).munlock(ctypes.c_void_p(addr), ctypes.c_size_t(len(mm)))
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass
-
-
 class WeightReader:
     """Random access to the plaintext of the encrypted weights segment, without keeping it.
 
@@ -206,7 +195,7 @@ class WeightReader:
         self._bounce_index = -1
         self._release_pages = release_pages and self._mmap is not None
         if self._release_pages:
-            _munlock(self._mmap)  # ciphertext is public; locked pages could not be dropped
+            munlock(self._mmap)  # ciphertext is public; locked pages could not be dropped
         self.bytes_decrypted = 0
         self.seconds = 0.0
         self.threads = min(2, threads or os.cpu_count() or 1)
