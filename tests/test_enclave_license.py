@@ -382,28 +382,53 @@ def test_clock_turned_back_after_a_clean_close_does_not_extend_the_license(env, 
 
 
 def test_expired_license_refused_and_clock_rollback_does_not_revive_it(env, provider):
+    """Red team (issue 9, break 3): a license refused at +2 days answered again once the clock
+    was turned back to +23 h and to +0 (libfaketime), because the expiry check raised before it
+    recorded the time it saw. Once seen expired, it stays expired: in this session, in the next
+    ones, whatever the clock says."""
     t0 = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
     clock = _Clock(t0)
     cap, ckey = provider.pack()
-    core = _set_up_core(cap, env, clock, provider, ckey, budget=100, lease_size=1,
+    core = _set_up_core(cap, env, clock, provider, ckey, budget=100, lease_size=10,
                         expires=t0 + dt.timedelta(days=1))
     core.infer({"input": X1})
     clock.t = t0 + dt.timedelta(days=2)
     with pytest.raises(LicenseExpiredError):
         core.infer({"input": X1})
-    # The expiry check ran, but it did not persist a new "last time seen"; a lease does. Make one
-    # query at +23h (persisted), then turn the clock back: the enclave keeps the later time.
-    core2 = _core(cap, env, _Clock(t0 + dt.timedelta(hours=23)))
-    core2.load(dev_key=None)
-    core2.infer({"input": X1})
-    core3 = _core(cap, env, _Clock(t0 + dt.timedelta(hours=1)))
-    core3.load(dev_key=None)
-    assert core3.state is not None and core3.state.last_time == (t0 + dt.timedelta(hours=23)).isoformat()
-    clock_back = _Clock(t0 - dt.timedelta(days=300))
-    core4 = _core(cap, env, clock_back)
-    core4.load(dev_key=None)
-    core4.infer({"input": X1})  # still before expiry by the enclave's time: allowed
-    assert core4.state is not None and core4.state.last_time >= (t0 + dt.timedelta(hours=23)).isoformat()
+    clock.t = t0 + dt.timedelta(hours=23)  # the same session, clock turned back
+    with pytest.raises(LicenseExpiredError):
+        core.infer({"input": X1})
+    core.close()
+    for back in (dt.timedelta(hours=23), dt.timedelta(0), -dt.timedelta(days=300)):
+        later = _core(cap, env, _Clock(t0 + back))
+        later.load(dev_key=None)
+        with pytest.raises(LicenseExpiredError):
+            later.infer({"input": X1})
+        later.close()
+
+
+def test_restoring_the_state_from_before_expiry_does_not_revive_the_license(env, provider):
+    """The expiry seen is also stepped into a monotonic counter: restoring the sealed state from
+    before it (with the clock turned back) is a detected rollback, and the license stays expired."""
+    t0 = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    clock = _Clock(t0)
+    cap, ckey = provider.pack()
+    core = _set_up_core(cap, env, clock, provider, ckey, budget=100, lease_size=10,
+                        expires=t0 + dt.timedelta(days=1))
+    core.infer({"input": X1})
+    core.close()
+    before = (env["state"] / STATE_FILE).read_bytes()
+    late = _core(cap, env, _Clock(t0 + dt.timedelta(days=2)))
+    late.load(dev_key=None)
+    with pytest.raises(LicenseExpiredError):
+        late.infer({"input": X1})
+    late.close()
+    (env["state"] / STATE_FILE).write_bytes(before)
+    revived = _core(cap, env, _Clock(t0 + dt.timedelta(hours=1)))
+    revived.load(dev_key=None)
+    assert revived.state is not None and revived.state.rollbacks_detected == 1
+    with pytest.raises(LicenseExpiredError):
+        revived.infer({"input": X1})
 
 
 # -- receipts --------------------------------------------------------------------------------------

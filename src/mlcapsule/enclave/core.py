@@ -34,7 +34,8 @@ from ..runtime.resident import ResidentModel, mapped_buffer
 from ..runtime.streaming import MiB, StreamingModel, WeightReader, memory_status
 from .backends.base import Backend
 from .protocol import PROTOCOL_VERSION
-from .state import EnclaveState, SealedStore, charge_rollback, check_time, lease_for
+from .state import (EnclaveState, SealedStore, check_time, expired_error, lease_for, next_voucher_seq,
+                    observe_time, reconcile)
 
 Model = ResidentModel | StreamingModel
 
@@ -110,11 +111,12 @@ class EnclaveCore:
                 if state.capsule_id != str(m.capsule_id) or state.version != m.version:
                     raise IntegrityError("the sealed state belongs to another capsule")
                 self._verify_license(m, state.license, state.receipt_key_public())
-                counter = store.counter()
-                if state.counter < counter:
-                    state = charge_rollback(state, counter)
+                state, rollback = reconcile(state, store.counters(state))
+                if rollback is not None:
+                    # An older copy of the state was restored: charged, and reported to the
+                    # provider in the signed receipt chain (`admin usage` counts these).
                     store.rebase(state)
-                    state = store.save(self._append_receipt(state, "lease", {"reason": "rollback detected"}))
+                    state = store.save(self._append_receipt(state, "rollback", rollback))
                 else:
                     store.catch_up(state)
                 # Queries of a lease cut short by a crash count as answered: they were paid for.
@@ -178,8 +180,7 @@ class EnclaveCore:
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.model is None or self.manifest is None:
             raise NotProvisionedError("no capsule is loaded in the enclave")
-        feeds = check_inputs(self.manifest.inputs, inputs)
-        n = _batch_size(feeds)
+        feeds, n = check_inputs(self.manifest.inputs, inputs)
         if self.state is not None:
             self._charge(n)  # before the model runs: no partial answer can leak
         outputs = self.model.run(feeds)
@@ -193,8 +194,7 @@ class EnclaveCore:
             raise NotProvisionedError("no capsule is loaded in the enclave")
         if len(arrays) != len(m.inputs):
             raise InputError(f"the model takes {len(m.inputs)} input(s), got {len(arrays)}")
-        feeds = check_inputs(m.inputs, {spec.name: x for spec, x in zip(m.inputs, arrays)})
-        n = _batch_size(feeds)
+        feeds, n = check_inputs(m.inputs, {spec.name: x for spec, x in zip(m.inputs, arrays)})
         if self.state is not None:
             self._charge(n)  # before the model runs: no partial answer can leak
         outputs = self.model.run(feeds)
@@ -205,8 +205,14 @@ class EnclaveCore:
         state, store, m = self._licensed()
         v = verify_voucher(voucher, ed25519_public_from_raw(m.provider_key),
                            license_id=state.license_id, device_id=state.device_id)
-        if v.seq != state.voucher_seq + 1:
-            raise RollbackError(f"voucher {v.seq} is out of order: the next one must be number {state.voucher_seq + 1}",
+        # Bound to the voucher counter, not only to the sealed state: a state restored from
+        # before a voucher was redeemed still refuses that voucher.
+        expected = next_voucher_seq(state, store.voucher_counter(state))
+        if v.seq < expected:
+            raise RollbackError(f"voucher {v.seq} was already redeemed on this device",
+                                hint="a voucher can be redeemed once; ask the provider for a new one")
+        if v.seq != expected:
+            raise RollbackError(f"voucher {v.seq} is out of order: the next one must be number {expected}",
                                 hint="a voucher can be redeemed once, and in order")
         budget = None if state.budget is None else state.budget + v.queries
         state = replace(state, budget=budget, voucher_seq=v.seq, answered=self._answered(state))
@@ -287,16 +293,24 @@ class EnclaveCore:
             now = self.clock()
             if now < floor:
                 now = floor  # the clock went back: do not believe it
-            if self._expiry is not None and now >= self._expiry:
-                raise LicenseExpiredError(f"the license expired at {self._expiry.isoformat()}")
-            self._clock_floor = now
-            self.remaining -= n
-            return
+            if self._expiry is None or now < self._expiry:
+                self._clock_floor = now
+                self.remaining -= n
+                return
         state, store, _ = self._licensed()
         now = self.clock()
-        state, effective = check_time(state, now if floor is None or now > floor else floor)
+        state, effective, expired = observe_time(state, now if floor is None or now > floor else floor)
         self._clock_floor = effective
         self._expiry = dt.datetime.fromisoformat(state.expires) if state.expires else None
+        if expired:
+            # Persist what was seen (sticky, and stepped into the expiry counter) *before*
+            # refusing: a clock turned back afterwards, or a restored older state, cannot
+            # revive the license. The unanswered rest of the lease is forfeit with it.
+            if not self.state or not self.state.expired:
+                carry = self.remaining + self.carried
+                self.remaining = self.carried = 0
+                self.state = store.save(replace(state, answered=state.charged - carry, carry=0))
+            raise expired_error(state)
         if self.carried:
             # The rest of the last session's lease: usable once the counter has stepped past
             # the file that carried it (so restoring that file is a rollback, charged).
@@ -392,13 +406,14 @@ class EnclaveCore:
             stored.release()
 
 
-def _batch_size(feeds: dict[str, np.ndarray]) -> int:
-    first = next(iter(feeds.values()))
-    return int(first.shape[0]) if first.ndim else 1
+def check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """Inputs must match the manifest exactly: names, dtypes, ranks and fixed dimensions.
 
-
-def check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inputs must match the manifest exactly: names, dtypes, ranks and fixed dimensions."""
+    Returns the inputs and the batch size, which is what a call is charged: the leading
+    dimension that every input of rank 1 or more shares, wherever that input sits in the
+    manifest's order (a model whose inputs are all 0-d answers one query per call). Charging the
+    first input's leading dimension instead let a model with a 0-d first input answer a batch of
+    5,000 rows for the price of one (red team, issue 9)."""
     names = {s.name for s in specs}
     if set(inputs) != names:
         raise InputError(f"the model takes inputs {sorted(names)}, got {sorted(inputs)}")
@@ -418,7 +433,7 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, np.ndarray]) -
             batch = x.shape[0]
     if batch == 0:
         raise InputError("the batch is empty")
-    return inputs
+    return inputs, 1 if batch is None else int(batch)
 
 
 __all__ = ["EnclaveCore", "check_inputs", "ProtocolError"]

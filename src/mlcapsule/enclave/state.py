@@ -19,11 +19,27 @@ state whose recorded value is below the counter is older than the newest one: ev
 may have been spent since then is charged again (``missing * L``), so restoring old state never
 buys queries. On the `software` backend the counter is a file the owner can restore as well,
 so there this check stops only careless rollbacks; the TPM backend makes it hold.
+
+Two more monotonic counters bind what a lease count cannot (red-team finding: a restored state
+used to accept the same voucher again, and an expired license revived with the clock turned
+back):
+
+* the *voucher* counter stands at the last voucher sequence number redeemed: a state whose
+  ``voucher_seq`` is behind it was restored, and no voucher at or below the counter is ever
+  accepted again;
+* the *expiry* counter is stepped once, when the enclave first sees the license expired: a
+  restored state from before that is still expired.
+
+Every persist writes the sealed file first and then brings the voucher and expiry counters up
+to the state's values, and only then steps the main counter (:meth:`SealedStore.save`). A crash
+after the write leaves a state *ahead* of the counters, which the next load catches up; a
+state restored from before the write is behind whichever counter was stepped.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,6 +79,8 @@ class EnclaveState:
     #: Unanswered queries of the last lease, written at a clean close (:meth:`SealedStore.
     #: save_in_place`); the next session may answer them after one counter step.
     carry: int = 0
+    #: Sticky: the enclave saw the license expired (also recorded by the expiry counter).
+    expired: bool = False
 
     def to_bytes(self) -> bytes:
         d = self.__dict__.copy()
@@ -115,16 +133,36 @@ def lease_for(state: EnclaveState, remaining: int, n: int) -> int:
 
 
 def check_time(state: EnclaveState, now: dt.datetime) -> tuple[EnclaveState, dt.datetime]:
-    """The effective time (never before the last time seen) and the license's expiry check."""
+    """The effective time (never before the last time seen) and the license's expiry check.
+
+    Raises LicenseExpiredError when the state is expired; use :func:`observe_time` where the
+    observation must be persisted before the refusal."""
+    state, effective, expired = observe_time(state, now)
+    if expired:
+        raise expired_error(state)
+    return state, effective
+
+
+def observe_time(state: EnclaveState, now: dt.datetime) -> tuple[EnclaveState, dt.datetime, bool]:
+    """``(state with the latest time seen, effective time, expired)``, without raising.
+
+    The effective time is never before the last time seen (a clock turned back is not believed).
+    Once expired, always expired: ``state.expired`` is sticky, so the caller persists the state
+    *before* it refuses, and a clock turned back later cannot revive the license."""
     last = dt.datetime.fromisoformat(state.last_time) if state.last_time else None
     effective = now
     if last is not None and now < last:
         effective = last  # the clock went back: do not believe it
-    if state.expires is not None and effective >= dt.datetime.fromisoformat(state.expires):
-        raise LicenseExpiredError(f"the license expired at {state.expires}")
     if last is None or effective > last:
         state = replace(state, last_time=effective.isoformat())
-    return state, effective
+    expired = state.expired or (state.expires is not None and effective >= dt.datetime.fromisoformat(state.expires))
+    if expired and not state.expired:
+        state = replace(state, expired=True)
+    return state, effective, expired
+
+
+def expired_error(state: EnclaveState) -> LicenseExpiredError:
+    return LicenseExpiredError(f"the license expired at {state.expires}")
 
 
 def charge_rollback(state: EnclaveState, counter_now: int) -> EnclaveState:
@@ -136,6 +174,54 @@ def charge_rollback(state: EnclaveState, counter_now: int) -> EnclaveState:
     charged = state.charged + extra if state.budget is None else min(state.budget, state.charged + extra)
     return replace(state, charged=charged, answered=charged, counter=counter_now, carry=0,
                    rollbacks_detected=state.rollbacks_detected + 1)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """The backend's monotonic counters for one license: leases (main), vouchers, expiry."""
+    main: int
+    vouchers: int
+    expiry: int
+
+
+def reconcile(state: EnclaveState, c: Counters) -> tuple[EnclaveState, dict[str, int] | None]:
+    """Check a loaded state against the monotonic counters.
+
+    Returns ``(state, rollback)``: ``rollback`` is None when the state is the newest one written
+    (or ahead of the counters by an honest crash between write and increment, which the store
+    catches up), else what was detected, for the receipt the provider will see:
+
+    * ``missing_steps``: main-counter steps the state is behind; one lease is charged for each
+      (never beyond the state's budget: every lease charged after the snapshot was one step, and
+      every voucher redeemed after it is bound by the voucher counter, so the restored budget is
+      never above the true one);
+    * ``vouchers_behind``: vouchers redeemed after the snapshot; they stay redeemed (the state's
+      ``voucher_seq`` moves up to the counter, their queries are not restored);
+    * ``expired``: the license had been seen expired; it stays expired.
+    """
+    missing = c.main - state.counter
+    vouchers_behind = c.vouchers - state.voucher_seq
+    expired_behind = c.expiry > 0 and not state.expired
+    if missing <= 0 and vouchers_behind <= 0 and not expired_behind:
+        return state, None
+    charged_before = state.charged
+    if missing > 0:
+        state = charge_rollback(state, c.main)
+    else:
+        state = replace(state, answered=state.charged, carry=0, rollbacks_detected=state.rollbacks_detected + 1)
+    if vouchers_behind > 0:
+        state = replace(state, voucher_seq=c.vouchers)
+    if expired_behind:
+        state = replace(state, expired=True)
+    return state, {"missing_steps": max(missing, 0), "charged_extra": state.charged - charged_before,
+                   "vouchers_behind": max(vouchers_behind, 0), "expired": int(expired_behind)}
+
+
+def next_voucher_seq(state: EnclaveState, voucher_counter: int) -> int:
+    """The only voucher sequence number the enclave accepts next: one past both the state's and
+    the voucher counter's, so a voucher redeemed on this device is never accepted again, even by
+    a state restored from before it was redeemed."""
+    return max(state.voucher_seq, voucher_counter) + 1
 
 
 class SealedStore:
@@ -151,6 +237,10 @@ class SealedStore:
         #: against the counter at load); a save finding another value means another session
         #: of the same license has moved on (see :meth:`save`).
         self._expected: int | None = None
+        #: The voucher and expiry counters' values as last read or stepped by this session, so
+        #: a save that changes neither costs no extra counter read.
+        self._vouchers: int | None = None
+        self._expiry: int | None = None
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -163,6 +253,25 @@ class SealedStore:
         state = EnclaveState.from_bytes(self.backend.unseal(blob, label=self.label))
         self._saved_charged = state.charged
         return state
+
+    @staticmethod
+    def license_counter_name(kind: str, state: EnclaveState) -> str:
+        """The voucher (``v``) and expiry (``x``) counters belong to one license: a new license
+        for the same capsule on the same device (a new setup) starts its own."""
+        return f"{kind}-{hashlib.sha256(state.license_id.encode()).hexdigest()[:40]}"
+
+    def counters(self, state: EnclaveState) -> Counters:
+        """Read all three counters (at load)."""
+        c = Counters(main=self.backend.counter_read(self.counter_name),
+                     vouchers=self.backend.counter_read(self.license_counter_name("v", state)),
+                     expiry=self.backend.counter_read(self.license_counter_name("x", state)))
+        self._vouchers, self._expiry = c.vouchers, c.expiry
+        return c
+
+    def voucher_counter(self, state: EnclaveState) -> int:
+        if self._vouchers is None:
+            self._vouchers = self.backend.counter_read(self.license_counter_name("v", state))
+        return self._vouchers
 
     def rebase(self, state: EnclaveState) -> None:
         """Count ``state.charged`` as already covered by counter steps (after a rollback charge)."""
@@ -178,17 +287,36 @@ class SealedStore:
                 hint="run one session per license at a time; start again to continue from the newest state")
         return now
 
+    def _bring_up(self, state: EnclaveState) -> None:
+        """Step the voucher and expiry counters up to what ``state`` records (after its write)."""
+        if state.voucher_seq and (self._vouchers is None or self._vouchers < state.voucher_seq):
+            name = self.license_counter_name("v", state)
+            v = self.backend.counter_read(name)
+            while v < state.voucher_seq:
+                v = self.backend.counter_increment(name)
+            self._vouchers = v
+        if state.expired and not self._expiry:
+            name = self.license_counter_name("x", state)
+            x = self.backend.counter_read(name)
+            if x == 0:
+                x = self.backend.counter_increment(name)
+            self._expiry = x
+
     def save(self, state: EnclaveState) -> EnclaveState:
-        """Seal and write ``state`` with counter value c+k, then advance the counter k times.
+        """Seal and write ``state`` with counter value c+k, bring the voucher and expiry counters
+        up to it, then advance the main counter k times.
 
         k is the number of leases charged since the last save (at least 1), so that the rollback
         rule — one lease charged per missing counter step — charges back *every* lease spent
         after a restored snapshot, even when one batch took several leases. Wear stays at one
-        increment per lease of N queries.
+        increment per lease of N queries (plus one per voucher, and one when the license is
+        first seen expired).
 
-        In this order a crash between the two steps leaves a state *ahead* of the counter, which
+        In this order a crash between the steps leaves a state *ahead* of the counters, which
         :meth:`catch_up` repairs at the next load, and charges nothing: only the enclave can make
-        such a state. The other order would charge a whole lease for an honest crash.
+        such a state. The other order would charge a whole lease for an honest crash. The
+        voucher and expiry counters step before the main one, so a kill between the two cannot
+        leave a redeemed voucher (or a seen expiry) that a restored state would not notice.
         """
         steps = 1
         if self._saved_charged is not None and state.charged > self._saved_charged:
@@ -196,6 +324,7 @@ class SealedStore:
         now = self._check_current()
         state = replace(state, counter=now + steps)
         atomic_write(self.path, self.backend.seal(state.to_bytes(), label=self.label), mode=0o600)
+        self._bring_up(state)
         for _ in range(steps):
             after = self.backend.counter_increment(self.counter_name)
         self._saved_charged = state.charged
@@ -223,8 +352,8 @@ class SealedStore:
         return self.backend.counter_read(self.counter_name)
 
     def catch_up(self, state: EnclaveState) -> None:
-        """After a crash between write and increment, bring the counter up to the state's."""
+        """After a crash between write and increments, bring the counters up to the state's."""
+        self._bring_up(state)
         while self.counter() < state.counter:
             self.backend.counter_increment(self.counter_name)
         self._expected = state.counter
-
