@@ -284,14 +284,16 @@ def usage(database_url: str | None, config: str | None, as_json: bool) -> None:
     t.add_column("capsule")
     for col in ("device", "license"):
         t.add_column(col, no_wrap=True, min_width=8)
-    for col in ("budget", "charged", "answered"):
+    for col in ("budget", "charged", "answered", "rollbacks"):
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("last sync", no_wrap=True)
     for r in rows:
         budget = "unlimited" if r["budget"] is None else str(r["budget"] + r["vouchers"])
         sync = r["last_sync"].astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M") if r["last_sync"] else "never"
         t.add_row(r["account"], r["capsule"] + (" (revoked)" if r["revoked"] else ""), r["device_id"][:8],
-                  r["license_id"][:8], budget, str(r["charged"]), str(r["answered"]), sync)
+                  r["license_id"][:8], budget, str(r["charged"]), str(r["answered"]),
+                  # detected by the enclave (rollback receipts) + receipt chains that forked
+                  str(r["rollbacks"] + r["forks"]), sync)
     console.print(t)
 
 

@@ -111,6 +111,7 @@ class EnclaveCore:
                 if state.capsule_id != str(m.capsule_id) or state.version != m.version:
                     raise IntegrityError("the sealed state belongs to another capsule")
                 self._verify_license(m, state.license, state.receipt_key_public())
+                state = store.bind(state)
                 state, rollback = reconcile(state, store.counters(state))
                 if rollback is not None:
                     # An older copy of the state was restored: charged, and reported to the
@@ -170,6 +171,7 @@ class EnclaveCore:
             receipt_key=receipt_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
             budget=lic.budget, expires=lic.expires.isoformat() if lic.expires else None,
             lease_size=lic.lease_size, counter=store.counter())
+        state = store.bind(state)
         state, _ = check_time(state, self.clock())
         state = self._append_receipt(state, "setup", {"measurement": self.backend.measurement().hex()})
         self.state = store.save(state)

@@ -81,6 +81,11 @@ class EnclaveState:
     carry: int = 0
     #: Sticky: the enclave saw the license expired (also recorded by the expiry counter).
     expired: bool = False
+    #: The voucher and expiry counters' values when this license was set up (a new TPM NV
+    #: counter starts at the highest value any counter had, not at 0); None in a state sealed
+    #: before these counters existed, bound at its next load.
+    voucher_base: int | None = None
+    expiry_base: int | None = None
 
     def to_bytes(self) -> bytes:
         d = self.__dict__.copy()
@@ -260,17 +265,29 @@ class SealedStore:
         for the same capsule on the same device (a new setup) starts its own."""
         return f"{kind}-{hashlib.sha256(state.license_id.encode()).hexdigest()[:40]}"
 
+    def bind(self, state: EnclaveState) -> EnclaveState:
+        """Record where the license's voucher and expiry counters start (at setup; or at the
+        first load of a state sealed before they existed)."""
+        if state.voucher_base is None or state.expiry_base is None:
+            v = self.backend.counter_read(self.license_counter_name("v", state))
+            x = self.backend.counter_read(self.license_counter_name("x", state))
+            state = replace(state, voucher_base=v - state.voucher_seq, expiry_base=x - int(state.expired))
+        return state
+
     def counters(self, state: EnclaveState) -> Counters:
-        """Read all three counters (at load)."""
+        """Read all three counters (at load); voucher and expiry relative to the license's base."""
+        assert state.voucher_base is not None and state.expiry_base is not None
         c = Counters(main=self.backend.counter_read(self.counter_name),
-                     vouchers=self.backend.counter_read(self.license_counter_name("v", state)),
-                     expiry=self.backend.counter_read(self.license_counter_name("x", state)))
+                     vouchers=self.backend.counter_read(self.license_counter_name("v", state)) - state.voucher_base,
+                     expiry=self.backend.counter_read(self.license_counter_name("x", state)) - state.expiry_base)
         self._vouchers, self._expiry = c.vouchers, c.expiry
         return c
 
     def voucher_counter(self, state: EnclaveState) -> int:
+        """Vouchers redeemed by this license, by its counter."""
         if self._vouchers is None:
-            self._vouchers = self.backend.counter_read(self.license_counter_name("v", state))
+            assert state.voucher_base is not None
+            self._vouchers = self.backend.counter_read(self.license_counter_name("v", state)) - state.voucher_base
         return self._vouchers
 
     def rebase(self, state: EnclaveState) -> None:
@@ -290,16 +307,18 @@ class SealedStore:
     def _bring_up(self, state: EnclaveState) -> None:
         """Step the voucher and expiry counters up to what ``state`` records (after its write)."""
         if state.voucher_seq and (self._vouchers is None or self._vouchers < state.voucher_seq):
+            assert state.voucher_base is not None
             name = self.license_counter_name("v", state)
-            v = self.backend.counter_read(name)
+            v = self.backend.counter_read(name) - state.voucher_base
             while v < state.voucher_seq:
-                v = self.backend.counter_increment(name)
+                v = self.backend.counter_increment(name) - state.voucher_base
             self._vouchers = v
         if state.expired and not self._expiry:
+            assert state.expiry_base is not None
             name = self.license_counter_name("x", state)
-            x = self.backend.counter_read(name)
-            if x == 0:
-                x = self.backend.counter_increment(name)
+            x = self.backend.counter_read(name) - state.expiry_base
+            if x <= 0:
+                x = self.backend.counter_increment(name) - state.expiry_base
             self._expiry = x
 
     def save(self, state: EnclaveState) -> EnclaveState:

@@ -127,6 +127,11 @@ class Device(Base):
     charged: Mapped[int] = mapped_column(BigInteger, default=0)
     answered: Mapped[int] = mapped_column(BigInteger, default=0)
     last_sync: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: Rollbacks the enclave detected and reported (``rollback`` receipts), and uploads whose
+    #: chain forked from the stored one (only a restored older enclave state makes one):
+    #: revision 0003.
+    rollbacks: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    forks: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Nonce(Base):

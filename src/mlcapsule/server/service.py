@@ -112,6 +112,34 @@ def drop_already_accepted(entries: Any, head: ChainHead) -> Any:
     return entries[k:]
 
 
+def verify_fork(entries: Any, key: Any, *, license_id: str, head: ChainHead) -> ChainHead | None:
+    """The head of ``entries`` if they are a chain signed by the device's receipt key that forks
+    from the stored one (``head``); None if they are not.
+
+    An enclave never signs two different entries with one sequence number on a chain the server
+    has seen, so a validly signed branch comes from an enclave that ran from an older copy of its
+    state. It is accepted as a fork when it reaches past the stored head, or when it carries the
+    ``rollback`` receipt that such an enclave writes: otherwise a replay of old entries could
+    rewind the stored head.
+    """
+    if not isinstance(entries, list) or not entries:
+        return None
+    try:
+        first = entries[0]["body"]
+        start = ChainHead(int(first["seq"]) - 1, str(first["prev"]), 0, 0)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if start.seq < 0 or start.seq > head.seq:
+        return None  # a gap after the stored head is not a fork
+    try:
+        branch = verify_chain(entries, key, license_id=license_id, head=start)
+    except (IntegrityError, FormatError):
+        return None
+    if branch.seq <= head.seq and not any(e["body"]["kind"] == "rollback" for e in entries):
+        return None
+    return branch
+
+
 class ProviderService:
     """Accounts, capsules, grants, challenges, provisioning, usage and vouchers.
 
@@ -301,17 +329,30 @@ class ProviderService:
             head = ChainHead(dev.head_seq, dev.head_hash, dev.charged, dev.answered)
             dev_pk, receipt_pub = dev.id, dev.receipt_pub
         entries = drop_already_accepted(receipts, head)
+        key = ed25519_public_from_raw(receipt_pub)
+        forked = False
         try:
-            new = verify_chain(entries, ed25519_public_from_raw(receipt_pub), license_id=license_id, head=head)
+            new = verify_chain(entries, key, license_id=license_id, head=head)
         except IntegrityError as e:
-            raise ChainConflict(f"usage receipts refused: {e.message}") from e
+            branch = verify_fork(entries, key, license_id=license_id, head=head)
+            if branch is None:
+                raise ChainConflict(f"usage receipts refused: {e.message}") from e
+            # Signed by this device's enclave, yet not on the stored chain: the enclave ran from
+            # an older copy of its state. Recorded, and the branch becomes the stored chain (the
+            # books keep the larger counters), so the device can go on syncing.
+            new, forked = branch, True
+            log.warning("device %s (license %s) uploaded a receipt chain that forks from the stored one at "
+                        "seq %s: its enclave state was restored from an older copy", device_id[:64],
+                        license_id[:64], head.seq)
         if new == head:
             return head
+        rollbacks = sum(1 for e in entries if e["body"]["kind"] == "rollback")
         with self._tx() as s:
             res = s.execute(update(Device)
                             .where(Device.id == dev_pk, Device.head_seq == head.seq, Device.head_hash == head.hash)
-                            .values(head_seq=new.seq, head_hash=new.hash, charged=new.charged,
-                                    answered=new.answered, last_sync=now)
+                            .values(head_seq=new.seq, head_hash=new.hash, charged=max(new.charged, head.charged),
+                                    answered=max(new.answered, head.answered), last_sync=now,
+                                    rollbacks=Device.rollbacks + rollbacks, forks=Device.forks + int(forked))
                             .execution_options(synchronize_session=False))
             if res.rowcount != 1:
                 raise ChainConflict("another upload for this device changed the chain meanwhile; upload again")
@@ -511,5 +552,6 @@ class ProviderService:
             return [{"account": a, "capsule": f"{cname} v{ver}", "capsule_id": cid, "device_id": d.device_id,
                      "license_id": d.license_id, "budget": budget, "vouchers": int(vouchers.get(d.license_id) or 0),
                      "charged": d.charged, "answered": d.answered, "receipts": d.head_seq,
-                     "last_sync": d.last_sync, "created": d.created, "revoked": revoked, "evidence": d.evidence_type}
+                     "last_sync": d.last_sync, "created": d.created, "revoked": revoked, "evidence": d.evidence_type,
+                     "rollbacks": d.rollbacks, "forks": d.forks}
                     for a, cname, cid, ver, d, budget, revoked in rows]
