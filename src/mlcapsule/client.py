@@ -39,7 +39,7 @@ class Capsule:
                  state_dir: str | os.PathLike[str] | None = None, backend: str | None = None,
                  platform_dir: str | os.PathLike[str] | None = None, threads: int | None = None,
                  trusted_provider_key: bytes | None = None, tcti: str | None = None,
-                 memory_limit_mb: float | None = None) -> None:
+                 memory_limit_mb: float | None = None, service: str | os.PathLike[str] | bool | None = None) -> None:
         self.path = Path(path)
         self.memory_limit_mb = memory_limit_mb  # streaming mode: the enclave stays within this many MiB
         with CapsuleFile(self.path, trusted_key=trusted_provider_key) as cf:
@@ -47,22 +47,37 @@ class Capsule:
         self.state_dir = Path(state_dir) if state_dir else default_state_dir(self.manifest)
         # The backend that set this capsule up is remembered next to its state (backend.json):
         # state sealed by one backend does not open in another.
-        remembered = _read_backend_choice(self.state_dir)
+        remembered = self._remembered = _read_backend_choice(self.state_dir)
         self.backend = backend or remembered.get("backend") or "software"
         self.tcti = tcti or (remembered.get("tcti") if self.backend == remembered.get("backend") else None)
         if self.tcti and self.backend != "tpm":
             raise UsageError("--tcti is for the tpm backend", hint="add --backend tpm")
-        self._enclave = EnclaveProcess(self.path, state_dir=self.state_dir, backend=self.backend,
-                                       platform_dir=platform_dir, dev_key=unsafe_dev_key, threads=threads,
-                                       tcti=self.tcti, memory_limit_mb=memory_limit_mb)
+        self._made_state_dir = not self.state_dir.exists()
+        _clean_leftovers(self.state_dir)  # run-* folders of killed sessions (issue 11, item 18)
+        # The enclave service (`mlcapsule enclaved`, its own system user) when it runs, unless the
+        # caller asked for something only a per-user worker does (a dev key, its own folders).
+        sock = _service_for(service, local_only=bool(unsafe_dev_key or state_dir or platform_dir or backend or tcti))
+        if sock is not None:
+            self.mode = "service"
+            self._enclave = EnclaveProcess(self.path, service=sock, threads=threads, memory_limit_mb=memory_limit_mb)
+            assert self._enclave.service is not None
+            self.backend = str(self._enclave.service["backend"])
+        else:
+            self.mode = "per-user"
+            self._enclave = EnclaveProcess(self.path, state_dir=self.state_dir, backend=self.backend,
+                                           platform_dir=platform_dir, dev_key=unsafe_dev_key, threads=threads,
+                                           tcti=self.tcti, memory_limit_mb=memory_limit_mb)
+        self._run_lock = _hold_run(self._enclave)
+        self._dev = unsafe_dev_key is not None
         self.load_info: dict[str, Any] | None = None
         try:
             if unsafe_dev_key is not None:
                 self.load_info = self._enclave.call("load", {"dev_key": str(Path(unsafe_dev_key).resolve())})
-            elif (self.state_dir / STATE_FILE).exists():
+            elif (self._enclave.service["set_up"] if self._enclave.service is not None
+                  else (self.state_dir / STATE_FILE).exists()):
                 self.load_info = self._enclave.call("load", {"dev_key": None})
         except BaseException:
-            self._enclave.close()
+            self.close()
             raise
 
     # -- setup phase (online, once per device) -------------------------------------------------
@@ -70,18 +85,35 @@ class Capsule:
     def is_set_up(self) -> bool:
         return self.load_info is not None
 
-    def setup(self, *, token: str, server: str | None = None) -> dict[str, Any]:
+    def setup(self, *, token: str, server: str | None = None, replace: bool = False,
+              export_receipts: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Attest the enclave to the provider's server and receive the key and license.
 
         The host relays messages; the key and the license secrets go from the server straight
         into the enclave (HPKE), which seals them. Returns the license status.
+
+        A device that is already set up is refused (a second setup would throw its license
+        away) unless ``replace=True``: then the old license's receipts are uploaded first (or,
+        with ``export_receipts=FILE``, written to FILE for the provider), and the new license
+        starts from nothing. Every segment of the capsule is checked against the signed
+        manifest before the server is asked for anything, so a damaged file uses no device slot.
         """
         from .server.client import ProviderClient
 
-        url = server or self.manifest.server_url
-        if not url:
-            raise UsageError("the capsule names no provider server", hint="pass --server URL")
+        url = self._server_url(server)
         m = self.manifest
+        old = self._license_status() if self.is_set_up else None
+        if old is not None and not replace:
+            left = "unlimited" if old.get("remaining") is None else old.get("remaining")
+            raise UsageError(
+                f"{self.path.name} is already set up on this device (license {old.get('license_id')}, "
+                f"{left} queries left, {old.get('receipts_pending', 0)} receipt(s) not synced); "
+                "a second setup would replace that license",
+                hint="nothing was changed; to replace the license deliberately, add --replace "
+                     "(Python: replace=True), which syncs the old receipts first")
+        self._check_capsule_bytes()
+        if old is not None:
+            self._retire(old, token=token, url=url, export_receipts=export_receipts)
         with ProviderClient(url, token) as provider:
             nonce, _ = provider.challenge(str(m.capsule_id), m.version)
             begin = self._enclave.call("setup_begin", {"nonce": b64e(nonce)})
@@ -93,16 +125,63 @@ class Capsule:
             finish["credential"] = answer["credential"]
         status = self._enclave.call("setup_finish", finish)
         self.load_info = {"license": "license"}
-        _write_backend_choice(self.state_dir, self.backend, self.tcti)
+        self._remembered = {**self._remembered, "server": url}
+        _write_backend_choice(self.state_dir, self.backend, self.tcti, server=url)
         return status
+
+    def _server_url(self, server: str | None) -> str:
+        """The server given, else the one used at setup, else the capsule's."""
+        url = server or self._remembered.get("server") or self.manifest.server_url
+        if not url:
+            raise UsageError("the capsule names no provider server", hint="pass --server URL")
+        return url
+
+    def _license_status(self) -> dict[str, Any]:
+        try:
+            return dict(self._enclave.call("status").get("license_status") or {})
+        except Exception:  # a dev-key session: no license to lose
+            return {}
+
+    def _check_capsule_bytes(self) -> None:
+        """Every segment against its SHA-256 in the signed manifest (the hashes cover the stored
+        ciphertext, so this catches any changed byte, tags included, without the key)."""
+        from .errors import IntegrityError
+
+        with CapsuleFile(self.path) as cf:
+            if cf.manifest.segments != self.manifest.segments:
+                raise IntegrityError(f"{self.path} changed while it was open",
+                                     hint="close other programs writing it, and run setup again")
+            try:
+                cf.verify_segments()
+            except IntegrityError as e:
+                raise IntegrityError(f"{self.path} is damaged: {e.message}",
+                                     hint="nothing was sent to the server and no device slot was used; "
+                                          "fetch the capsule again from the provider") from None
+
+    def _retire(self, old: dict[str, Any], *, token: str, url: str,
+                export_receipts: str | os.PathLike[str] | None) -> None:
+        """Before a deliberate replacement: the old license's receipts reach the provider (or a file)."""
+        from ._util import atomic_write
+        from .errors import MlcapsuleError
+
+        if not old.get("receipts_pending"):
+            return
+        if export_receipts is not None:
+            report = self._enclave.call("usage_report")
+            atomic_write(export_receipts, json.dumps(report, indent=1).encode(), mode=0o600)
+            return
+        try:
+            self.sync(token=token, server=url)
+        except MlcapsuleError as e:
+            raise type(e)(f"the old license's receipts could not be synced before replacing it: {e.message}",
+                          hint="nothing was replaced; try again when the server is reachable, or add "
+                               "--export-receipts FILE to save them for the provider instead") from None
 
     def sync(self, *, token: str, server: str | None = None) -> dict[str, Any]:
         """Upload the signed usage receipts to the provider (when online)."""
         from .server.client import ProviderClient
 
-        url = server or self.manifest.server_url
-        if not url:
-            raise UsageError("the capsule names no provider server", hint="pass --server URL")
+        url = self._server_url(server)
         report = self._enclave.call("usage_report")
         with ProviderClient(url, token) as provider:
             ack = provider.upload_usage(report["license_id"], report["device_id"], report["receipts"])
@@ -139,10 +218,18 @@ class Capsule:
 
     # -- information --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return self._enclave.call("status")
+        return {**self._enclave.call("status"), "mode": mode_info(self._enclave.service)}
 
     def close(self) -> None:
-        self._enclave.close()
+        try:
+            self._enclave.close()
+        finally:
+            from ._cleanup import release_run_dir, remove_if_empty
+
+            release_run_dir(getattr(self, "_run_lock", None))
+            self._run_lock = None
+            if getattr(self, "_dev", False) and getattr(self, "_made_state_dir", False):
+                remove_if_empty(self.state_dir)  # a dev-key run leaves no empty state folder behind
 
     def __enter__(self) -> "Capsule":
         return self
@@ -156,20 +243,65 @@ BACKEND_FILE = "backend.json"
 
 def _read_backend_choice(state_dir: Path) -> dict[str, Any]:
     try:
+def _service_for(service: str | os.PathLike[str] | bool | None, *, local_only: bool) -> Path | None:
+    """The enclave service's socket to use, or None for a per-user worker."""
+    from .enclaved import service_socket
+
+    if service is False or (service is None and local_only):
+        return None
+    if service is None or service is True:
+        return service_socket()
+    return Path(service)
+
+
+def mode_info(service: dict[str, Any] | None) -> dict[str, Any]:
+    """Which mode the enclave runs in, and what that protects against (for `status`)."""
+    from .enclaved import PER_USER_DOES_NOT, PER_USER_PROTECTS
+
+    if service is not None:
+        return {"mode": "service", "service_user": service.get("service_user"),
+                "protects_against": service.get("protects_against"),
+                "does_not_protect_against": service.get("does_not_protect_against")}
+    return {"mode": "per-user", "protects_against": PER_USER_PROTECTS, "does_not_protect_against": PER_USER_DOES_NOT}
+
+
         data = json.loads((state_dir / BACKEND_FILE).read_text())
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in data.items() if k in ("backend", "tcti") and isinstance(v, str)} \
+    return {k: v for k, v in data.items() if k in ("backend", "tcti", "server") and isinstance(v, str)} \
         if isinstance(data, dict) else {}
 
 
-def _write_backend_choice(state_dir: Path, backend: str, tcti: str | None) -> None:
+def _write_backend_choice(state_dir: Path, backend: str, tcti: str | None, *, server: str | None = None) -> None:
     from ._util import atomic_write
 
-    choice = {"backend": backend, **({"tcti": tcti} if tcti else {})}
+    choice = {"backend": backend, **({"tcti": tcti} if tcti else {}), **({"server": server} if server else {})}
     atomic_write(state_dir / BACKEND_FILE, json.dumps(choice).encode(), mode=0o600)
 
 
 def open_capsule(path: str | os.PathLike[str], **kwargs: Any) -> Capsule:
     """Open ``path`` in an enclave worker. See :class:`Capsule` for the options."""
+def _clean_leftovers(state_dir: Path) -> None:
+    """Before an enclave starts: delete the run folders of killed sessions, and the empty state
+    folders older dev-key runs left (never a live session's; see _cleanup)."""
+    from ._cleanup import clean_empty_state_dirs, clean_stale_run_dirs
+
+    clean_stale_run_dirs(state_dir)
+    clean_empty_state_dirs(data_home() / "state")
+
+
+def _hold_run(enclave: EnclaveProcess) -> int | None:
+    """Hold the lock that marks this session's run folder as alive (see _cleanup)."""
+    from ._cleanup import hold_run_dir
+
+    run = getattr(enclave, "_run", None)
+    name = getattr(run, "name", None)
+    if not name:
+        return None
+    try:
+        return hold_run_dir(name)
+    except OSError:
+        return None
+
+
     return Capsule(path, **kwargs)

@@ -304,13 +304,20 @@ def _backend_options(f: Any) -> Any:
 @_server_option
 @_state_option
 @_backend_options
+@click.option("--replace", is_flag=True,
+              help="Replace the license of a device that is already set up (its receipts are synced first; "
+                   "the new license inherits nothing from the old one).")
+@click.option("--export-receipts", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="With --replace: write the old license's unsynced receipts to FILE instead of syncing them.")
 def setup(capsule: str, token: str, server: str | None, state_dir: str | None, backend: str | None,
-          tcti: str | None) -> None:
+          tcti: str | None, replace: bool, export_receipts: str | None) -> None:
     """Set up CAPSULE on this device: attest the enclave to the provider and receive the license (online, once)."""
     from ..client import open_capsule
 
+    if export_receipts and not replace:
+        raise UsageError("--export-receipts goes with --replace", hint="add --replace, or leave --export-receipts out")
     with open_capsule(capsule, state_dir=state_dir, backend=backend, tcti=tcti) as cap:
-        info = cap.setup(token=token, server=server)
+        info = cap.setup(token=token, server=server, replace=replace, export_receipts=export_receipts)
     budget = "unlimited" if info["budget"] is None else info["budget"]
     console.print(f"set up: license {info['license_id']} for device {info['device_id']}, budget {budget} queries, "
                   f"expires {info['expires'] or 'never'}. Predictions now run offline.")

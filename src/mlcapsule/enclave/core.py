@@ -175,7 +175,12 @@ class EnclaveCore:
         state, _ = check_time(state, self.clock())
         state = self._append_receipt(state, "setup", {"measurement": self.backend.measurement().hex()})
         self.state = store.save(state)
-        self.store, self.remaining = store, 0
+        # A new license inherits nothing from one this enclave had loaded before (a deliberate
+        # `setup --replace`): no lease rest, no carried rest, no clock floor, no expiry.
+        self.store, self.remaining, self.carried = store, 0, 0
+        self._clock_floor = self._expiry = None
+        if self.model is not None:
+            self.model.close()
         self.model, self.manifest, self.license_mode = model, m, "license"
         return self._license_status()
 

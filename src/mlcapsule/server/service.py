@@ -419,6 +419,16 @@ class ProviderService:
                         ct.release()
                 finally:
                     view.release()
+            # Then every byte: the segment hashes (signed), and every chunk's tag under the key.
+            # A damaged capsule registered here would be provisioned to clients who then cannot
+            # load it, each setup using one of their device slots (issue 11, item 2).
+            try:
+                cf.verify_segments()
+                _check_all_chunks(cf, ck.key)
+            except IntegrityError as e:
+                raise IntegrityError(f"capsule {capsule_path} is damaged: {e.message}",
+                                     hint="nothing was registered; pack it again or copy it again from the packer's "
+                                          "output") from None
         if provider_public is not None and m.provider_key != provider_public:
             raise UsageError(f"capsule {capsule_path} is signed by another provider key than this server's",
                              hint="pack it with the server's provider key (--provider-key / provider_key_path)")
@@ -555,3 +565,29 @@ class ProviderService:
                      "last_sync": d.last_sync, "created": d.created, "revoked": revoked, "evidence": d.evidence_type,
                      "rollbacks": d.rollbacks, "forks": d.forks}
                     for a, cname, cid, ver, d, budget, revoked in rows]
+
+
+def _check_all_chunks(cf: Any, key: bytes) -> None:
+    """Authenticate every chunk of every encrypted segment of ``cf`` with ``key`` (about a second
+    per GB), wiping each plaintext chunk as soon as it is checked."""
+    from ..crypto.chunks import TAG_LEN, SegmentCipher, n_chunks
+
+    m = cf.manifest
+    for seg in m.segments:
+        if not seg.encrypted:
+            continue
+        cipher = SegmentCipher(key, m.capsule_id, m.version, seg.index, seg.chunk_size)
+        total = n_chunks(seg.plain_length, seg.chunk_size)
+        step = seg.chunk_size + TAG_LEN
+        buf = bytearray(seg.chunk_size)
+        view = cf.segment_view(seg)
+        try:
+            for i in range(total):
+                ct = view[i * step: min((i + 1) * step, len(view))]
+                try:
+                    cipher.decrypt_chunk_into(ct, i, total, memoryview(buf)[:len(ct) - TAG_LEN])
+                finally:
+                    ct.release()
+        finally:
+            buf[:] = bytes(len(buf))
+            view.release()
