@@ -39,6 +39,12 @@ REQUEST, REPLY = 0, 1
 OPS = ("hello", "load", "setup_begin", "setup_finish", "infer", "apply_voucher", "usage_report", "usage_ack",
        "status", "shutdown")
 _DTYPES = {"float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+#: The largest tensor either side accepts, in bytes, and the most dimensions it may have. Every
+#: dimension counts at least 1 against the cap (``max(d, 1)``), so a zero-size tensor cannot
+#: declare dimensions numpy refuses either. Checked on the declared numbers, with Python ints,
+#: before any numpy call or allocation (red team, issue 9: numpy's own ValueError came out).
+MAX_TENSOR_BYTES = 1 << 36
+MAX_RANK = 16
 _LEN = struct.Struct("<I")
 _PREFIX = struct.Struct("<2sBBI")
 
@@ -122,21 +128,42 @@ def pack_tensors(tensors: Mapping[str, np.ndarray], buffers: list[memoryview | b
     return out
 
 
+def check_shape(shape: Sequence[int], itemsize: int) -> int:
+    """The byte size of a tensor of ``shape``, after checking the rank and every dimension
+    against the caps (:data:`MAX_RANK`, :data:`MAX_TENSOR_BYTES`); Python ints only, so nothing
+    overflows and nothing is allocated. Raises ProtocolError."""
+    if len(shape) > MAX_RANK:
+        raise ProtocolError("a tensor has too many dimensions")
+    room = MAX_TENSOR_BYTES // itemsize
+    for d in shape:
+        if d < 0 or d > room:
+            raise ProtocolError("a tensor is too large")
+        room //= max(d, 1)
+    return math.prod(shape) * itemsize
+
+
 def unpack_tensors(desc: Any, buffers: Sequence[memoryview]) -> dict[str, np.ndarray]:
-    if not isinstance(desc, list):
+    """Tensors described in a JSON header, as views of ``buffers``. Every field a peer sends
+    is type-checked, and the dtype string is matched against the allow-list before numpy sees
+    it (``np.dtype`` parses arbitrary strings, and raised SyntaxError on ``",faot3l"``)."""
+    if not isinstance(desc, list) or len(desc) > MAX_BUFFERS:
         raise ProtocolError("tensors must be a list")
     out: dict[str, np.ndarray] = {}
     for d in desc:
-        try:
-            name, dtype, shape, idx = d["name"], np.dtype(d["dtype"]), tuple(int(s) for s in d["shape"]), int(d["buf"])
-        except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise ProtocolError("malformed tensor description") from e
-        if dtype.name not in _DTYPES or not 0 <= idx < len(buffers) or any(s < 0 for s in shape) or len(shape) > 16:
+        if not isinstance(d, dict):
             raise ProtocolError("malformed tensor description")
+        name, dtype_name, shape, idx = d.get("name"), d.get("dtype"), d.get("shape"), d.get("buf")
+        if (not isinstance(name, str) or not isinstance(dtype_name, str) or dtype_name not in _DTYPES
+                or not isinstance(shape, list) or not all(type(s) is int for s in shape)
+                or type(idx) is not int or not 0 <= idx < len(buffers)):
+            raise ProtocolError("malformed tensor description")
+        if name in out:
+            raise ProtocolError("a tensor name appears twice")
+        dtype = np.dtype(dtype_name)  # one of the allow-listed names
         buf = buffers[idx]
-        if math.prod(shape) * dtype.itemsize != len(buf):
-            raise ProtocolError(f"tensor {name!r} size does not match its shape")
-        out[str(name)] = np.frombuffer(buf, dtype=dtype).reshape(shape) if len(buf) else np.zeros(shape, dtype)
+        if check_shape(shape, dtype.itemsize) != len(buf):
+            raise ProtocolError(f"tensor {name[:64]!r} size does not match its shape")
+        out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape) if len(buf) else np.zeros(shape, dtype)
     return out
 
 
@@ -267,15 +294,18 @@ def decode_tensors(body: bytearray | memoryview, arena: "SharedArena | None" = N
             raise ProtocolError("truncated tensor description")
         code, ndim, place, r0, r1, offset, nbytes = _T_DESC.unpack_from(view, pos)
         pos += _T_DESC.size
-        if code >= len(_T_DTYPES) or ndim > 16 or place > 1 or r0 or r1 or pos + 8 * ndim > len(view):
+        if code >= len(_T_DTYPES) or ndim > MAX_RANK or place > 1 or r0 or r1 or pos + 8 * ndim > len(view):
             raise ProtocolError("malformed tensor description")
         shape = struct.unpack_from(f"<{ndim}Q", view, pos) if ndim else ()
         pos += 8 * ndim
-        size = _T_NP[code].itemsize
-        for d in shape:
-            size *= d
-        if size != nbytes:
+        # Every dimension against the caps before numpy sees the shape: a zero-size tensor
+        # with huge dimensions made np.empty raise ValueError.
+        if check_shape(shape, _T_NP[code].itemsize) != nbytes:
             raise ProtocolError("a tensor's size does not match its shape")
+        if place == 1 and (arena is None or not arena.holds(offset, nbytes)):
+            # Checked before anything is allocated: a tensor declaring 4 TiB allocates nothing.
+            raise ProtocolError("a tensor lies outside the shared memory" if arena is not None
+                                else "a tensor is in shared memory, but there is none")
         descs.append((_T_NP[code], shape, place, offset, nbytes))
     out: list[np.ndarray] = []
     inline = 0
@@ -298,7 +328,10 @@ def decode_tensors(body: bytearray | memoryview, arena: "SharedArena | None" = N
                 reuse.extend([None] * (pos_i + 1 - len(reuse)))
                 reuse[pos_i] = arr
             if nbytes:
-                arena.read_into(offset, memoryview(arr).cast("B"))
+                try:
+                    arena.read_into(offset, memoryview(arr).cast("B"))
+                except (OSError, ValueError, OverflowError) as e:  # e.g. mmap refused: the peer's fault
+                    raise ProtocolError("a tensor in shared memory cannot be read") from e
             out.append(arr)
     if pos + inline != len(view):
         raise ProtocolError("trailing bytes after message")
@@ -447,6 +480,16 @@ class SharedArena:
             have = -(-have // self.GROW) * self.GROW
             os.ftruncate(self.fd, have)
         self._map_to(have)
+
+    def holds(self, offset: int, nbytes: int) -> bool:
+        """Does the shared file hold bytes ``[offset, offset + nbytes)``? (Nothing is mapped.)"""
+        end = offset + nbytes
+        if end <= self.size:
+            return True
+        try:
+            return end <= os.fstat(self.fd).st_size
+        except OSError:
+            return False
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         if offset + nbytes > self.size:
