@@ -20,13 +20,22 @@ from ..crypto.keys import verify_ed25519
 from ..errors import FormatError, IntegrityError
 
 GENESIS = "0" * 64
-KINDS = ("setup", "lease", "voucher", "report", "detection")
+KINDS = ("setup", "lease", "voucher", "report", "detection", "rollback")
 _CONTEXT = b"mlcapsule/receipt/v1\0"
 MAX_UPLOAD = 100_000
 
 
+#: The fields of a receipt body (what :func:`make_entry` writes) and their JSON types.
+_BODY_TYPES: dict[str, type | tuple[type, ...]] = {"seq": int, "prev": str, "kind": str, "license_id": str,
+                                                   "time": str, "charged": int, "answered": int, "data": dict}
+_BODY_FIELDS = set(_BODY_TYPES)
+
+
 def entry_hash(entry: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(entry)).hexdigest()
+    try:
+        return hashlib.sha256(canonical_json(entry)).hexdigest()
+    except (TypeError, ValueError) as e:  # e.g. a lone surrogate from JSON "\ud800" does not encode
+        raise FormatError("a receipt is malformed") from e
 
 
 def make_entry(key: Ed25519PrivateKey, *, seq: int, prev: str, kind: str, license_id: str, time: str,
@@ -54,14 +63,20 @@ def verify_chain(entries: Any, receipt_key: Ed25519PublicKey, *, license_id: str
         raise FormatError("receipts must be a list")
     cur = head
     for e in entries:
+        # Every field's type is checked before it is used: a signature that was a number, null
+        # or a list used to escape as AttributeError (a 500 from /v1/usage; red team, issue 9).
+        if not isinstance(e, dict) or set(e) != {"body", "signature"} or not isinstance(e["signature"], str):
+            raise FormatError("a receipt is malformed")
+        body = e["body"]
+        if (not isinstance(body, dict) or not _BODY_FIELDS <= set(body)
+                or not all(isinstance(body[k], t) and not isinstance(body[k], bool) for k, t in _BODY_TYPES.items())):
+            raise FormatError("a receipt is malformed")
         try:
-            body, sig = e["body"], b64d(e["signature"])
-            seq, prev, kind = int(body["seq"]), str(body["prev"]), str(body["kind"])
-            charged, answered, lid = int(body["charged"]), int(body["answered"]), str(body["license_id"])
-            if set(e) != {"body", "signature"}:
-                raise ValueError
-        except (KeyError, TypeError, ValueError) as ex:
+            sig, signed = b64d(e["signature"]), _CONTEXT + canonical_json(body)
+        except ValueError as ex:  # not base64, or a string that does not encode (UnicodeError)
             raise FormatError("a receipt is malformed") from ex
+        seq, prev, kind = body["seq"], body["prev"], body["kind"]
+        charged, answered, lid = body["charged"], body["answered"], body["license_id"]
         if seq != cur.seq + 1:
             raise IntegrityError(f"receipt chain has a gap or is out of order (expected {cur.seq + 1}, got {seq})")
         if prev != cur.hash:
@@ -70,6 +85,6 @@ def verify_chain(entries: Any, receipt_key: Ed25519PublicKey, *, license_id: str
             raise IntegrityError(f"receipt {seq} is not for this license")
         if charged < cur.charged or answered < cur.answered or answered > charged:
             raise IntegrityError(f"receipt {seq} has counters that go backwards or exceed what was charged")
-        verify_ed25519(receipt_key, sig, _CONTEXT + canonical_json(body), what="receipt")
+        verify_ed25519(receipt_key, sig, signed, what="receipt")
         cur = ChainHead(seq, entry_hash(e), charged, answered)
     return cur
