@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -419,6 +419,14 @@ def quote_extra_data(report_data: bytes, measurement: str) -> bytes:
 
 
 # -- EK certificates --------------------------------------------------------------------------------
+#: What pyca/cryptography raises on a certificate it cannot read. Certificates are parsed lazily,
+#: so these come out of attribute access (names, extensions, the public key, the signature
+#: algorithm) as well as of loading; each becomes an AttestationError here (red team, issue 9:
+#: mutated EK certificates escaped as ValueError and UnsupportedAlgorithm).
+CERT_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion,
+                                            x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
 def _utc(t: dt.datetime) -> dt.datetime:
     return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
@@ -449,6 +457,14 @@ def verify_ek_certificate(cert: x509.Certificate, *, roots: Sequence[x509.Certif
     if not roots:
         raise AttestationError("the server trusts no TPM manufacturer roots",
                                hint="configure the EK CA roots of the TPMs you accept")
+    try:
+        return _ek_chain(cert, roots=roots, intermediates=intermediates, now=now)
+    except CERT_ERRORS as e:
+        raise AttestationError("an EK certificate is malformed") from e
+
+
+def _ek_chain(cert: x509.Certificate, *, roots: Sequence[x509.Certificate],
+              intermediates: Sequence[x509.Certificate], now: dt.datetime | None) -> list[x509.Certificate]:
     now = _utc(now or dt.datetime.now(dt.UTC))
     _valid_at(cert, now, "EK certificate")
     root_der = {r.public_bytes(Encoding.DER) for r in roots}
@@ -459,7 +475,7 @@ def verify_ek_certificate(cert: x509.Certificate, *, roots: Sequence[x509.Certif
         for issuer in issuers:
             try:
                 current.verify_directly_issued_by(issuer)
-            except (InvalidSignature, ValueError, TypeError):
+            except (InvalidSignature, *CERT_ERRORS):
                 continue
             if not _is_ca(issuer):
                 raise AttestationError("an EK certificate issuer is not a CA")
@@ -480,7 +496,7 @@ def ek_certificate_matches(cert: x509.Certificate, ek: TpmPublic) -> bool:
     spki = PublicFormat.SubjectPublicKeyInfo
     try:
         return cert.public_key().public_bytes(Encoding.DER, spki) == ek.public_key().public_bytes(Encoding.DER, spki)
-    except (ValueError, TypeError, x509.UnsupportedGeneralNameType):
+    except CERT_ERRORS:
         return False
 
 
@@ -636,7 +652,7 @@ def check_tpm_evidence(evidence: Mapping[str, Any], *, expected_report_data: byt
     try:
         ek_cert = x509.load_der_x509_certificate(_b64_field(evidence, "ek_certificate", MAX_CERT))
         client_chain = [x509.load_der_x509_certificate(_b64_field({"c": c}, "c", MAX_CERT)) for c in chain_raw]
-    except ValueError as e:
+    except CERT_ERRORS as e:
         raise AttestationError("tpm evidence: an EK certificate does not parse") from e
 
     check_ak(ak)
