@@ -96,14 +96,42 @@ class EnclaveState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "EnclaveState":
+        """Parse a state; anything malformed raises FormatError. Every field's JSON type is
+        checked against this class's annotations before it is used: fields of the wrong type
+        used to escape as AttributeError or TypeError (red team, issue 9)."""
+        import dataclasses
+
+        def type_ok(annotation: str, v: Any) -> bool:
+            base = annotation.removesuffix(" | None")
+            if v is None:
+                return base != annotation
+            if base == "int":
+                return type(v) is int  # not bool
+            if base == "bool":
+                return type(v) is bool
+            if base in ("str", "bytes"):  # bytes travel as base64 text
+                return isinstance(v, str)
+            if base.startswith("dict["):
+                return isinstance(v, dict)
+            if base.startswith("list[dict["):
+                return isinstance(v, list) and all(isinstance(x, dict) for x in v)
+            # A field added with a type this check does not know: a programming error, loudly.
+            raise TypeError(f"EnclaveState.from_bytes cannot check a field of type {annotation}")
+
         try:
             d = json.loads(data)
-            if d.pop("format") != STATE_FORMAT:
-                raise ValueError("format")
+        except (ValueError, RecursionError) as e:
+            raise FormatError("the sealed state is malformed") from e
+        fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        if (not isinstance(d, dict) or d.get("format") != STATE_FORMAT
+                or not all(k in fields and type_ok(fields[k], v) for k, v in d.items() if k != "format")):
+            raise FormatError("the sealed state is malformed")
+        d = {k: v for k, v in d.items() if k != "format"}
+        try:
             d["content_key"] = b64d(d["content_key"])
             d["receipt_key"] = b64d(d["receipt_key"])
             return cls(**d)
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError) as e:  # not base64, or a required field missing
             raise FormatError("the sealed state is malformed") from e
 
     def receipt_key_public(self) -> bytes:

@@ -15,6 +15,15 @@ from ..format.manifest import parse_time
 from . import signed
 
 KIND = "license/v1"
+_OPT_STR = (str, type(None))
+#: The license's fields and their JSON types ("policy" is optional: a dict or null).
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "license_id": str, "capsule_id": str, "version": int, "device_id": str, "account": str, "receipt_key": str,
+    "budget": (int, type(None)), "expires": _OPT_STR, "issued": _OPT_STR, "lease_size": int}
+
+
+def _is(value: Any, types: type | tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -41,16 +50,19 @@ class License:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "License":
+        # Every field's JSON type is checked first: a number where a string belongs used to
+        # escape as AttributeError or TypeError (red team, issue 9). bool is not an int here.
+        if not isinstance(d, dict) or not all(
+                k in d and _is(d[k], t) for k, t in _FIELDS.items()) or not _is(d.get("policy"), (dict, type(None))):
+            raise FormatError("the license is malformed")
         try:
             budget = d["budget"]
-            lease = int(d["lease_size"])
             lic = cls(
-                license_id=str(d["license_id"]), capsule_id=uuid.UUID(d["capsule_id"]), version=int(d["version"]),
-                device_id=str(d["device_id"]), account=str(d["account"]), receipt_key=b64d(d["receipt_key"]),
-                budget=None if budget is None else int(budget),
-                expires=parse_time(d["expires"], "license.expires"),
+                license_id=d["license_id"], capsule_id=uuid.UUID(d["capsule_id"]), version=d["version"],
+                device_id=d["device_id"], account=d["account"], receipt_key=b64d(d["receipt_key"]),
+                budget=budget, expires=parse_time(d["expires"], "license.expires"),
                 issued=parse_time(d["issued"], "license.issued") or dt.datetime.now(dt.timezone.utc),
-                lease_size=lease, policy=dict(d.get("policy") or {}),
+                lease_size=d["lease_size"], policy=dict(d.get("policy") or {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError("the license is malformed") from e
