@@ -192,7 +192,9 @@ class Capsule:
         for spec in self.manifest.inputs:
             if spec.name not in feeds:
                 raise InputError(f"missing input {spec.name!r}")
-            prepared[spec.name] = np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
+            # C order, native byte order, and the caller's rank: np.ascontiguousarray turns a 0-d
+            # input into shape [1], which the enclave rightly refuses for a scalar input.
+            prepared[spec.name] = np.asarray(feeds[spec.name], dtype=spec.dtype, order="C")
         # The fast path: a binary frame, positional, large tensors through shared memory.
         outputs = self._enclave.infer(list(prepared.values()))
         return {spec.name: out for spec, out in zip(self.manifest.outputs, outputs)}

@@ -162,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     read_paths = python_read_paths() + [a.capsule] + ([a.dev_key] if a.dev_key else []) + b_read
     write_paths = [a.state_dir, a.run_dir] + b_write
     for p in write_paths:
-        Path(p).mkdir(parents=True, exist_ok=True)
+        # Owner-only (0700), and so is every parent this creates: the platform folder holds the
+        # software backend's secret, and was created 0755 (red team, issue 9).
+        for d in reversed([q for q in (Path(p), *Path(p).parents) if not q.exists()]):
+            d.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)  # whatever the umask
     report = harden(read_paths=read_paths, write_paths=write_paths, require=a.require_hardening)
     os.chdir(a.run_dir)
     if a.memory_limit_mb:
