@@ -7,6 +7,8 @@ apt_install postgresql
 # The tpm backend's tests run against swtpm (with EK certificates from swtpm_setup); tpm2-pytss
 # builds from source against libtss2-dev, so these come before the venv.
 apt_install swtpm swtpm-tools libtss2-dev pkg-config gcc
+# The enclave service tests run the interpreter as two other users: acl grants them passage to it.
+apt_install acl
 MLCAPSULE_WITH_TORCH=1 make_venv "sklearn,server,torch,test,tpm"
 cd "$ROOT"
 exec "$VENV/bin/python" -m pytest "$@"

@@ -49,7 +49,7 @@ def _utc_now() -> dt.datetime:
 
 
 class EnclaveCore:
-    def __init__(self, backend: Backend, capsule_path: Path, state_dir: Path, run_dir: Path,
+    def __init__(self, backend: Backend, capsule_path: Path | int, state_dir: Path, run_dir: Path,
                  *, hardening: dict[str, Any] | None = None, threads: int | None = None,
                  clock: Clock = _utc_now, memory_limit_mb: float | None = None) -> None:
         self.backend = backend

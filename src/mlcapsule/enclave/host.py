@@ -27,62 +27,155 @@ _ERRORS: dict[str, type[errors.MlcapsuleError]] = {
 }
 
 
-class EnclaveProcess:
-    """One enclave worker serving one capsule. Use as a context manager, or call :meth:`close`."""
+def worker_env() -> dict[str, str]:
+    """The worker's whole environment: nothing inherited from the host (no ``LD_PRELOAD``, no
+    ``PYTHONPATH``, nothing else that runs code), only what makes it behave.
 
-    def __init__(self, capsule: str | os.PathLike[str], *, state_dir: str | os.PathLike[str],
+    No BLAS worker threads: Landlock restricts only the thread that applies it and threads
+    started after, so helper threads started by imports would escape it.
+    ORT_DISABLE_TELEMETRY: onnxruntime's telemetry thread, and its writes under ~/.cache."""
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1", "ORT_DISABLE_TELEMETRY": "1"}
+
+
+def worker_argv(*, fd_in: int, fd_out: int, state_dir: Path, run_dir: str | Path, backend: str,
+                capsule: Path | None = None, capsule_fd: int | None = None, platform_dir: str | Path | None = None,
+                dev_key: str | Path | None = None, tcti: str | None = None, threads: int | None = None,
+                require_hardening: bool = False, memory_limit_mb: float | None = None,
+                shm_fd: int | None = None) -> list[str]:
+    """The worker's command line. ``python -I`` ignores every PYTHON* variable and the user's
+    site-packages; the package is imported from where this one was (the measured files)."""
+    src = str(Path(__file__).resolve().parent.parent.parent)
+    boot = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import runpy; "
+            "runpy.run_module('mlcapsule.enclave.worker', run_name='__main__', alter_sys=True)")
+    cmd = [sys.executable, "-I", "-c", boot, src,
+           "--fd-in", str(fd_in), "--fd-out", str(fd_out), "--state-dir", str(state_dir),
+           "--run-dir", str(run_dir), "--backend", backend]
+    cmd += ["--capsule", str(capsule)] if capsule is not None else ["--capsule-fd", str(capsule_fd)]
+    if platform_dir:
+        cmd += ["--platform-dir", str(Path(platform_dir).resolve())]
+    if dev_key:
+        cmd += ["--dev-key", str(Path(dev_key).resolve())]
+    if tcti:  # tpm backend: how the worker reaches the TPM (it connects before hardening itself)
+        cmd += ["--tcti", tcti]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if require_hardening:
+        cmd.append("--require-hardening")
+    if memory_limit_mb:  # streaming mode; the worker prepares ONNX Runtime for it at start
+        cmd += ["--memory-limit-mb", repr(float(memory_limit_mb))]
+    if shm_fd is not None:
+        cmd += ["--shm-fd", str(shm_fd)]
+    return cmd
+
+
+class _LocalWorker:
+    """A worker this process started (per-user mode)."""
+
+    def __init__(self, cmd: list[str], pass_fds: tuple[int, ...], run_dir: Path) -> None:
+        self._log = open(run_dir / "worker.log", "w+b")  # noqa: SIM115  (closed in close())
+        self.proc = subprocess.Popen(cmd, pass_fds=pass_fds, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=self._log, env=worker_env(), close_fds=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def log_tail(self) -> str:
+        self._log.flush()
+        self._log.seek(0)
+        lines = [ln for ln in self._log.read().decode(errors="replace").splitlines() if ln.strip()]
+        return lines[-1] if lines else "no output"
+
+    def close(self) -> None:
+        self._log.close()
+
+
+class EnclaveProcess:
+    """One enclave worker serving one capsule. Use as a context manager, or call :meth:`close`.
+
+    Per-user mode (default): this process starts the worker, under the caller's own uid.
+    Service mode (``service=SOCKET``): the enclave service (``mlcapsule enclaved``, under its own
+    system user) starts it and hands back the two pipes; the state lives in the service's
+    folders, which the caller can neither read nor restore. Calls then go straight to the worker."""
+
+    def __init__(self, capsule: str | os.PathLike[str], *, state_dir: str | os.PathLike[str] | None = None,
                  backend: str = "software", platform_dir: str | os.PathLike[str] | None = None,
                  dev_key: str | os.PathLike[str] | None = None, threads: int | None = None,
                  require_hardening: bool = False, tcti: str | None = None,
-                 memory_limit_mb: float | None = None, shared_memory: bool = True) -> None:
+                 memory_limit_mb: float | None = None, shared_memory: bool = True,
+                 service: str | os.PathLike[str] | None = None) -> None:
         self.capsule = Path(capsule).resolve()
-        self.state_dir = Path(state_dir).resolve()
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._run = tempfile.TemporaryDirectory(prefix="run-", dir=self.state_dir)
         self._lock = threading.Lock()
-        self._log = open(Path(self._run.name) / "worker.log", "w+b")
-        to_worker_r, self._to_worker = os.pipe()
-        self._from_worker, from_worker_w = os.pipe()
-        self._reader = protocol.FrameReader(self._from_worker)
         #: Seconds the host spends in each part of :meth:`infer` (encode, wait for the reply, decode).
         self.profile: dict[str, float] = {"calls": 0, "encode": 0.0, "wait": 0.0, "decode": 0.0}
         # Large tensors travel through a sealed memfd, passed to the worker at spawn.
         self._arena = protocol.SharedArena.create() if shared_memory else None
-        pass_fds = (to_worker_r, from_worker_w) + ((self._arena.fd,) if self._arena else ())
-        cmd = [sys.executable, "-m", "mlcapsule.enclave.worker",
-               "--fd-in", str(to_worker_r), "--fd-out", str(from_worker_w),
-               "--capsule", str(self.capsule), "--state-dir", str(self.state_dir),
-               "--run-dir", self._run.name, "--backend", backend]
-        if platform_dir:
-            cmd += ["--platform-dir", str(Path(platform_dir).resolve())]
-        if dev_key:
-            cmd += ["--dev-key", str(Path(dev_key).resolve())]
-        if tcti:  # tpm backend: how the worker reaches the TPM (it connects before hardening itself)
-            cmd += ["--tcti", tcti]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        if require_hardening:
-            cmd.append("--require-hardening")
-        if memory_limit_mb:  # streaming mode; the worker prepares ONNX Runtime for it at start
-            cmd += ["--memory-limit-mb", repr(float(memory_limit_mb))]
-        if self._arena is not None:
-            cmd += ["--shm-fd", str(self._arena.fd)]
-        env = dict(os.environ)
-        src = str(Path(__file__).resolve().parent.parent.parent)
-        # No BLAS worker threads: Landlock restricts only the thread that applies it and threads
-        # started after, so helper threads started by imports would escape it.
-        # ORT_DISABLE_TELEMETRY: onnxruntime's telemetry thread, and its writes under ~/.cache.
-        env.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                    "ORT_DISABLE_TELEMETRY": "1"})
-        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self._run: tempfile.TemporaryDirectory[str] | None = None
+        #: What the enclave service said about itself (service mode), else None.
+        self.service: dict[str, Any] | None = None
+        self.state_dir: Path | None = None
+        self.closed = True
+        self.proc: Any
         try:
-            self.proc = subprocess.Popen(cmd, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
-                                         stdout=self._log, stderr=self._log, env=env, close_fds=True)
-        finally:
-            os.close(to_worker_r)
-            os.close(from_worker_w)
+            if service is not None:
+                from ..enclaved import connect
+
+                self.proc, self._to_worker, self._from_worker, self.service = connect(
+                    Path(service), self.capsule, arena_fd=self._arena.fd if self._arena else None,
+                    threads=threads, memory_limit_mb=memory_limit_mb)
+            else:
+                if state_dir is None:
+                    raise ValueError("state_dir is required without the enclave service")
+                self.state_dir = Path(state_dir).resolve()
+                self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                if platform_dir is None and backend == "software":
+                    # Resolved here: the worker inherits no environment (no MLCAPSULE_HOME).
+                    from .._util import data_home
+
+                    platform_dir = data_home() / "platform" / "software"
+                self._run = tempfile.TemporaryDirectory(prefix="run-", dir=self.state_dir)
+                to_worker_r, self._to_worker = os.pipe()
+                self._from_worker, from_worker_w = os.pipe()
+                pass_fds = (to_worker_r, from_worker_w) + ((self._arena.fd,) if self._arena else ())
+                cmd = worker_argv(fd_in=to_worker_r, fd_out=from_worker_w, capsule=self.capsule,
+                                  state_dir=self.state_dir, run_dir=self._run.name, backend=backend,
+                                  platform_dir=platform_dir, dev_key=dev_key, tcti=tcti, threads=threads,
+                                  require_hardening=require_hardening, memory_limit_mb=memory_limit_mb,
+                                  shm_fd=self._arena.fd if self._arena else None)
+                try:
+                    self.proc = _LocalWorker(cmd, pass_fds, Path(self._run.name))
+                finally:
+                    os.close(to_worker_r)
+                    os.close(from_worker_w)
+        except BaseException:
+            if self._arena is not None:
+                self._arena.close()
+            if self._run is not None:
+                self._run.cleanup()
+            raise
+        self._reader = protocol.FrameReader(self._from_worker)
         self.closed = False
-        self.info = self.call("hello")
+        try:
+            self.info = self.call("hello")
+        except BaseException:
+            self.kill()
+            raise
         if self._arena is not None and not self.info.get("shared_memory"):
             self._arena.close()  # the worker refused it: tensors travel inline
             self._arena = None
@@ -156,16 +249,12 @@ class EnclaveProcess:
             self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             pass
-        self._log.flush()
-        self._log.seek(0)
-        lines = [ln for ln in self._log.read().decode(errors="replace").splitlines() if ln.strip()]
-        code = self.proc.returncode
-        return (lines[-1] if lines else "no output") + (f" (exit status {code})" if code is not None else "")
+        code = self.proc.poll()
+        return self.proc.log_tail() + (f" (exit status {code})" if code is not None else "")
 
     def kill(self) -> None:
         """Kill the worker without a clean shutdown (as a crash would)."""
         self.proc.kill()
-        self.proc.wait()
         self._cleanup()
 
     def close(self) -> None:
@@ -179,7 +268,6 @@ class EnclaveProcess:
                 self.proc.wait(timeout=10)
         except (EOFError, OSError, subprocess.TimeoutExpired, errors.MlcapsuleError):
             self.proc.kill()
-            self.proc.wait()
         self._cleanup()
 
     def _cleanup(self) -> None:
@@ -193,8 +281,9 @@ class EnclaveProcess:
                 pass
         if self._arena is not None:
             self._arena.close()
-        self._log.close()
-        self._run.cleanup()
+        self.proc.close()
+        if self._run is not None:
+            self._run.cleanup()
 
     def __enter__(self) -> "EnclaveProcess":
         return self

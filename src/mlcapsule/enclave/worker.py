@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mlcapsule-enclave-worker")
     ap.add_argument("--fd-in", type=int, required=True)
     ap.add_argument("--fd-out", type=int, required=True)
-    ap.add_argument("--capsule", required=True)
+    ap.add_argument("--capsule", help="the capsule's path")
+    ap.add_argument("--capsule-fd", type=int, default=-1, help="or an inherited descriptor of it (service mode)")
     ap.add_argument("--state-dir", required=True)
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--backend", default="software")
@@ -159,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         backend_args["tcti"] = a.tcti
     backend = get_backend(a.backend, **backend_args)  # the tpm backend connects now, before hardening
     b_read, b_write = backend.paths()
-    read_paths = python_read_paths() + [a.capsule] + ([a.dev_key] if a.dev_key else []) + b_read
+    if (a.capsule is None) == (a.capsule_fd < 0):
+        ap.error("give --capsule or --capsule-fd")
+    capsule: Path | int = Path(a.capsule) if a.capsule else a.capsule_fd
+    read_paths = python_read_paths() + ([a.capsule] if a.capsule else []) + ([a.dev_key] if a.dev_key else []) + b_read
     write_paths = [a.state_dir, a.run_dir] + b_write
     for p in write_paths:
         # Owner-only (0700), and so is every parent this creates: the platform folder holds the
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             arena = protocol.SharedArena.adopt(a.shm_fd, release=bool(a.memory_limit_mb))
         except (OSError, errors.ProtocolError) as e:  # tensors then travel inline
             print(f"shared memory refused: {e}", file=sys.stderr)
-    core = EnclaveCore(backend, Path(a.capsule), Path(a.state_dir), Path(a.run_dir),
+    core = EnclaveCore(backend, capsule, Path(a.state_dir), Path(a.run_dir),
                        hardening=report.as_dict(), threads=a.threads or None,
                        memory_limit_mb=a.memory_limit_mb or None)
     serve(core, a.fd_in, a.fd_out, arena)

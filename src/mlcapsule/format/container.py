@@ -110,7 +110,20 @@ class CapsuleFile:
     checked against the key it names itself, which proves integrity but not origin.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, trusted_key: bytes | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | int, *, trusted_key: bytes | None = None) -> None:
+        if isinstance(path, int):
+            # An open descriptor (the enclave service's workers get the client's capsule this
+            # way: they could not open the client's path themselves). Ours is a duplicate.
+            self.path = Path(f"/proc/self/fd/{path}")
+            self._fd = os.dup(path)
+            os.set_inheritable(self._fd, False)
+            self._mmap = None
+            try:
+                self._open(trusted_key)
+            except BaseException:
+                self.close()
+                raise
+            return
         self.path = Path(path)
         try:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
