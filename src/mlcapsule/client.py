@@ -39,7 +39,7 @@ class Capsule:
                  state_dir: str | os.PathLike[str] | None = None, backend: str | None = None,
                  platform_dir: str | os.PathLike[str] | None = None, threads: int | None = None,
                  trusted_provider_key: bytes | None = None, tcti: str | None = None,
-                 memory_limit_mb: float | None = None) -> None:
+                 memory_limit_mb: float | None = None, service: str | os.PathLike[str] | bool | None = None) -> None:
         self.path = Path(path)
         self.memory_limit_mb = memory_limit_mb  # streaming mode: the enclave stays within this many MiB
         with CapsuleFile(self.path, trusted_key=trusted_provider_key) as cf:
@@ -54,16 +54,27 @@ class Capsule:
             raise UsageError("--tcti is for the tpm backend", hint="add --backend tpm")
         self._made_state_dir = not self.state_dir.exists()
         _clean_leftovers(self.state_dir)  # run-* folders of killed sessions (issue 11, item 18)
-        self._enclave = EnclaveProcess(self.path, state_dir=self.state_dir, backend=self.backend,
-                                       platform_dir=platform_dir, dev_key=unsafe_dev_key, threads=threads,
-                                       tcti=self.tcti, memory_limit_mb=memory_limit_mb)
+        # The enclave service (`mlcapsule enclaved`, its own system user) when it runs, unless the
+        # caller asked for something only a per-user worker does (a dev key, its own folders).
+        sock = _service_for(service, local_only=bool(unsafe_dev_key or state_dir or platform_dir or backend or tcti))
+        if sock is not None:
+            self.mode = "service"
+            self._enclave = EnclaveProcess(self.path, service=sock, threads=threads, memory_limit_mb=memory_limit_mb)
+            assert self._enclave.service is not None
+            self.backend = str(self._enclave.service["backend"])
+        else:
+            self.mode = "per-user"
+            self._enclave = EnclaveProcess(self.path, state_dir=self.state_dir, backend=self.backend,
+                                           platform_dir=platform_dir, dev_key=unsafe_dev_key, threads=threads,
+                                           tcti=self.tcti, memory_limit_mb=memory_limit_mb)
         self._run_lock = _hold_run(self._enclave)
         self._dev = unsafe_dev_key is not None
         self.load_info: dict[str, Any] | None = None
         try:
             if unsafe_dev_key is not None:
                 self.load_info = self._enclave.call("load", {"dev_key": str(Path(unsafe_dev_key).resolve())})
-            elif (self.state_dir / STATE_FILE).exists():
+            elif (self._enclave.service["set_up"] if self._enclave.service is not None
+                  else (self.state_dir / STATE_FILE).exists()):
                 self.load_info = self._enclave.call("load", {"dev_key": None})
         except BaseException:
             self.close()
@@ -115,6 +126,7 @@ class Capsule:
         status = self._enclave.call("setup_finish", finish)
         self.load_info = {"license": "license"}
         self._remembered = {**self._remembered, "server": url}
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # service mode: not made yet
         _write_backend_choice(self.state_dir, self.backend, self.tcti, server=url)
         return status
 
@@ -209,7 +221,7 @@ class Capsule:
 
     # -- information --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return self._enclave.call("status")
+        return {**self._enclave.call("status"), "mode": mode_info(self._enclave.service)}
 
     def close(self) -> None:
         try:
@@ -222,7 +234,6 @@ class Capsule:
             if getattr(self, "_dev", False) and getattr(self, "_made_state_dir", False):
                 remove_if_empty(self.state_dir)  # a dev-key run leaves no empty state folder behind
 
-
     def __enter__(self) -> "Capsule":
         return self
 
@@ -231,6 +242,28 @@ class Capsule:
 
 
 BACKEND_FILE = "backend.json"
+
+
+def _service_for(service: str | os.PathLike[str] | bool | None, *, local_only: bool) -> Path | None:
+    """The enclave service's socket to use, or None for a per-user worker."""
+    from .enclaved import service_socket
+
+    if service is False or (service is None and local_only):
+        return None
+    if service is None or service is True:
+        return service_socket()
+    return Path(service)
+
+
+def mode_info(service: dict[str, Any] | None) -> dict[str, Any]:
+    """Which mode the enclave runs in, and what that protects against (for `status`)."""
+    from .enclaved import PER_USER_DOES_NOT, PER_USER_PROTECTS
+
+    if service is not None:
+        return {"mode": "service", "service_user": service.get("service_user"),
+                "protects_against": service.get("protects_against"),
+                "does_not_protect_against": service.get("does_not_protect_against")}
+    return {"mode": "per-user", "protects_against": PER_USER_PROTECTS, "does_not_protect_against": PER_USER_DOES_NOT}
 
 
 def _read_backend_choice(state_dir: Path) -> dict[str, Any]:

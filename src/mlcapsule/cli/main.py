@@ -232,16 +232,123 @@ def verify(capsule: str, trust: str | None) -> None:
 
 
 # -- run and status ----------------------------------------------------------------------------
-def _print_predictions(outputs: Any, manifest: Any, out: str | None, top_k: int) -> None:
+class Interrupted(MlcapsuleError):
+    """Ctrl-C during a predict: the answered sub-batches were written, the rest not charged."""
+
+    exit_code = 130
+    default_hint = "run predict again on the inputs that were not answered"
+
+
+def _print_predictions(first: Any, manifest: Any, out: str | None, top_k: int,
+                       sources: list[tuple[str, int]] | None = None) -> None:
+    """Write or print the model's first output. ``sources``: (input file, samples) in batch order,
+    so every JSON row says which input it answers."""
     from ..io import format_outputs, write_outputs
 
-    first = outputs[manifest.outputs[0].name]
     if out:
         write_outputs(first, Path(out))
-        console.print(f"wrote {first.shape[0]} predictions to {out}")
+        console.print(f"wrote {first.shape[0]} predictions to {out}", soft_wrap=True)
         return
     rows = format_outputs(first, manifest.class_names, top_k=top_k)
-    console.print_json(json.dumps(rows))
+    if sources:
+        labels = [(name, i) for name, n in sources for i in range(n)]
+        if len(labels) == len(rows):
+            rows = [{"input": name, "row": i, **r} for (name, i), r in zip(labels, rows)]
+    _print_json(rows)
+
+
+def _print_json(obj: Any) -> None:
+    """Indented JSON on a terminal; one unwrapped line elsewhere (pipes, files)."""
+    text = json.dumps(obj, default=str)
+    if console.is_terminal:
+        console.print_json(text)
+    else:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+
+def _answer_in_leases(cap: Any, x: Any, lease: int | None) -> tuple[Any, int]:
+    """Answer ``x`` in sub-batches of about one lease, so each is charged as it is answered and
+    Ctrl-C loses at most the sub-batch in flight. Returns (answers so far, samples in x). A first
+    Ctrl-C stops after the sub-batch in flight; a second one stops at once."""
+    import signal
+
+    import numpy as np
+
+    name = cap.manifest.inputs[0].name
+    first_dim = cap.manifest.inputs[0].shape[0] if cap.manifest.inputs[0].shape else None
+    n = int(x.shape[0]) if getattr(x, "ndim", 0) else 1
+    if not lease or isinstance(first_dim, int) and first_dim > 0 or x.ndim == 0:
+        step = max(n, 1)  # a fixed batch size (or a scalar): one call
+    else:
+        step = max(1, int(lease))
+    stop = {"asked": False}
+    previous = None
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: no handler, a KeyboardInterrupt cannot happen here
+        previous = None
+    done: list[Any] = []
+    answered = 0
+    try:
+        for start in range(0, max(n, 1), step):
+            if stop["asked"]:
+                break
+            out = cap.run({name: x[start:start + step] if x.ndim else x})
+            done.append(out[cap.manifest.outputs[0].name])
+            answered = min(n, start + step)
+    except KeyboardInterrupt:
+        stop["asked"] = True
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if not done:
+        result = None
+    elif len(done) == 1:
+        result = done[0]
+    else:
+        result = np.concatenate(done, axis=0)
+    if stop["asked"] and answered < n:
+        return result, -answered  # negative: interrupted after that many
+    return result, n
+
+
+def _predict(cap: Any, inputs: tuple[str, ...], output: str | None, top_k: int) -> None:
+    """Load, answer sub-batch by sub-batch, write. On Ctrl-C the answered part is written."""
+    x, sources = _load_inputs_with_sources(inputs, cap.manifest)
+    lease = None
+    if cap.load_info and cap.load_info.get("license") == "license":
+        lease = (cap.status().get("license_status") or {}).get("lease_size") or cap.manifest.policy.lease_size
+    first, count = _answer_in_leases(cap, x, lease)
+    if count < 0:
+        answered = -count
+        where = "nothing"
+        if first is not None and answered:
+            if output:
+                _print_predictions(first, cap.manifest, output, top_k)
+                where = output
+            else:
+                _print_predictions(first, cap.manifest, None, top_k, _truncate_sources(sources, answered))
+                where = "stdout"
+        raise Interrupted(f"interrupted: {answered} of {x.shape[0]} inputs answered and written to {where}; "
+                          "the rest was not charged")
+    _print_predictions(first, cap.manifest, output, top_k, sources)
+
+
+def _truncate_sources(sources: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
+    out = []
+    for name, k in sources:
+        if n <= 0:
+            break
+        out.append((name, min(k, n)))
+        n -= k
+    return out
 
 
 _memory_limit_option = click.option(
@@ -255,7 +362,7 @@ _memory_limit_option = click.option(
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--unsafe-dev-key", required=True, type=click.Path(exists=True, dir_okay=False),
               help="UNSAFE, for development: load the capsule with the provider's content key file.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write outputs to .json or .npy.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write outputs to .npy, .json or .csv.")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--state-dir", type=click.Path(file_okay=False))
 @_memory_limit_option
@@ -264,15 +371,24 @@ def run(capsule: str, inputs: tuple[str, ...], unsafe_dev_key: str, output: str 
     """Run CAPSULE on INPUTS with the provider's key file (development only)."""
     from ..client import open_capsule
 
+    from ..io import check_output_path
+
+    if output:
+        check_output_path(output)
     err_console.print("[yellow]warning:[/] --unsafe-dev-key bypasses the license: for development and tests only")
     with open_capsule(capsule, unsafe_dev_key=unsafe_dev_key, state_dir=state_dir,
                       memory_limit_mb=memory_limit) as cap:
-        x = _load_inputs(inputs, cap.manifest)
-        outputs = cap.run({cap.manifest.inputs[0].name: x})
-        _print_predictions(outputs, cap.manifest, output, top_k)
+        _predict(cap, inputs, output, top_k)
 
 
 def _load_inputs(inputs: tuple[str, ...], manifest: Any) -> Any:
+    return _load_inputs_with_sources(inputs, manifest)[0]
+
+
+def _load_inputs_with_sources(inputs: tuple[str, ...], manifest: Any) -> tuple[Any, list[tuple[str, int]]]:
+    """The batch, and (input file, samples) for each file in batch order."""
+    import numpy as np
+
     from ..io import Preprocessing, load_inputs
 
     if len(manifest.inputs) != 1:
@@ -280,7 +396,16 @@ def _load_inputs(inputs: tuple[str, ...], manifest: Any) -> Any:
     spec = manifest.inputs[0]
     # Without preprocessing in the manifest, inputs are model-ready arrays (kind "tensor").
     prep = Preprocessing.from_dict(manifest.preprocessing) if manifest.preprocessing else Preprocessing()
-    return load_inputs([Path(p) for p in inputs], prep, spec.shape).astype(spec.dtype, copy=False)
+    paths = [Path(p) for p in inputs]
+    fixed = bool(spec.shape) and isinstance(spec.shape[0], int) and spec.shape[0] > 0
+    if len(paths) == 1 or fixed:
+        x = load_inputs(paths, prep, spec.shape)
+        return x.astype(spec.dtype, copy=False), ([(str(paths[0]), int(x.shape[0]))] if len(paths) == 1 and x.ndim else [])
+    parts = [load_inputs([p], prep, spec.shape) for p in paths]
+    if len({p.shape[1:] for p in parts}) > 1:
+        load_inputs(paths, prep, spec.shape)  # raises the error that names each file's shape
+    x = np.concatenate(parts, axis=0)
+    return x.astype(spec.dtype, copy=False), [(str(p), int(a.shape[0])) for p, a in zip(paths, parts)]
 
 
 _token_option = click.option("--token", envvar="MLCAPSULE_TOKEN", required=True,
@@ -326,23 +451,28 @@ def setup(capsule: str, token: str, server: str | None, state_dir: str | None, b
 @cli.command()
 @click.argument("capsule", type=click.Path(exists=True, dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write outputs to .json or .npy.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write outputs to .npy, .json or .csv.")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
 @_state_option
 @_backend_options
 @_memory_limit_option
 def predict(capsule: str, inputs: tuple[str, ...], output: str | None, top_k: int, state_dir: str | None,
             backend: str | None, tcti: str | None, memory_limit: float | None) -> None:
-    """Predict offline with a set-up CAPSULE. Each input row is charged to the budget before it is answered."""
+    """Predict offline with a set-up CAPSULE. Each input row is charged to the budget before it is answered.
+
+    Inputs are answered in sub-batches of one lease, each charged as it is answered: Ctrl-C
+    writes what was answered and loses at most the sub-batch in flight.
+    """
     from ..client import open_capsule
     from ..errors import NotProvisionedError
+    from ..io import check_output_path
 
+    if output:
+        check_output_path(output)  # every argument is checked before anything is charged
     with open_capsule(capsule, state_dir=state_dir, backend=backend, tcti=tcti, memory_limit_mb=memory_limit) as cap:
         if not cap.is_set_up:
             raise NotProvisionedError(f"{capsule} is not set up on this device")
-        x = _load_inputs(inputs, cap.manifest)
-        outputs = cap.run({cap.manifest.inputs[0].name: x})
-        _print_predictions(outputs, cap.manifest, output, top_k)
+        _predict(cap, inputs, output, top_k)
 
 
 @cli.command()
@@ -471,6 +601,10 @@ def bench(suites: tuple[str, ...], quick: bool, threads: int | None, results_dir
 from .admin import register as _register_provider_commands  # noqa: E402
 
 _register_provider_commands(cli)
+
+from .enclaved import enclaved as _enclaved  # noqa: E402
+
+cli.add_command(_enclaved)
 
 
 def main(argv: list[str] | None = None) -> int:
