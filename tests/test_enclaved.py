@@ -334,3 +334,85 @@ def test_per_user_mode_is_exposed_to_the_clients_own_user(tmp_path, provider_ser
         """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["per-user", "32"]
+
+
+from swtpm import tpm_ca, tpm_factory, tpm_policy  # noqa: E402,F401  (fixtures)
+
+
+@pytest.mark.tpm
+def test_tpm_service_predicts_and_the_client_user_cannot_reach_the_tpm(deployment, provider_files, platform,  # noqa: F811
+                                                                       tpm_factory, tpm_policy, tmp_path):  # noqa: F811
+    """On `tpm` in per-user mode the client's user could unseal the state key (empty auth) with
+    tpm2-pytss. With the service, only the service's user reaches the TPM: the same attempt by
+    the client's user is refused, while its predictions through the service work."""
+    tpm = tpm_factory("A", tmp_path / "tpm")
+    try:
+        svc = deployment.service
+        os.chown(tpm.socket.parent, svc.pw_uid, svc.pw_gid)
+        os.chmod(tpm.socket.parent, 0o700)
+        os.chown(tpm.socket, svc.pw_uid, svc.pw_gid)
+        base = deployment.base / "tpm-service"
+        base.mkdir(mode=0o700)
+        os.chown(base, svc.pw_uid, svc.pw_gid)
+        sock = base / "enclaved.sock"
+        proc = subprocess.Popen([sys.executable, "-I", "-m", "mlcapsule", "enclaved", "run", "--socket", str(sock),
+                                 "--state-dir", str(base / "state"), "--backend", "tpm", "--tcti", tpm.tcti],
+                                user=svc.pw_uid, group=svc.pw_gid, extra_groups=[],
+                                env={"PATH": "/usr/bin:/bin", "HOME": str(base)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        os.chmod(base, 0o755)  # clients reach the socket; the state below stays 0700
+        try:
+            deadline = time.monotonic() + 30
+            while not sock.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "the tpm service did not start"
+                time.sleep(0.05)
+            db = tmp_path / "server.db"
+            with harness(f"sqlite:///{db}", provider_files, platform, budget=20, tpm_policy=tpm_policy) as h, \
+                    serve_in_thread(h.app) as url:
+                cap = deployment.client_home / "tiny-tpm.capsule"
+                shutil.copy(provider_files.capsule_path, cap)
+                os.chown(cap, deployment.client.pw_uid, deployment.client.pw_gid)
+                r = deployment.as_client(f"""
+                    import json, numpy as np, mlcapsule
+                    with mlcapsule.open_capsule({str(cap)!r}) as c:
+                        c.setup(token={h.token!r}, server={url!r})
+                        out = c.predict(np.ones((2, 4), np.float32))
+                        st = c.status()
+                        print(json.dumps({{"shape": list(out.shape), "backend": st["backend"],
+                                          "mode": st["mode"]["mode"], "answered": st["license_status"]["answered"]}}))
+                    """, env={"MLCAPSULE_ENCLAVED_SOCKET": str(sock)})
+                assert r.returncode == 0, r.stderr
+                assert json.loads(r.stdout.strip().splitlines()[-1]) == {"shape": [2, 3], "backend": "tpm",
+                                                                         "mode": "service", "answered": 2}
+            attack = deployment.as_client(f"""
+                import json
+                res = {{}}
+                try:
+                    from tpm2_pytss import ESAPI, TCTILdr
+                    with ESAPI(TCTILdr("swtpm", "path={tpm.socket}")) as e:
+                        e.get_random(8)
+                    res["talk to the TPM"] = "succeeded"
+                except Exception as ex:
+                    res["talk to the TPM"] = "refused: " + type(ex).__name__
+                try:
+                    import socket
+                    socket.socket(socket.AF_UNIX).connect({str(tpm.socket)!r})
+                    res["connect to the TPM socket"] = "succeeded"
+                except OSError as ex:
+                    res["connect to the TPM socket"] = "refused: " + (ex.strerror or "")
+                try:
+                    import os
+                    os.listdir({str(base / "state")!r})
+                    res["list the sealed states"] = "succeeded"
+                except OSError as ex:
+                    res["list the sealed states"] = "refused: " + (ex.strerror or "")
+                print(json.dumps(res))
+                """)
+            assert attack.returncode == 0, attack.stderr
+            res = json.loads(attack.stdout.strip().splitlines()[-1])
+            assert all(v.startswith("refused") for v in res.values()), res
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        tpm.close()
