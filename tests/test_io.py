@@ -347,7 +347,7 @@ def test_write_outputs_npy_and_json(tmp_path: Path) -> None:
     rows = format_outputs(out, ["no", "yes"])
     write_outputs(rows, tmp_path / "rows.json")
     assert json.loads((tmp_path / "rows.json").read_text())[0]["class"] == "yes"
-    with pytest.raises(UsageError, match=".npy or .json"):
+    with pytest.raises(UsageError, match=r"\.npy, \.json, \.csv"):
         write_outputs(out, tmp_path / "o.txt")
     with pytest.raises(UsageError, match="only an array"):
         write_outputs(rows, tmp_path / "rows.npy")

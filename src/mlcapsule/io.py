@@ -13,13 +13,18 @@ Public API:
 * :func:`load_inputs` — ``.npy``, ``.npz``, ``.csv``, ``.json`` and ``.png``/``.jpg``/``.jpeg``
   files → one batch, validated against the model's input shape.
 * :func:`format_outputs` — model outputs → one dict per row (class, index, probabilities, top-k).
-* :func:`write_outputs` — save outputs as ``.npy`` or ``.json``.
+* :func:`write_outputs` — save outputs as ``.npy``, ``.json`` or ``.csv``.
+* :func:`check_output_path` — refuse an output path before anything is computed or charged.
 
 How array files map onto the batch: an array whose rank equals the model input's rank is a
 batch; one with one dimension fewer is a single sample. A 1-D or 2-D array whose last dimension
 holds exactly the number of values of one sample is reshaped to samples (so a CSV row of 784
-values feeds a ``[N, 1, 28, 28]`` model). Several files are concatenated into one batch. Array
-files are taken as model-ready tensors: ``scale``/``mean``/``std``/``layout`` apply to images only.
+values feeds a ``[N, 1, 28, 28]`` model). Several files are concatenated into one batch.
+
+One scaling rule for every format: *pixels* get the manifest's image preprocessing
+(``invert``, ``scale``, ``mean``/``std``), *values* are taken as model-ready. Pixels are images,
+and ``uint8`` arrays (``.npy``/``.npz``) when the manifest describes images; everything else
+(float arrays, CSV, JSON) is values. Non-finite inputs (NaN, ±inf) are refused, in every format.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -43,6 +49,8 @@ __all__ = [
     "load_inputs",
     "format_outputs",
     "write_outputs",
+    "check_output_path",
+    "OUTPUT_SUFFIXES",
     "ARRAY_SUFFIXES",
     "IMAGE_SUFFIXES",
 ]
@@ -222,16 +230,25 @@ def load_inputs(
     for raw in paths:
         path = Path(raw)
         suffix = path.suffix.lower()
+        pixels = False
         if suffix in IMAGE_SUFFIXES:
             arr = _load_image(path, prep)[None, ...]
         elif suffix in ARRAY_SUFFIXES:
             arr = _load_array(path, suffix)
+            pixels = arr.dtype == np.uint8 and prep.kind == "image"
         else:
             raise InputError(
                 f"{path}: unsupported input file type {path.suffix or '(no suffix)'!r}",
                 hint=f"use one of {', '.join(ARRAY_SUFFIXES + IMAGE_SUFFIXES)}",
             )
-        parts.append(_fit(arr, input_shape, path))
+        part = _fit(arr, input_shape, path)
+        if pixels:  # the same rule as for images: pixel values get the manifest's preprocessing
+            part = _preprocess_pixels(part, prep)
+        if not np.all(np.isfinite(part)):
+            bad = int(np.size(part) - np.count_nonzero(np.isfinite(part)))
+            raise InputError(f"{path}: the input holds {bad} non-finite value(s) (NaN or infinity)",
+                             hint="nothing was charged; replace or drop those samples")
+        parts.append(part)
     if len(parts) == 1:
         batch = parts[0]
     else:
@@ -305,6 +322,26 @@ def _fit(arr: np.ndarray, input_shape: Sequence[int | str | None], path: Path) -
         f"{path}: expected input of shape {_fmt_expected(input_shape)} "
         f"(or one sample of shape {_fmt_expected(input_shape[1:])}), got {_fmt(arr.shape)}",
     )
+
+
+def _preprocess_pixels(batch: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """A batch of pixel values 0..255 (already in the model's layout) → what the image pipeline
+    makes of decoded images: invert, scale, then per-channel mean/std along the layout's channel axis."""
+    x = batch.astype(np.float32)
+    if prep.invert:
+        x = np.float32(255.0) - x
+    x = x * np.float32(prep.scale)
+    for vals, op in ((prep.mean, np.subtract), (prep.std, np.divide)):
+        if vals is None:
+            continue
+        v = np.asarray(vals, dtype=np.float32)
+        if prep.layout == "NCHW" and x.ndim >= 2:
+            v = v.reshape((1, -1) + (1,) * (x.ndim - 2))
+        elif prep.layout == "flat" and x.ndim == 2 and x.shape[1] % v.size == 0:
+            x = op(x.reshape(x.shape[0], -1, v.size), v).reshape(x.shape)
+            continue
+        x = op(x, v)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _to_float32(arr: np.ndarray) -> np.ndarray:
@@ -615,8 +652,45 @@ def _nested(a: np.ndarray) -> Any:
     return [_nested(x) for x in a]
 
 
+OUTPUT_SUFFIXES = (".npy", ".json", ".csv")
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Check that outputs can be written to ``path`` (a supported suffix, an existing folder, not
+    a folder itself), so a bad ``-o`` is refused before anything is charged. Creates nothing."""
+    path = Path(path)
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UsageError(f"{path}: cannot write outputs as {path.suffix or '(no suffix)'!r}; "
+                         f"outputs are written as {', '.join(OUTPUT_SUFFIXES)}",
+                         hint="nothing was charged; use a .npy, .json or .csv file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UsageError(f"{path}: the folder {parent} does not exist",
+                         hint="nothing was charged; create the folder first, or write somewhere else")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder", hint="nothing was charged; give a file name")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{path}: the folder {parent} is not writable", hint="nothing was charged; write somewhere else")
+    return path
+
+
+def _csv_rows(outputs: np.ndarray) -> bytes:
+    arr = np.asarray(outputs)
+    if arr.ndim == 0:
+        arr = arr.reshape(1, 1)
+    elif arr.ndim == 1:
+        arr = arr.reshape(-1, 1)
+    else:
+        arr = arr.reshape(arr.shape[0], -1)
+    lines = []
+    for row in arr:
+        lines.append(",".join("nan" if isinstance(v, float) and math.isnan(v) else repr(v) for v in row.tolist()))
+    return ("\n".join(lines) + "\n").encode("ascii")
+
+
 def write_outputs(outputs: np.ndarray | Sequence[Mapping[str, Any]], path: str | Path) -> None:
-    """Write ``outputs`` to ``path``: ``.npy`` (an array) or ``.json``.
+    """Write ``outputs`` to ``path``: ``.npy`` (an array), ``.json`` or ``.csv`` (one row of
+    numbers per sample, as :func:`load_inputs` reads CSV; an array only).
 
     JSON gets a nested list of numbers for an array (non-finite values as ``null``; it reads
     back with :func:`load_inputs`), or the list of dicts from :func:`format_outputs` as is.
@@ -638,9 +712,15 @@ def write_outputs(outputs: np.ndarray | Sequence[Mapping[str, Any]], path: str |
             data = (json.dumps(obj, allow_nan=False, ensure_ascii=False) + "\n").encode("utf-8")
         except (TypeError, ValueError) as e:
             raise UsageError(f"cannot write the outputs as JSON: {e}") from None
+    elif suffix == ".csv":
+        if not isinstance(outputs, np.ndarray):
+            raise UsageError("only an array can be written as .csv; use a .json file for formatted outputs")
+        data = _csv_rows(outputs)
     else:
-        raise UsageError(f"{path}: cannot write outputs as {path.suffix or '(no suffix)'!r}; "
-                         "outputs are written as .npy or .json", hint="use a .npy or .json file name")
+        check_output_path(path)
+        raise AssertionError("unreachable")
+    if not path.parent.is_dir():  # never create folders the user did not ask for
+        check_output_path(path)
     try:
         atomic_write(path, data, mode=0o644)
     except OSError as e:

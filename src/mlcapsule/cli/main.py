@@ -602,6 +602,21 @@ from .admin import register as _register_provider_commands  # noqa: E402
 
 _register_provider_commands(cli)
 
+
+def _restore_sigint() -> None:
+    """The imports are done: Ctrl-C raises KeyboardInterrupt again, which :func:`main` handles."""
+    import signal
+    import threading
+
+    from . import _interrupted_while_starting
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_restore_sigint()
+
 from .enclaved import enclaved as _enclaved  # noqa: E402
 
 cli.add_command(_enclaved)
@@ -620,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         e.show()
         return 2
     except KeyboardInterrupt:
+        err_console.print("aborted")
         return 130
     except Exception as e:  # a bug: one line, unless the user asks for the traceback
         if os.environ.get("MLCAPSULE_DEBUG"):
