@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto
 
-from ..errors import FormatError
+from ..errors import FormatError, InputError, MlcapsuleError
 from ..format.manifest import RuntimeConfig
 from .split import PLACEHOLDER
 
@@ -83,16 +83,17 @@ def placeholder_views(model: onnx.ModelProto, weights: np.ndarray) -> dict[str, 
         if t.data_location != TensorProto.EXTERNAL:
             continue
         ext = {e.key: e.value for e in t.external_data}
+        # No tensor names in these messages: they reach the host, and the graph may be encrypted.
         if ext.get("location") != PLACEHOLDER:
-            raise FormatError(f"tensor {t.name!r} points outside the capsule")
+            raise FormatError("a tensor of the model points outside the capsule")
         try:
             offset, length = int(ext["offset"]), int(ext["length"])
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
         except (KeyError, ValueError, TypeError) as e:
-            raise FormatError(f"tensor {t.name!r} has a malformed placeholder") from e
+            raise FormatError("a tensor of the model has a malformed placeholder") from e
         count = int(np.prod(t.dims, dtype=np.int64))
         if offset < 0 or length != count * dtype.itemsize or offset + length > size or offset % dtype.itemsize:
-            raise FormatError(f"tensor {t.name!r} does not fit the weights segment")
+            raise FormatError("a tensor of the model does not fit the weights segment")
         views[t.name] = weights[offset:offset + length].view(dtype).reshape(tuple(t.dims))
     return views
 
@@ -153,7 +154,9 @@ class ResidentModel:
         except Exception as e:
             if cfg.initializers == "copy" and not keep_weights and weights.flags.writeable:
                 weights.fill(0)
-            raise FormatError(f"ONNX Runtime cannot load the model: {e}") from e
+            # ORT's text names nodes and shapes, and this message reaches the host, whose graph may
+            # be encrypted: it stays in the exception's cause (the packer's trials), not the reply.
+            raise FormatError("ONNX Runtime cannot load the model") from e
         finally:
             del so  # drops the in-memory file reference (copy mode)
         if cfg.initializers == "copy":
@@ -166,7 +169,15 @@ class ResidentModel:
         self.output_names = [o.name for o in self.outputs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(self.output_names, feeds if type(feeds) is dict else dict(feeds))
+        try:
+            return self.session.run(self.output_names, feeds if type(feeds) is dict else dict(feeds))
+        except MlcapsuleError:
+            raise
+        except Exception as e:
+            # ORT's messages name nodes and shapes; as an unexpected exception they would reach the
+            # worker's log (which the host reads) with a traceback. The detail stays in the cause.
+            raise InputError("the model cannot run on this input",
+                             hint="check the input against the model's description (`mlcapsule inspect`)") from e
 
     def describe(self) -> dict[str, Any]:
         return {"mode": "resident", "runtime": self.config.to_dict() | {"initializers": self.config.initializers},

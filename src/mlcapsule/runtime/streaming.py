@@ -35,6 +35,15 @@ chunk bounce buffer, the pinned tensors and allocator slack. A batch whose activ
 not fit is run in sub-batches (each one streams the weights again). The limit counts from the
 enclave's memory after imports and ORT's initialization, before the capsule is loaded
 (:func:`memory_status`, ``status`` ECALL).
+
+What leaves the enclave. Unless the capsule was packed with ``--public-architecture`` (its
+graph segment stored in the clear), nothing per layer does: no op type, node or tensor name,
+weight size, per-segment node count or per-step timing, in :meth:`StreamingModel.describe` or in
+an error message (red team, issue 9: the ``status`` ECALL used to hand the host every layer of
+an encrypted MLP). Aggregates do: the memory limit, total run and decryption time, and, when a
+limit is refused, the smallest limit that would work as one number. The host picks the limit
+and can read the worker's total memory from ``/proc`` anyway, so it could find that number by
+trying limits; a per-layer figure it could not.
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .._util import munlock
 from ..crypto.chunks import TAG_LEN, SegmentCipher, n_chunks, stored_length
-from ..errors import FormatError, InputError, IntegrityError, UsageError
+from ..errors import FormatError, InputError, IntegrityError, MlcapsuleError, UsageError
 from .resident import aligned_empty, mapped_buffer
 from .split import PLACEHOLDER
 
@@ -149,7 +158,7 @@ def _segment_options(threads: int | None) -> ort.SessionOptions:
     # the weights are inputs, so nothing is prepacked or re-laid-out ahead of time.
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.disable_prepacking", "1")
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # ORT's error lines name nodes; failures surface as exceptions instead
     setup = _ORT_SETUP or {}
     if threads:
         so.intra_op_num_threads = threads
@@ -193,6 +202,9 @@ class WeightReader:
         self._cipher = SegmentCipher(key, m.capsule_id, m.version, seg.index, seg.chunk_size)
         self._bounce: np.ndarray | None = None
         self._bounce_index = -1
+        #: The graph is public (packed with --public-architecture, stored in the clear): only
+        #: then may per-layer facts appear in status and error messages.
+        self.public_architecture = bool(m.public_architecture) and not m.segment("graph").encrypted
         self._release_pages = release_pages and self._mmap is not None
         if self._release_pages:
             munlock(self._mmap)  # ciphertext is public; locked pages could not be dropped
@@ -378,6 +390,7 @@ class StreamingModel:
         self.reader = reader
         self.limit = int(limit_bytes)
         self.threads = threads
+        self.public_architecture = bool(getattr(reader, "public_architecture", False))
         self.queries = 0  # runs (sub-batches count one each)
         self.run_seconds = 0.0  # in runs, decryption included (reader.seconds)
         self._scratch: np.ndarray | None = None
@@ -397,7 +410,8 @@ class StreamingModel:
         g = model.graph
         for node in g.node:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-                raise UsageError("streaming mode does not support models with control flow (If, Loop, Scan)",
+                raise UsageError("streaming mode does not support models with control flow (If, Loop, Scan)"
+                                 if self.public_architecture else "streaming mode cannot run this model",
                                  hint="run this capsule without --memory-limit")
         self._opsets = list(model.opset_import)
         self._ir_version = model.ir_version
@@ -414,15 +428,15 @@ class StreamingModel:
                 continue
             ext = {e.key: e.value for e in t.external_data}
             if ext.get("location") != PLACEHOLDER:
-                raise FormatError(f"tensor {t.name!r} points outside the capsule")
+                raise FormatError(f"{self._tensor(t.name)} points outside the capsule")
             try:
                 offset, length, dtype = int(ext["offset"]), int(ext["length"]), _dtype(t.data_type)
             except (KeyError, ValueError, TypeError) as e:
-                raise FormatError(f"tensor {t.name!r} has a malformed placeholder") from e
+                raise FormatError(f"{self._tensor(t.name)} has a malformed placeholder") from e
             count = int(np.prod(t.dims, dtype=np.int64))
             if (offset < 0 or length != count * dtype.itemsize or offset + length > self.reader.plain_length
                     or offset % ALIGN):
-                raise FormatError(f"tensor {t.name!r} does not fit the weights segment")
+                raise FormatError(f"{self._tensor(t.name)} does not fit the weights segment")
             weights[t.name] = _Tensor(t.name, offset, length, dtype, t.data_type, tuple(int(d) for d in t.dims))
         self.input_names = [n for n in self.input_names if n not in weights and n not in self._inline]
 
@@ -507,6 +521,8 @@ class StreamingModel:
             least = MIN_SCRATCH if streamed else 0
             if cap < least:
                 need = (self.limit - cap + least) / MiB
+                if not self.public_architecture:
+                    raise self._too_small(least - cap)
                 raise UsageError(f"a memory limit of {self.limit / MiB:g} MB is too small for this model: it needs "
                                  f"at least {math.ceil(need)} MB ({self.activation_bytes / MiB:.1f} MB for activations, "
                                  f"{reserve(sessions) / MiB:.1f} MB for sessions and buffers"
@@ -614,11 +630,19 @@ class StreamingModel:
         big = max((streamed[n] for n in ins if n in streamed), key=lambda t: t.length)
         why = (f"a memory limit of {self.limit / MiB:g} MB leaves {cap / MiB:.1f} MB for weights, and the "
                f"{big.length / MiB:.1f} MB tensor of this {node.op_type} node cannot be split")
+        node_weights = sum(streamed[n].aligned for n in dict.fromkeys(ins) if n in streamed)
+
+        def refuse(short: int) -> UsageError:
+            # Encrypted graph: the smallest limit that works, as one number (no op, no size).
+            if not self.public_architecture:
+                return self._too_small(short)
+            return UsageError(why, hint="raise --memory-limit")
+
         conv = node.op_type == "Conv" and len(big.shape) >= 3 and int(attrs.get("group", 1)) == 1
         if not (conv or (node.op_type in ("MatMul", "Gemm") and len(big.shape) == 2)) or len(ins) < 2 or ins[1] != big.name:
-            raise UsageError(why, hint="raise --memory-limit")
+            raise refuse(node_weights - cap)
         if ins[0] in streamed or ins[0] in self._pinned or ins[0] in self._inline:
-            raise UsageError(why, hint="raise --memory-limit")
+            raise refuse(node_weights - cap)
         c = ins[2] if node.op_type in ("Gemm", "Conv") and len(ins) > 2 and ins[2] else None
         if conv:
             sp = _Split(node, "c", ins[0], big, c, node.output[0])
@@ -634,18 +658,31 @@ class StreamingModel:
         total_rows = big.shape[0]
         rows = room // sp.row_bytes if sp.row_bytes else total_rows
         if rows < 1:
-            raise UsageError(why, hint="raise --memory-limit")
+            raise refuse(sp.row_bytes - room)
         n_blocks = -(-total_rows // rows)
         rows = -(-total_rows // n_blocks)  # balanced blocks
         sp.rows = rows
         sp.blocks = [(r, min(r + rows, total_rows)) for r in range(0, total_rows, rows)]
         return sp
 
+    # -- what may leave the enclave -------------------------------------------------------------
+    def _tensor(self, name: str) -> str:
+        """A tensor, for an error message: named only when the architecture is public."""
+        return f"tensor {name[:200]!r}" if self.public_architecture else "a tensor of the model"
+
+    def _too_small(self, short: int) -> UsageError:
+        """The limit is ``short`` bytes short: say by how much in total, as one number. An
+        aggregate, like the limit itself (see the module docstring)."""
+        need = math.ceil((self.limit + max(short, 0)) / MiB)
+        return UsageError(f"a memory limit of {self.limit / MiB:g} MB is too small for this model: "
+                          f"it needs at least {need} MB", hint="raise --memory-limit")
+
     # -- sub-models ----------------------------------------------------------------------------
     def _type(self, name: str) -> int:
         t = self._types.get(name) or self._init_types.get(name)
         if not t:
-            raise UsageError(f"streaming mode cannot infer the type of {name!r} in this model",
+            what = f"the type of {name[:200]!r}" if self.public_architecture else "the types"
+            raise UsageError(f"streaming mode cannot infer {what} in this model",
                              hint="run this capsule without --memory-limit")
         return t
 
@@ -709,19 +746,34 @@ class StreamingModel:
     def _session(self, model_bytes: bytes) -> ort.InferenceSession:
         try:
             return ort.InferenceSession(model_bytes, _segment_options(self.threads), providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise FormatError(f"ONNX Runtime cannot load a segment of the model: {e}") from e
+        except Exception as e:  # ORT's text names nodes and shapes: only for a public architecture
+            raise FormatError("ONNX Runtime cannot load a segment of the model"
+                              + (f": {e}" if self.public_architecture else "")) from e
 
     # -- running -------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self._run(feeds)
+        except MlcapsuleError:
+            raise
+        except Exception as e:
+            # ORT's (and numpy's) messages name nodes and shapes; unexpected exceptions would put
+            # them, with a traceback, into the worker's log, which the host reads.
+            raise InputError("the model cannot run on this input"
+                             + (f": {str(e)[:2000]}" if self.public_architecture else ""),
+                             hint="check the input against the model's description (`mlcapsule inspect`)") from e
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         batch = _batch(feeds)
         if not (self.max_batch and batch > self.max_batch and self._batched):
             return self._run_once(feeds)
         sub = (self.room - batch * self.io_item_bytes) // self.activation_bytes
         if sub < 1:
             most = max(1, (self.room - self.activation_bytes) // max(self.io_item_bytes, 1))
+            # How many fit depends on the scratch, i.e. on layer sizes: a number only when public.
             raise InputError(f"a batch of {batch} does not fit in the memory limit of {self.limit / MiB:g} MB",
-                             hint=f"send at most {most} at a time, or raise --memory-limit")
+                             hint=(f"send at most {most} at a time" if self.public_architecture
+                                   else "send smaller batches") + ", or raise --memory-limit")
         outputs: list[np.ndarray] = []
         for i in range(0, batch, sub):
             part = self._run_once({k: v[i:i + sub] for k, v in feeds.items()})
@@ -809,10 +861,17 @@ class StreamingModel:
 
     # -- information ---------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
+        """The plan and its counters, for the ``status`` ECALL. Encrypted graph: aggregates only
+        (the limit, total times, runs); per-layer facts only for a public architecture."""
+        if not self.public_architecture:
+            return {"mode": "streaming", "architecture": "private", "memory_limit": self.limit,
+                    "decrypt_seconds": self.reader.seconds, "runs": self.queries, "run_seconds": self.run_seconds,
+                    "onnxruntime": dict(_ORT_SETUP or {})}
         segs = [s for s in self.steps if isinstance(s, _Segment)]
         splits = [s for s in self.steps if isinstance(s, _Split)]
         return {
             "mode": "streaming",
+            "architecture": "public",
             "memory_limit": self.limit,
             "segments": len(segs),
             "split_nodes": [{"op": s.node.op_type, "axis": {"k": "reduction (summed)", "n": "output (concatenated)", "c": "output channels (concatenated)"}[s.axis],
