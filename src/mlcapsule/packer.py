@@ -209,6 +209,67 @@ def choose_runtime(model: onnx.ModelProto, split: SplitModel, inputs: Sequence[T
     return best[0]
 
 
+def check_model_description(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                            preprocessing: dict[str, Any] | None, class_names: Sequence[str] | None,
+                            proto: onnx.ModelProto | None = None) -> None:
+    """What the client's loader checks (``Preprocessing.from_dict``, the class names against the
+    output, image samples against the input), plus the graph's shapes. Raises ``UsageError``."""
+    from .io import Preprocessing, _fit
+
+    if preprocessing is not None:
+        try:
+            prep = Preprocessing.from_dict(preprocessing)
+        except (FormatError, UsageError) as e:
+            raise UsageError(e.message.replace("manifest: model.", ""),
+                             hint="fix the preprocessing options (--image-size, --channels, --layout, --scale, "
+                                  "--mean, --std)") from None
+        sample = prep.sample_shape()
+        if sample is not None:
+            if len(inputs) != 1:
+                raise UsageError("image preprocessing needs a model with exactly one input")
+            spec = inputs[0]
+            try:
+                _fit(np.zeros((1, *sample), np.float32), spec.shape, Path("an image"))
+            except Exception:
+                want = [d if isinstance(d, int) and d > 0 else "?" for d in spec.shape]
+                raise UsageError(
+                    f"the preprocessing makes images of shape {list(sample)} ({prep.layout}, {prep.channels} "
+                    f"channel(s), {prep.image_size[0]}x{prep.image_size[1]}), but the model input "  # type: ignore[index]
+                    f"{spec.name!r} takes {want}",
+                    hint="match --image-size, --channels and --layout to the model's input") from None
+            if spec.dtype != "float32":
+                raise UsageError(f"image preprocessing makes float32 inputs, but the model input {spec.name!r} "
+                                 f"takes {spec.dtype}")
+    if class_names is not None:
+        if any(not isinstance(c, str) or not c or len(c) > 256 for c in class_names):
+            raise UsageError("class names must be non-empty strings of at most 256 characters")
+        n = _classes(outputs, proto)
+        if n is not None and n != len(class_names):
+            raise UsageError(f"{len(class_names)} class names given, but the model's first output "
+                             f"{outputs[0].name!r} has {n} values per sample",
+                             hint="give one class name per output value, or none")
+
+
+def _classes(outputs: Sequence[TensorSpec], proto: onnx.ModelProto | None) -> int | None:
+    """Values per sample in the first output, from its declared shape, else by running the model."""
+    if not outputs:
+        return None
+    shape = outputs[0].shape
+    if len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
+        return int(shape[1])
+    if len(shape) in (0, 1):
+        return 1
+    if proto is None:
+        return None
+    try:
+        sess = plain_session(proto.SerializeToString())
+        feeds = sample_feeds(_specs(proto.graph.input, {t.name for t in proto.graph.initializer}))
+        first = np.asarray(sess.run([outputs[0].name], feeds)[0])
+    except Exception:
+        return None
+    return int(first.shape[1]) if first.ndim == 2 else (1 if first.ndim <= 1 else None)
+
+
 def _load_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
@@ -241,6 +302,7 @@ def pack(
     chunk_size: int = MAX_CHUNK_SIZE,
     progress: Progress | None = None,
     tune_runtime: bool = True,
+    force: bool = False,
 ) -> PackResult:
     """Pack ``model`` (a path or an ``onnx.ModelProto``) into the capsule file ``output``.
 
@@ -249,7 +311,18 @@ def pack(
 
     ``tune_runtime``: time the correct ONNX Runtime configurations and record the fastest in the
     manifest (:func:`choose_runtime`); without it the first correct one is recorded.
+
+    An existing capsule or key file is replaced only with ``force=True``: losing a capsule's key
+    orphans every client set up with it.
     """
+    key_target = Path(key_output) if key_output else Path(output).with_name(Path(output).name + ".key")
+    if not force:
+        for existing in (Path(output), key_target):
+            if existing.exists():
+                raise UsageError(f"{existing} exists; packing would replace it"
+                                 + (" and its content key" if existing == Path(output) else ""),
+                                 hint="clients set up with the old capsule need its key: pack to another file, "
+                                      "or add --force (Python: force=True) to replace it")
     signing_key = load_provider_key(provider_key, passphrase=passphrase)
     proto = _load_model(model)
     try:
@@ -261,6 +334,8 @@ def pack(
     outputs = _specs(proto.graph.output, set())
     if class_names is not None and len(class_names) == 0:
         class_names = None
+    # The loader's checks, before anything is written: a capsule its clients cannot use is refused.
+    check_model_description(inputs, outputs, preprocessing, class_names, proto)
     try:
         split = split_model(proto)
     except ValueError as e:

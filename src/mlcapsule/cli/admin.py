@@ -225,8 +225,12 @@ def grant(account_name: str, capsule_ref: str, budget: int | None, devices: int,
 
     Granting again replaces the terms (and lifts a revocation); licenses already issued keep theirs.
     """
+    when = parse_expires(expires)
+    if when is not None and when <= dt.datetime.now(dt.timezone.utc):
+        err_console.print(f"[yellow]warning:[/] --expires {when.isoformat()} is in the past: licenses with it are "
+                          "expired from the start", soft_wrap=True)
     r = _service(_settings(database_url, config)).grant(account_name, capsule_ref, budget=budget, devices=devices,
-                                                        expires=parse_expires(expires))
+                                                        expires=when)
     console.print(f"{'granted' if r['created'] else 'updated grant'}: {r['account']} may provision "
                   f"{r['devices']} device(s) for {r['capsule']}, budget "
                   f"{'unlimited' if budget is None else budget} per device, expires {_when(r['expires'])} "

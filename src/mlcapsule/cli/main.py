@@ -121,6 +121,8 @@ def _class_names(spec: str | None) -> list[str] | None:
 @click.option("--lease-size", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
 @click.option("--public-architecture", is_flag=True, help="Leave the graph in the clear (weights stay encrypted).")
 @click.option("--key-output", type=click.Path(dir_okay=False), help="Content key file [default: OUTPUT.key].")
+@click.option("--force", is_flag=True, help="Replace an existing capsule and its key file (clients set up with "
+                                          "the old capsule then cannot be provisioned again).")
 @click.option("--no-tune", is_flag=True,
               help="Take the first ONNX Runtime configuration that reproduces the plain model's outputs, "
                    "without timing the others (packs large models faster; may run slower).")
@@ -128,9 +130,9 @@ def pack(model: str, output: str, key_path: str | None, passphrase_file: str | N
          capsule_id: str | None, cversion: int, description: str, provider_name: str, server_url: str | None,
          image_size: str | None, channels: str, layout: str, scale: float | None, mean: str | None, std: str | None,
          class_names: str | None, budget: int | None, expires: str | None, lease_size: int,
-         public_architecture: bool, key_output: str | None, no_tune: bool) -> None:
+         public_architecture: bool, key_output: str | None, no_tune: bool, force: bool) -> None:
     """Pack an ONNX MODEL into an encrypted, signed capsule."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+    from rich.progress import BarColumn, Progress, TextColumn
 
     from ..format.manifest import Policy
     from ..packer import pack as do_pack
@@ -138,14 +140,16 @@ def pack(model: str, output: str, key_path: str | None, passphrase_file: str | N
     from .admin import parse_expires
 
     policy = Policy(budget=budget, expires=parse_expires(expires), lease_size=lease_size)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=err_console,
-                  transient=True) as bar:
+    warn_if_past(policy.expires, "--expires")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
+                  console=err_console, transient=True) as bar:
         tasks: dict[str, Any] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
+            label = "verify (checking ONNX Runtime configurations)" if stage == "verify" else stage
             if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+                tasks[stage] = bar.add_task(label, total=total, detail="")
+            bar.update(tasks[stage], completed=done, total=total, detail=_progress_detail(stage, done, total))
 
         res = do_pack(model, output, provider_key=key_path or default_provider_key(),
                       passphrase=_passphrase(passphrase_file), name=name, version=cversion, capsule_id=capsule_id,
@@ -153,7 +157,7 @@ def pack(model: str, output: str, key_path: str | None, passphrase_file: str | N
                       preprocessing=_preprocessing(image_size, int(channels), layout, scale, mean, std),
                       class_names=_class_names(class_names), policy=policy,
                       public_architecture=public_architecture, key_output=key_output, progress=progress,
-                      tune_runtime=not no_tune)
+                      tune_runtime=not no_tune, force=force)
     m = res.manifest
     rt = m.runtime
     console.print(f"packed {res.capsule_path} (capsule {m.capsule_id} v{m.version}; ONNX Runtime: initializers "
@@ -161,6 +165,19 @@ def pack(model: str, output: str, key_path: str | None, passphrase_file: str | N
                   f"{'fastest correct' if not no_tune else 'first correct'} configuration, verified against plain "
                   "ONNX Runtime)")
     console.print(f"content key: {res.key_path} (mode 0600; keep it at the provider, never ship it)")
+
+
+def _progress_detail(stage: str, done: int, total: int) -> str:
+    """The text beside a pack progress bar: sizes for the stages that move bytes, nothing for verify."""
+    if stage == "verify":
+        return "done" if total and done >= total else ""
+    return f"{done / 1e6:.1f}/{total / 1e6:.1f} MB"
+
+
+def warn_if_past(when: Any, what: str) -> None:
+    if when is not None and when <= dt.datetime.now(dt.timezone.utc):
+        err_console.print(f"[yellow]warning:[/] {what} {when.isoformat()} is in the past: licenses with it are "
+                          "expired from the start", soft_wrap=True)
 
 
 def _load_trusted(trust: str | None) -> bytes | None:
