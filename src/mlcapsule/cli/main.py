@@ -558,7 +558,8 @@ def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | Non
         console.print_json(json.dumps(info))
         return
     tm = info["threat_model"]
-    console.print(f"[bold]backend:[/] {info['backend']}    measurement {info['measurement'][:16]}…")
+    # Whole: providers paste it into `serve --allow-measurement`.
+    console.print(f"[bold]backend:[/] {info['backend']}    measurement {info['measurement']}", soft_wrap=True)
     console.print("[green]protects against:[/]")
     for s in tm["protects_against"]:
         console.print(f"  + {s}")
