@@ -115,7 +115,9 @@ def _numbers(obj: Any) -> list[float]:
 
 def _worker_logs(cap: Any) -> str:
     """What the enclave worker wrote to its log, which is a file in a folder the host owns."""
-    return "".join(p.read_text(errors="replace") for p in Path(cap.state_dir).rglob("worker.log"))
+    logs = list(Path(cap.state_dir).rglob("worker.log"))
+    assert logs, "the worker's log was not found (where does the host keep it now?)"
+    return "".join(p.read_text(errors="replace") for p in logs)
 
 
 def assert_reveals_no_layer(text: str, model: onnx.ModelProto, *, what: str) -> None:
