@@ -228,22 +228,26 @@ def _stream_row(packed: dict[str, Any], ws: Workspace, tag: str, limit: float, x
         st = cap.status()
     finally:
         cap.close()
+    # An encrypted graph's status gives aggregates only (issue 9, item 4): per-step figures and
+    # the plan are there only for capsules packed with a public architecture.
     model = st["model"]
-    runs = max(1, model["runs"] - before["runs"])
+    z = lambda d, k: d.get(k) or 0  # noqa: E731
+    runs = max(1, z(model, "runs") - z(before, "runs"))
     out.update({
         "streaming_ms": stats(samples["streaming"]), "resident_ms": stats(samples["resident"]),
         "memory": enclave_memory(st),
+        "architecture": model.get("architecture", "public"),
         "per_query": {
-            "decrypt_ms": 1e3 * (model["decrypt_seconds"] - before["decrypt_seconds"]) / runs,
-            "run_ms": 1e3 * (model["run_seconds"] - before["run_seconds"]) / runs,
-            "decrypted_mb": (model["weights_decrypted_bytes"] - before["weights_decrypted_bytes"]) / runs / MiB,
+            "decrypt_ms": 1e3 * (z(model, "decrypt_seconds") - z(before, "decrypt_seconds")) / runs,
+            "run_ms": 1e3 * (z(model, "run_seconds") - z(before, "run_seconds")) / runs,
+            "decrypted_mb": (z(model, "weights_decrypted_bytes") - z(before, "weights_decrypted_bytes")) / runs / MiB,
             "steps": [{"kind": s1["kind"], "nodes": s1["nodes"], "weights_mb": s1["weight_bytes"] / MiB,
                        "decrypt_ms": 1e3 * (s1["decrypt_seconds"] - s0["decrypt_seconds"]) / runs,
                        "ms": 1e3 * (s1["seconds"] - s0["seconds"]) / runs}
                       for s0, s1 in zip(before.get("steps", []), model.get("steps", []))]},
         "plan": {k: model.get(k) for k in ("segments", "split_nodes", "max_batch")}
-        | {"scratch_mb": model["scratch_bytes"] / MiB, "activation_estimate_mb": model["activation_estimate_bytes"] / MiB,
-           "reserve_mb": model["reserve_bytes"] / MiB, "pinned_mb": model["pinned_bytes"] / MiB},
+        | {"scratch_mb": z(model, "scratch_bytes") / MiB, "activation_estimate_mb": z(model, "activation_estimate_bytes") / MiB,
+           "reserve_mb": z(model, "reserve_bytes") / MiB, "pinned_mb": z(model, "pinned_bytes") / MiB},
     })
     out["ratio_vs_resident"] = ratio(out["streaming_ms"], out["resident_ms"])
     out["within_limit"] = out["memory"]["peak_growth_mb"] <= limit
