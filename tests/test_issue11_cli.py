@@ -28,7 +28,7 @@ from _server_support import (db_url, harness, pg_server, pg_url, platform, provi
 def device(tmp_path, provider_files, platform, mlcapsule_home):  # noqa: F811
     """A device set up with the CLI (default state and platform folders under MLCAPSULE_HOME)."""
     db = f"sqlite:///{tmp_path / 'server.db'}"
-    with harness(db, provider_files, platform, budget=100_000, devices=2) as h, serve_in_thread(h.app) as url:
+    with harness(db, provider_files, platform, budget=10_000_000, devices=2) as h, serve_in_thread(h.app) as url:
         rc = main(["setup", str(provider_files.capsule_path), "--token", h.token, "--server", url])
         assert rc == 0
         yield {"capsule": str(provider_files.capsule_path), "h": h, "url": url, "home": mlcapsule_home,
@@ -86,7 +86,7 @@ def test_non_finite_input_is_refused_before_it_is_charged(device, tmp_path, caps
 def test_interrupted_predict_loses_at_most_one_lease(device, tmp_path, capsys):
     """SIGINT at random (seeded) points through a real `mlcapsule predict` process: what is
     charged beyond what was answered and written is at most one lease."""
-    n = 3000
+    n = 40_000
     np.save(tmp_path / "big.npy", np.random.default_rng(0).standard_normal((n, 4)).astype(np.float32))
     env = {**os.environ, "MLCAPSULE_HOME": str(device["home"])}
     rng = random.Random(11)
