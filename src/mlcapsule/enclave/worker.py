@@ -138,6 +138,9 @@ def serve(core: EnclaveCore, fd_in: int, fd_out: int, arena: protocol.SharedAren
 
 def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
+    # Ctrl-C in the client's terminal reaches the whole process group: the host decides what an
+    # interrupt means (a clean close keeps the rest of the lease), not the enclave.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     ap = argparse.ArgumentParser(prog="mlcapsule-enclave-worker")
     ap.add_argument("--fd-in", type=int, required=True)
     ap.add_argument("--fd-out", type=int, required=True)
