@@ -11,7 +11,6 @@ code before the fix.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -208,17 +207,24 @@ def _two_input_model(first_rank: int) -> Any:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("first_rank", [0, 1, 2])
-def test_batch_behind_a_0d_first_input_is_charged_every_row(tmp_path, provider, first_rank):
-    """Measured before the fix: a batch of 5,000 rows behind a 0-d first input was charged 1 query."""
-    cap, ckey = provider.pack(name=f"two{first_rank}", model=_two_input_model(first_rank))
+def _licensed_core(tmp_path: Path, provider: Provider, name: str, model: Any, *, budget: int,
+                   lease: int) -> EnclaveCore:
+    """An in-process enclave core with ``model`` packed and licensed by ``provider``."""
+    cap, ckey = provider.pack(name=name, model=model)
     run = tmp_path / "run"
     run.mkdir()
     core = EnclaveCore(SoftwareBackend(tmp_path / "platform"), cap, tmp_path / "state", run)
     nonce = os.urandom(32)
     begin = core.setup_begin(nonce=nonce)
-    payload, _ = provider.answer(begin, nonce, ckey, budget=100, lease_size=10)
+    payload, _ = provider.answer(begin, nonce, ckey, budget=budget, lease_size=lease)
     core.setup_finish(payload=payload)
+    return core
+
+
+@pytest.mark.parametrize("first_rank", [0, 1, 2])
+def test_batch_behind_a_0d_first_input_is_charged_every_row(tmp_path, provider, first_rank):
+    """Measured before the fix: a batch of 5,000 rows behind a 0-d first input was charged 1 query."""
+    core = _licensed_core(tmp_path, provider, f"two{first_rank}", _two_input_model(first_rank), budget=100, lease=10)
 
     def feeds(n: int) -> dict[str, np.ndarray]:
         t = {0: np.array(2.0, np.float32), 1: np.full((n,), 2.0, np.float32),
@@ -240,16 +246,9 @@ def test_model_with_only_0d_inputs_is_charged_one_query_per_call(tmp_path, provi
     g = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y"])], "scalar", [x], [y],
                           [numpy_helper.from_array(np.array(2.0, np.float32), "two")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    cap, ckey = provider.pack(name="scalar", model=model)
-    run = tmp_path / "run"
-    run.mkdir()
-    core = EnclaveCore(SoftwareBackend(tmp_path / "platform"), cap, tmp_path / "state", run)
-    nonce = os.urandom(32)
-    begin = core.setup_begin(nonce=nonce)
-    payload, _ = provider.answer(begin, nonce, ckey, budget=3, lease_size=1)
-    core.setup_finish(payload=payload)
+    core = _licensed_core(tmp_path, provider, "scalar", model, budget=3, lease=1)
     for _ in range(3):
         assert float(core.infer({"x": np.array(1.5, np.float32)})["y"]) == 3.0
     with pytest.raises(BudgetExhaustedError):
         core.infer({"x": np.array(1.5, np.float32)})
-    shutil.rmtree(run)
+    core.close()
