@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
+from ._console import CliConsole
 from rich.table import Table
 
 from .._util import atomic_write
 from ..errors import UsageError
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = CliConsole(highlight=False)
+err_console = CliConsole(stderr=True, highlight=False)
 
 
 def _settings(database_url: str | None, config: str | None, **flags: Any) -> Any:

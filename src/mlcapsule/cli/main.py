@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
+from ._console import CliConsole
 from rich.table import Table
 
 from .. import __version__
 from .._util import data_home
 from ..errors import EXIT_CODES, MlcapsuleError, UsageError
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = CliConsole(stderr=False, highlight=False)
+err_console = CliConsole(stderr=True, highlight=False)
 
 SOFTWARE_WARNING = ("The 'software' backend does NOT protect against the machine's owner or root: "
                     "they can read the model's weights and restore old state. It protects against "
