@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -534,7 +535,9 @@ def _load_image(path: Path, prep: Preprocessing) -> np.ndarray:
     except MlcapsuleError:
         raise
     except Exception as e:  # UnidentifiedImageError, DecompressionBombError, truncated files, ...
-        raise InputError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: cannot read the image: {_image_problem(e)}",
+                         hint="check that it is a PNG or JPEG image (open it in an image viewer), or convert it; "
+                              ".npy, .npz, CSV and JSON inputs are read too") from None
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     if prep.invert:
@@ -725,3 +728,18 @@ def write_outputs(outputs: np.ndarray | Sequence[Mapping[str, Any]], path: str |
         atomic_write(path, data, mode=0o644)
     except OSError as e:
         raise UsageError(f"{path}: cannot write the file ({e.strerror or e})") from None
+
+
+def _image_problem(e: BaseException) -> str:
+    """What went wrong reading an image, in words (never a Python object's repr)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "it is not a PNG or JPEG image (its bytes are no image format Pillow reads)"
+    if isinstance(e, Image.DecompressionBombError):
+        return "it declares more pixels than mlcapsule reads"
+    if isinstance(e, (OSError, SyntaxError, ValueError)):  # Pillow's "image file is truncated", bad chunks
+        text = str(e).split(" (")[0].strip() or type(e).__name__
+        text = re.sub(r"<[^<>]*\bat 0x[0-9a-fA-F]+>", "the image", text)
+        return f"it is damaged or truncated ({text})"
+    return f"Pillow failed with {type(e).__name__}"

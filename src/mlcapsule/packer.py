@@ -270,6 +270,11 @@ def _classes(outputs: Sequence[TensorSpec], proto: onnx.ModelProto | None) -> in
     return int(first.shape[1]) if first.ndim == 2 else (1 if first.ndim <= 1 else None)
 
 
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (text[:160] + "...") if len(text) > 160 else (text or type(e).__name__)
+
+
 def _load_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
@@ -279,7 +284,9 @@ def _load_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelPr
     try:
         return onnx.load(str(path), load_external_data=True)
     except Exception as e:
-        raise FormatError(f"{path} is not a readable ONNX model: {e}") from e
+        raise UsageError(f"{path} is not an ONNX model ({_short(e)})",
+                         hint="pass the .onnx file exported from your framework (mlcapsule.export.torch_to_onnx, "
+                              "sklearn_to_onnx, or torch.onnx.export)") from None
 
 
 def pack(

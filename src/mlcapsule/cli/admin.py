@@ -31,15 +31,44 @@ def _settings(database_url: str | None, config: str | None, **flags: Any) -> Any
 
 def _service(settings: Any, *, with_key: bool = False) -> Any:
     from ..attestation import AttestationPolicy
-    from ..crypto.keys import load_provider_key
     from ..server.db import create_schema, make_engine, session_factory
     from ..server.service import ProviderService
 
+    key = load_server_key(settings) if with_key else None
     engine = make_engine(settings.database_url)
     create_schema(engine)
-    key = load_provider_key(settings.provider_key_path, passphrase=settings.passphrase) if with_key else None
     return ProviderService(session_factory(engine), policy=AttestationPolicy(), provider_key=key,
                            nonce_ttl_seconds=settings.nonce_ttl_seconds)
+
+
+#: The passphrase sources the provider-side commands (serve, admin) read: not MLCAPSULE_PASSPHRASE,
+#: which only `provider init` and `pack` read.
+SERVER_PASSPHRASE_SOURCES = ("--passphrase-file FILE, MLCAPSULE_SERVER_PASSPHRASE, MLCAPSULE_SERVER_PASSPHRASE_FILE "
+                             "or passphrase_file in the server config")
+
+
+def load_server_key(settings: Any) -> Any:
+    """The provider's signing key, as ``serve`` and ``admin`` read it: every hint names the
+    passphrase sources these commands really read (issue 11, item 7)."""
+    from ..crypto.keys import load_provider_key
+    from ..errors import KeyFileError
+
+    try:
+        return load_provider_key(settings.provider_key_path, passphrase=settings.passphrase)
+    except KeyFileError as e:
+        if "protected by a passphrase" in e.message and "not protected" not in e.message:
+            hint = f"give its passphrase with {SERVER_PASSPHRASE_SOURCES}"
+        elif "not protected by a passphrase" in e.message:
+            hint = ("drop the passphrase: unset MLCAPSULE_SERVER_PASSPHRASE and MLCAPSULE_SERVER_PASSPHRASE_FILE, "
+                    "and leave out --passphrase-file and passphrase_file in the server config")
+        elif "wrong passphrase" in e.message:
+            hint = f"check the passphrase given with {SERVER_PASSPHRASE_SOURCES}, and the key path (--provider-key)"
+        elif "no provider key" in e.message:
+            hint = ("create one with `mlcapsule provider init`, or point --provider-key (provider_key_path in the "
+                    "server config, MLCAPSULE_SERVER_PROVIDER_KEY_PATH) at it")
+        else:
+            raise
+        raise KeyFileError(e.message, hint=hint) from None
 
 
 def _provider_public(settings: Any) -> bytes | None:
@@ -47,7 +76,7 @@ def _provider_public(settings: Any) -> bytes | None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from ..crypto.keys import load_provider_key, raw_public
+    from ..crypto.keys import raw_public
 
     pub_path = Path(str(settings.provider_key_path) + ".pub")
     if pub_path.is_file():
@@ -58,7 +87,7 @@ def _provider_public(settings: Any) -> bytes | None:
         if isinstance(pub, Ed25519PublicKey):
             return raw_public(pub)
     if settings.provider_key_path.is_file():
-        return raw_public(load_provider_key(settings.provider_key_path, passphrase=settings.passphrase).public_key())
+        return raw_public(load_server_key(settings).public_key())
     return None
 
 
@@ -133,14 +162,59 @@ def serve(host: str | None, port: int | None, database_url: str | None, config: 
                          allowed_measurements=frozenset(measurements) if measurements else None,
                          tpm_ek_roots=tuple(tpm_roots) or None, tpm_ek_intermediates=tuple(tpm_intermediates) or None,
                          tpm_pcr_policy=tpm_pcr_policy, nonce_ttl_seconds=nonce_ttl)
+    sock = listen_socket(settings.host, settings.port)  # first: a busy port is one line, before any other
     if settings.allow_software_evidence:
         err_console.print("[bold red]UNSAFE:[/] accepting 'software' evidence: it is signed by a key on the client's "
                           "own disk and does not protect the model against the client machine's owner.")
     if not settings.allowed_measurements:
         err_console.print("[yellow]warning:[/] no --allow-measurement given: every provisioning request will be refused")
-    app = create_app(settings)
-    console.print(f"serving on http://{settings.host}:{settings.port}/v1/ (database {_safe_url(settings.database_url)})")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    try:
+        app = create_app(settings, provider_key=load_server_key(settings))
+        sock.listen(2048)  # connections queue from here on, so "serving on" is true when printed
+        port = sock.getsockname()[1]
+        shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+        console.print(f"serving on http://{shown}:{port}/v1/ (database {_safe_url(settings.database_url)})",
+                      soft_wrap=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def listen_socket(host: str, port: int) -> Any:
+    """A TCP socket bound to (host, port), or one line saying why not (a busy port, a port that
+    needs root, an address this machine does not have)."""
+    import errno
+    import socket
+
+    from ..errors import TransportError
+
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UsageError(f"cannot listen on {host!r}: not an address or host name of this machine "
+                         f"({getattr(e, 'strerror', None) or e})", hint="check --host (e.g. 127.0.0.1 or 0.0.0.0)") from None
+    family, socktype, proto, _, addr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+        sock.set_inheritable(True)
+    except OSError as e:
+        sock.close()
+        reason = e.strerror or str(e)
+        if e.errno == errno.EADDRINUSE:
+            raise TransportError(f"port {port} is in use: {reason} ({host}:{port})",
+                                 hint="stop the program using it, or choose another with --port") from None
+        if e.errno == errno.EACCES:
+            raise TransportError(f"cannot listen on port {port}: {reason}",
+                                 hint="ports below 1024 need privileges; choose another with --port") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise TransportError(f"cannot listen on {host}: {reason}",
+                                 hint="use an address of this machine with --host (e.g. 127.0.0.1 or 0.0.0.0)") from None
+        raise TransportError(f"cannot listen on {host}:{port}: {reason}", hint="check --host and --port") from None
+    return sock
 
 
 def _safe_url(url: str) -> str:
@@ -174,11 +248,30 @@ def account_add(name: str, database_url: str | None, config: str | None) -> None
     console.print(token, soft_wrap=True)
 
 
+def _print_json(rows: Any) -> None:
+    """JSON for machines: indented on a terminal, one unwrapped line elsewhere; times in ISO 8601."""
+    import sys
+
+    text = json.dumps(rows, default=lambda o: o.isoformat() if isinstance(o, dt.datetime) else str(o))
+    if console.is_terminal:
+        console.print_json(text)
+    else:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
 @account.command("list")
 @db_options
-def account_list(database_url: str | None, config: str | None) -> None:
+@_json_option
+def account_list(database_url: str | None, config: str | None, as_json: bool) -> None:
     """List accounts."""
     rows = _service(_settings(database_url, config)).list_accounts()
+    if as_json:
+        _print_json(rows)
+        return
     t = Table("account", "created", "grants")
     for r in rows:
         t.add_row(r["name"], _when(r["created"]), str(r["grants"]))
@@ -208,6 +301,22 @@ def capsule_add(capsule_path: str, key_path: str, database_url: str | None, conf
     state = "registered" if new else "already registered"
     console.print(f"{state}: {info['name']} (capsule {info['capsule_id']} v{info['version']}, "
                   f"lease size {info['lease_size']})")
+
+
+@capsule.command("list")
+@db_options
+@_json_option
+def capsule_list(database_url: str | None, config: str | None, as_json: bool) -> None:
+    """List registered capsules (every version), with their grants and provisioned devices."""
+    rows = _service(_settings(database_url, config)).list_capsules()
+    if as_json:
+        _print_json(rows)
+        return
+    t = Table("capsule", "id", "version", "lease", "grants", "devices", "registered")
+    for r in rows:
+        t.add_row(r["name"], r["capsule_id"], str(r["version"]), str(r["lease_size"]), str(r["grants"]),
+                  str(r["devices"]), _when(r["registered"]))
+    console.print(t)
 
 
 @admin.command()
@@ -275,15 +384,20 @@ def voucher(license_id: str, queries: int, output: str, database_url: str | None
 
 @admin.command()
 @db_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_json_option
 def usage(database_url: str | None, config: str | None, as_json: bool) -> None:
     """Usage reported by each device (from uploaded receipts)."""
     rows = _service(_settings(database_url, config)).usage()
     if as_json:
-        console.print_json(json.dumps(rows, default=lambda o: o.isoformat() if isinstance(o, dt.datetime) else str(o)))
+        _print_json(rows)
         return
+    # On a terminal ids are shortened to 8 characters (a prefix `admin voucher` takes); piped or
+    # redirected output keeps them whole, for scripts.
+    short = console.is_terminal
+    cut = (lambda v: v[:8]) if short else (lambda v: v)
     t = Table(box=None, pad_edge=False, header_style="bold underline",
-              caption="times in UTC; ids shortened (full: --json); `admin voucher` takes a license-id prefix")
+              caption="times in UTC; " + ("ids shortened (full: --json); `admin voucher` takes a license-id prefix"
+                                          if short else "`admin voucher` takes a license id"))
     t.add_column("account")
     t.add_column("capsule")
     for col in ("device", "license"):
@@ -294,11 +408,30 @@ def usage(database_url: str | None, config: str | None, as_json: bool) -> None:
     for r in rows:
         budget = "unlimited" if r["budget"] is None else str(r["budget"] + r["vouchers"])
         sync = r["last_sync"].astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M") if r["last_sync"] else "never"
-        t.add_row(r["account"], r["capsule"] + (" (revoked)" if r["revoked"] else ""), r["device_id"][:8],
-                  r["license_id"][:8], budget, str(r["charged"]), str(r["answered"]),
+        t.add_row(r["account"], r["capsule"] + (" (revoked)" if r["revoked"] else ""), cut(r["device_id"]),
+                  cut(r["license_id"]), budget, str(r["charged"]), str(r["answered"]),
                   # detected by the enclave (rollback receipts) + receipt chains that forked
                   str(r["rollbacks"] + r["forks"]), sync)
     console.print(t)
+
+
+@admin.command("import-receipts")
+@click.argument("report_file", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
+@db_options
+def import_receipts(report_file: str, database_url: str | None, config: str | None) -> None:
+    """Ingest usage receipts a client exported to FILE (`mlcapsule setup --replace --export-receipts FILE`).
+
+    They are checked as an upload to /v1/usage is: signed by the device's enclave, continuing the
+    chain the server holds (receipts already ingested are skipped, so importing twice is harmless).
+    """
+    try:
+        report = json.loads(Path(report_file).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{report_file} is not a usage report (JSON)",
+                         hint="give the file written by `mlcapsule setup --replace --export-receipts FILE`") from e
+    account_name, head = _service(_settings(database_url, config)).import_usage(report)
+    console.print(f"receipts imported for account {account_name}, license {report['license_id']}: chain at "
+                  f"{head.seq}, {head.answered} queries answered, {head.charged} charged", soft_wrap=True)
 
 
 @admin.command()

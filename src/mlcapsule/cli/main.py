@@ -206,7 +206,7 @@ def inspect(capsule: str, as_json: bool) -> None:
     with CapsuleFile(capsule) as cf:
         m = cf.manifest
     if as_json:
-        console.print_json(json.dumps(m.to_dict()))
+        _print_json(m.to_dict())
         return
     t = Table(show_header=False, box=None)
     t.add_row("capsule", f"{m.name}  id {m.capsule_id}  version {m.version}")
@@ -508,8 +508,20 @@ def topup(capsule: str, voucher: str, state_dir: str | None) -> None:
     with open_capsule(capsule, state_dir=state_dir) as cap:
         if not cap.is_set_up:
             raise NotProvisionedError(f"{capsule} is not set up on this device")
+        _check_voucher_license(envelope, cap, voucher)
         info = cap.topup(envelope)
     console.print(f"voucher {info['vouchers_redeemed']} redeemed: {info['remaining']} queries left of {info['budget']}")
+
+
+def _check_voucher_license(envelope: Any, cap: Any, voucher: str) -> None:
+    """A voucher issued for another license is refused with that cause (not as a damaged file)."""
+    body = envelope.get("body") if isinstance(envelope, dict) else None
+    theirs = body.get("license_id") if isinstance(body, dict) else None
+    ours = (cap.status().get("license_status") or {}).get("license_id")
+    if isinstance(theirs, str) and ours and theirs != ours:
+        raise UsageError(f"{voucher} is a voucher for license {theirs[:64]}, not for this device's license {ours}",
+                         hint="nothing was redeemed; ask the provider for a voucher for license "
+                              f"{ours} (`mlcapsule status CAPSULE` shows it)")
 
 
 @cli.command()
@@ -555,7 +567,7 @@ def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | Non
                                 tcti=tcti if backend == "tpm" else None) as enc:
                 info = enc.call("status")
     if as_json:
-        console.print_json(json.dumps(info))
+        _print_json(info)
         return
     tm = info["threat_model"]
     # Whole: providers paste it into `serve --allow-measurement`.
@@ -624,26 +636,41 @@ _register_provider_commands(cli)
 def _restore_sigint() -> None:
     """The imports are done: Ctrl-C raises KeyboardInterrupt again, which :func:`main` handles."""
     import signal
-    import threading
 
     from . import _interrupted_while_starting
 
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        except ValueError:  # not the main thread (then it could not have been installed either)
+            pass
 
-
-_restore_sigint()
 
 from .enclaved import enclaved as _enclaved  # noqa: E402
 
 cli.add_command(_enclaved)
+
+_restore_sigint()  # last: every import above is covered by the start-up handler
+
+
+def _safe_next_step(e: MlcapsuleError) -> None:
+    """Hints that name the real cause and a step that costs nothing. The backends say "run setup
+    again" when a sealed state does not open; but a new setup uses one of the grant's device slots,
+    and the usual cause on a device that was set up is a damaged or truncated state.sealed."""
+    from ..errors import IntegrityError
+
+    if isinstance(e, IntegrityError) and e.message.startswith("sealed state"):
+        e.message = (f"{e.message}: the sealed license state (state.sealed under {data_home() / 'state'}, or "
+                     "--state-dir) is damaged, truncated, or from another installation")
+        e.hint = ("restore state.sealed from a backup, or contact the provider; nothing was charged. "
+                  "`mlcapsule setup --replace` would issue a new license and use one more device slot of your grant")
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="mlcapsule", standalone_mode=False)
     except MlcapsuleError as e:
+        _safe_next_step(e)
         err_console.print(f"[bold red]error:[/] {e.diagnostics()}", soft_wrap=True)
         return e.exit_code
     except click.exceptions.Abort:

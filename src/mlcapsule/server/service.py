@@ -534,8 +534,13 @@ class ProviderService:
                         raise UsageError(f"{license_id!r} matches several licenses", hint="give more of the id")
                     if found:
                         dev = s.scalar(select(Device).where(Device.license_id == found[0]).with_for_update())
+                if dev is None and len(license_id) < 8:
+                    raise UsageError(f"license id prefix {license_id[:80]!r} is too short (at least 8 characters)",
+                                     hint="give at least the 8 characters `mlcapsule admin usage` shows, or the "
+                                          "whole id (`mlcapsule admin usage --json`)")
                 if dev is None:
-                    raise UsageError(f"no license {license_id!r}", hint="`mlcapsule admin usage` lists the licenses")
+                    raise UsageError(f"no license {license_id[:80]!r}",
+                                     hint="`mlcapsule admin usage` lists the licenses")
                 license_id = dev.license_id
                 grant = s.get(Grant, dev.grant_id)
                 if grant is not None and grant.revoked:
@@ -548,6 +553,38 @@ class ProviderService:
         except sa_exc.IntegrityError as e:
             raise Unavailable("another voucher for this license was issued at the same time; try again") from e
         return envelope
+
+    def list_capsules(self) -> list[dict[str, Any]]:
+        """Registered capsule versions, with how many grants and devices each has."""
+        with self._tx() as s:
+            grants = dict(s.execute(select(Grant.capsule_pk, func.count(Grant.id)).group_by(Grant.capsule_pk)).all())
+            devices = dict(s.execute(select(Grant.capsule_pk, func.count(Device.id)).join(Device, Device.grant_id == Grant.id)
+                                     .group_by(Grant.capsule_pk)).all())
+            caps = s.scalars(select(Capsule).order_by(Capsule.name, Capsule.version)).all()
+            return [{"name": c.name, "capsule_id": c.capsule_id, "version": c.version, "lease_size": c.lease_size,
+                     "registered": c.registered, "grants": int(grants.get(c.id) or 0),
+                     "devices": int(devices.get(c.id) or 0)} for c in caps]
+
+    def import_usage(self, report: Any) -> tuple[str, ChainHead]:
+        """Ingest a usage report a client exported (``mlcapsule setup --replace --export-receipts
+        FILE``): the same verification as ``POST /v1/usage`` (:meth:`upload_usage`), on behalf of
+        the account that owns the device. Returns (account name, the stored chain head)."""
+        if not isinstance(report, dict) or not isinstance(report.get("license_id"), str) \
+                or not isinstance(report.get("device_id"), str) or not isinstance(report.get("receipts"), list):
+            raise UsageError("not a usage report: expected a JSON object with license_id, device_id and receipts",
+                             hint="give the file written by `mlcapsule setup --replace --export-receipts FILE`")
+        license_id, device_id = report["license_id"], report["device_id"]
+        with self._tx() as s:
+            row = s.execute(select(Account.id, Account.name).select_from(Device)
+                            .join(Grant, Device.grant_id == Grant.id).join(Account, Grant.account_id == Account.id)
+                            .where(Device.license_id == license_id, Device.device_id == device_id)).first()
+        if row is None:
+            raise UsageError(f"no license {license_id[:64]!r} for device {device_id[:64]!r} on this server",
+                             hint="check that the file comes from a device this server provisioned "
+                                  "(`mlcapsule admin usage` lists them)")
+        head = self.upload_usage(AccountRef(row[0], row[1]), license_id=license_id, device_id=device_id,
+                                 receipts=report["receipts"])
+        return row[1], head
 
     def usage(self) -> list[dict[str, Any]]:
         with self._tx() as s:
