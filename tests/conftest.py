@@ -124,7 +124,12 @@ class Packed:
     def open(self, base: Path, tag: str = "", **kwargs: Any) -> Any:
         import mlcapsule
 
+        from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey
+
         kwargs.setdefault("unsafe_dev_key", self.key_path)
+        # The key the packer signed with (a pin taken at pack time, not from the file opened).
+        kwargs.setdefault("trust", TrustProviderKey(self.manifest.provider_key) if self.manifest is not None
+                          else UnsafeTrustManifestKey())
         return mlcapsule.open_capsule(self.path, **self.dirs(base, tag), **kwargs)
 
 

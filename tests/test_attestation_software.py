@@ -198,18 +198,20 @@ def test_policy_normalizes_and_checks_measurements() -> None:
         verify_evidence({}, expected_report_data=b"\0" * 32, policy=None)  # type: ignore[arg-type]
 
 
-def test_registry_dispatches_by_type_and_rechecks_the_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A verifier for a new evidence type plugs in; a verifier that forgets the allow-list is caught."""
+def test_verifier_dispatches_by_type_and_rechecks_the_measurement() -> None:
+    """A verifier for a new evidence type plugs into one EvidenceVerifier (no global registry); a
+    verifier that forgets the allow-list is caught."""
     allowed, other = "ab" * 32, "cd" * 32
 
     def careless(evidence: Any, *, expected_report_data: bytes, policy: AttestationPolicy) -> VerifiedEvidence:
         return VerifiedEvidence("test", evidence["m"], "p")
 
-    monkeypatch.setitem(attestation._VERIFIERS, "test", careless)
     policy = AttestationPolicy(measurements=frozenset([allowed]))
-    assert verify_evidence({"type": "test", "m": allowed}, expected_report_data=b"\0" * 32,
-                           policy=policy).measurement == allowed
+    v = attestation.EvidenceVerifier(policy, verifiers={**attestation.DEFAULT_VERIFIERS, "test": careless})
+    assert v.verify({"type": "test", "m": allowed}, expected_report_data=b"\0" * 32).measurement == allowed
     with pytest.raises(AttestationError, match="allow-list"):
-        verify_evidence({"type": "test", "m": other}, expected_report_data=b"\0" * 32, policy=policy)
-    with pytest.raises(ValueError):
-        attestation.register_verifier("test", careless)
+        v.verify({"type": "test", "m": other}, expected_report_data=b"\0" * 32)
+    # the plug-in is this verifier's only: the defaults and other verifiers do not know "test"
+    with pytest.raises(AttestationError, match="not supported"):
+        verify_evidence({"type": "test", "m": allowed}, expected_report_data=b"\0" * 32, policy=policy)
+    assert "test" not in attestation.DEFAULT_VERIFIERS and not hasattr(attestation, "register_verifier")

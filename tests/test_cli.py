@@ -20,6 +20,7 @@ import pytest
 from conftest import assert_matches_reference, assert_one_line_error, flip_byte, layout, plain_ort
 
 from mlcapsule.format import CapsuleFile
+from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 RunCli = Callable[..., Any]
 CLASSES = ["zero", "one", "two", "three", "four"]
@@ -64,7 +65,8 @@ def mlp_files(tmp_path_factory: pytest.TempPathFactory, run_cli: RunCli, provide
                      "--scale", "0.0625", "--provider-name", "ACME", "--budget", "1000", "--expires", "30d",
                      "--description", "test model"], home=provider["home"]))
     assert "packed" in r.stdout
-    return {"dir": d, "model": model, "capsule": capsule, "key": Path(str(capsule) + ".key"), "pack_stdout": r.stdout}
+    return {"dir": d, "model": model, "capsule": capsule, "key": Path(str(capsule) + ".key"), "pack_stdout": r.stdout,
+            "pub": provider["pub"]}
 
 
 @pytest.fixture
@@ -128,7 +130,7 @@ def test_provider_init_with_passphrase_file(run_cli: RunCli, tmp_path: Path, mlp
     _ok(run_cli(["pack", model, "-o", tmp_path / "ok.capsule", "--key", key, "--passphrase-file", secret]))
     _ok(run_cli(["pack", model, "-o", tmp_path / "env.capsule", "--key", key],
                 MLCAPSULE_PASSPHRASE="correct horse battery staple"))
-    _ok(run_cli(["verify", tmp_path / "ok.capsule"]))
+    _ok(run_cli(["verify", tmp_path / "ok.capsule", "--unsafe-trust-manifest-key"]))
 
 
 def test_unsafe_key_file_permissions_are_refused(run_cli: RunCli, tmp_path: Path, provider: dict[str, Path],
@@ -147,7 +149,7 @@ def test_unsafe_key_file_permissions_are_refused(run_cli: RunCli, tmp_path: Path
 def test_pack_writes_capsule_and_private_content_key(mlp_files: dict[str, Any]) -> None:
     assert stat.S_IMODE(mlp_files["key"].stat().st_mode) == 0o600
     assert "never ship it" in _flat(mlp_files["pack_stdout"])
-    with CapsuleFile(mlp_files["capsule"]) as cf:
+    with CapsuleFile(mlp_files["capsule"], trust=UnsafeTrustManifestKey()) as cf:
         m = cf.manifest
     assert m.name == "digits-ish" and m.provider_name == "ACME" and m.description == "test model"
     assert m.class_names == tuple(CLASSES)
@@ -164,7 +166,7 @@ def test_pack_no_tune_takes_the_first_correct_runtime_and_says_which(run_cli: Ru
     out = tmp_path / "fast.capsule"
     r = _ok(run_cli(["pack", mlp_files["dir"] / "mlp.onnx", "-o", out, "--key", provider["key"], "--no-tune"],
                     home=provider["home"]))
-    with CapsuleFile(out) as cf:
+    with CapsuleFile(out, trust=UnsafeTrustManifestKey()) as cf:
         rt = cf.manifest.runtime
     assert (rt.initializers, rt.optimization, rt.prepacking) == (
         RUNTIME_CANDIDATES[0].initializers, RUNTIME_CANDIDATES[0].optimization, RUNTIME_CANDIDATES[0].prepacking)
@@ -173,9 +175,9 @@ def test_pack_no_tune_takes_the_first_correct_runtime_and_says_which(run_cli: Ru
 
 
 def test_inspect_shows_capsule_id_and_inputs(run_cli: RunCli, mlp_files: dict[str, Any]) -> None:
-    with CapsuleFile(mlp_files["capsule"]) as cf:
+    with CapsuleFile(mlp_files["capsule"], trust=UnsafeTrustManifestKey()) as cf:
         cid = str(cf.manifest.capsule_id)
-    r = _ok(run_cli(["inspect", mlp_files["capsule"]]))
+    r = _ok(run_cli(["inspect", mlp_files["capsule"], "--unsafe-trust-manifest-key"]))
     out = _flat(r.stdout)
     assert cid in out
     assert "input" in out and "float32" in out and "16" in out
@@ -184,9 +186,9 @@ def test_inspect_shows_capsule_id_and_inputs(run_cli: RunCli, mlp_files: dict[st
 
 
 def test_inspect_json_parses(run_cli: RunCli, mlp_files: dict[str, Any]) -> None:
-    r = _ok(run_cli(["inspect", "--json", mlp_files["capsule"]]))
+    r = _ok(run_cli(["inspect", "--json", mlp_files["capsule"], "--trust", mlp_files["pub"]]))
     d = json.loads(r.stdout)
-    with CapsuleFile(mlp_files["capsule"]) as cf:
+    with CapsuleFile(mlp_files["capsule"], trust=UnsafeTrustManifestKey()) as cf:
         assert d == cf.manifest.to_dict()
     assert d["model"]["inputs"][0]["name"] == "input"
     assert d["model"]["class_names"] == CLASSES
@@ -194,8 +196,9 @@ def test_inspect_json_parses(run_cli: RunCli, mlp_files: dict[str, Any]) -> None
 
 
 def test_verify_accepts_an_intact_capsule(run_cli: RunCli, mlp_files: dict[str, Any], provider: dict[str, Path]) -> None:
-    r = _ok(run_cli(["verify", mlp_files["capsule"]]))
-    assert _flat(r.stdout).startswith("OK")
+    r = _ok(run_cli(["verify", mlp_files["capsule"], "--unsafe-trust-manifest-key"]))
+    assert _flat(r.stdout).startswith("OK") and "NOT checked" in _flat(r.stdout)
+    assert "warning:" in r.stderr and "integrity only" in _flat(r.stderr)
     r = _ok(run_cli(["verify", mlp_files["capsule"], "--trust", provider["pub"]]))
     assert "signed by the trusted provider key" in _flat(r.stdout)
 
@@ -205,9 +208,9 @@ def test_verify_accepts_an_intact_capsule(run_cli: RunCli, mlp_files: dict[str, 
 def test_tampered_capsule_fails_verify_with_one_line(run_cli: RunCli, tampered: Callable, region: str,
                                                      codes: set[int]) -> None:
     cap, _ = tampered(region)
-    r = run_cli(["verify", cap])
+    r = run_cli(["verify", cap, "--unsafe-trust-manifest-key"])
     assert r.returncode in codes, (r.returncode, r.stderr)
-    assert_one_line_error(r.stderr)
+    assert_one_line_error(r.stderr, allow_warning=True)
     assert "OK" not in r.stdout
 
 
@@ -235,7 +238,9 @@ def test_cli_errors_in_process(cli, tmp_path: Path, mlp_files: dict[str, Any]) -
     r = cli("verify", mlp_files["capsule"], "--trust", mlp_files["key"])  # a content key is not a public key
     assert r.code == 2
     assert_one_line_error(r.err)
-    r = cli("verify", mlp_files["capsule"])
+    r = cli("verify", mlp_files["capsule"])  # no trust decision: refused, not trusted silently
+    assert r.code == 2 and "no provider key is pinned" in assert_one_line_error(r.err)
+    r = cli("verify", mlp_files["capsule"], "--trust", mlp_files["pub"])
     assert r.code == 0 and r.err == ""
 
 

@@ -29,6 +29,7 @@ from mlcapsule.enclave.state import STATE_FILE
 from mlcapsule.errors import (BudgetExhaustedError, FormatError, IntegrityError, LicenseExpiredError,
                               NotProvisionedError, RollbackError)
 from mlcapsule.protocol.receipts import GENESIS, ChainHead, verify_chain
+from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 from provider_sim import Provider, b64
 
@@ -131,7 +132,7 @@ def test_license_for_another_capsule_or_version_refused(env, provider):
     other, _ = provider.pack("other")
     from mlcapsule.format.container import CapsuleFile
 
-    other_id = CapsuleFile(other).manifest.capsule_id
+    other_id = CapsuleFile(other, trust=UnsafeTrustManifestKey()).manifest.capsule_id
     with enclave(cap, env) as e, pytest.raises(IntegrityError, match="another capsule"):
         set_up(e, provider, ckey, capsule_id=other_id)
     with enclave(cap, env) as e, pytest.raises(IntegrityError, match="another capsule"):
@@ -180,7 +181,7 @@ def test_content_key_of_another_capsule_refused(env, provider):
 def _capsule_id(cap: Path):  # type: ignore[no-untyped-def]
     from mlcapsule.format.container import CapsuleFile
 
-    with CapsuleFile(cap) as cf:
+    with CapsuleFile(cap, trust=UnsafeTrustManifestKey()) as cf:
         return cf.manifest.capsule_id
 
 

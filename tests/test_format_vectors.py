@@ -14,6 +14,7 @@ from mlcapsule.enclave.backends.software import SoftwareBackend
 from mlcapsule.enclave.core import EnclaveCore
 from mlcapsule.errors import SignatureError
 from mlcapsule.format.container import CapsuleFile
+from mlcapsule.format.trust import TrustProviderKey
 
 VEC = Path(__file__).parent / "vectors"
 
@@ -25,7 +26,7 @@ def _pinned() -> bytes:
 
 def test_v1_0_golden_capsule_still_reads_and_predicts(tmp_path):
     expected = json.loads((VEC / "v1.0-tiny.expected.json").read_text())
-    with CapsuleFile(VEC / "v1.0-tiny.capsule", trusted_key=_pinned()) as cf:
+    with CapsuleFile(VEC / "v1.0-tiny.capsule", trust=TrustProviderKey(_pinned())) as cf:
         cf.verify_segments()
         assert str(cf.manifest.capsule_id) == expected["capsule_id"]
         assert cf.manifest.segment("weights").chunk_size == 64
@@ -41,4 +42,4 @@ def test_v1_0_golden_capsule_still_reads_and_predicts(tmp_path):
 
 def test_v1_0_golden_capsule_refused_under_another_pinned_key():
     with pytest.raises(SignatureError):
-        CapsuleFile(VEC / "v1.0-tiny.capsule", trusted_key=bytes(32))
+        CapsuleFile(VEC / "v1.0-tiny.capsule", trust=TrustProviderKey(bytes(32)))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mlcapsule._cleanup import LOCK_NAME, clean_stale_run_dirs, hold_run_dir
 from mlcapsule.enclave.measurement import measurement
+from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 
 def test_status_prints_the_whole_measurement(capsys):
@@ -61,13 +62,14 @@ def test_a_killed_predict_leaves_no_run_dir_after_the_next_start(tmp_path):
     res = mlcapsule.pack(_tiny_model(), tmp_path / "t.capsule", provider_key=tmp_path / "k.pem", tune_runtime=False)
     state = tmp_path / "state"
     code = ("import os, signal, numpy as np, mlcapsule\n"
-            f"cap = mlcapsule.open_capsule({str(res.capsule_path)!r}, unsafe_dev_key={str(res.key_path)!r}, "
+            "from mlcapsule.format.trust import UnsafeTrustManifestKey\n"
+            f"cap = mlcapsule.open_capsule({str(res.capsule_path)!r}, trust=UnsafeTrustManifestKey(), unsafe_dev_key={str(res.key_path)!r}, "
             f"state_dir={str(state)!r})\n"
             "cap.predict(np.ones((1, 4), np.float32))\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
     subprocess.run([sys.executable, "-c", code], timeout=60)
     assert list(state.glob("run-*")), "the killed session left its run folder"
-    with mlcapsule.open_capsule(res.capsule_path, unsafe_dev_key=res.key_path, state_dir=state) as cap:
+    with mlcapsule.open_capsule(res.capsule_path, trust=UnsafeTrustManifestKey(), unsafe_dev_key=res.key_path, state_dir=state) as cap:
         cap.predict(np.ones((1, 4), np.float32))
         assert len(list(state.glob("run-*"))) == 1  # only this session's own
     assert list(state.glob("run-*")) == []

@@ -14,6 +14,7 @@ import pytest
 import mlcapsule
 from mlcapsule.errors import IntegrityError, UsageError
 from mlcapsule.format.container import CapsuleFile
+from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 from _server_support import (db_url, harness, pg_server, pg_url, platform, provider_files,  # noqa: F401
                              serve_in_thread)
@@ -22,7 +23,7 @@ X = np.ones((1, 4), np.float32)
 
 
 def _open(path: Path, state: Path, platform: Any) -> Any:
-    return mlcapsule.open_capsule(path, state_dir=state, platform_dir=platform.dir)
+    return mlcapsule.open_capsule(path, trust=UnsafeTrustManifestKey(), state_dir=state, platform_dir=platform.dir)
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -77,7 +78,7 @@ def test_replace_can_export_the_old_receipts_to_a_file(tmp_path, provider_files,
 
 def _damaged_copy(src: Path, dst: Path) -> Path:
     shutil.copy(src, dst)
-    with CapsuleFile(dst) as cf:
+    with CapsuleFile(dst, trust=UnsafeTrustManifestKey()) as cf:
         seg = cf.manifest.segment("weights")
         where = cf.data_offset + seg.offset + seg.length // 2
     data = bytearray(dst.read_bytes())
@@ -122,7 +123,7 @@ def test_admin_capsule_add_checks_every_chunk_tag(tmp_path, provider_files):  # 
     from mlcapsule.server.service import _check_all_chunks
     from mlcapsule.crypto.keys import ContentKey
 
-    with CapsuleFile(provider_files.capsule_path) as cf:
+    with CapsuleFile(provider_files.capsule_path, trust=UnsafeTrustManifestKey()) as cf:
         _check_all_chunks(cf, ContentKey.load(provider_files.content_key_path).key)
         with pytest.raises(IntegrityError):
             _check_all_chunks(cf, bytes(32))

@@ -197,8 +197,9 @@ HOST_SCRIPT = r"""
 import json, sys
 import numpy as np
 import mlcapsule
+from mlcapsule.format.trust import UnsafeTrustManifestKey
 cfg = json.loads(sys.argv[1])
-cap = mlcapsule.open_capsule(cfg["capsule"], unsafe_dev_key=cfg["key"], state_dir=cfg["state"],
+cap = mlcapsule.open_capsule(cfg["capsule"], trust=UnsafeTrustManifestKey(), unsafe_dev_key=cfg["key"], state_dir=cfg["state"],
                              platform_dir=cfg["platform"])
 y = cap.predict(np.load(cfg["x"]))
 np.save(cfg["y"], y)

@@ -32,6 +32,7 @@ from mlcapsule.enclave import protocol  # noqa: E402
 from mlcapsule.errors import FormatError, MlcapsuleError, ProtocolError  # noqa: E402
 from mlcapsule.format import CapsuleFile, Manifest  # noqa: E402
 from mlcapsule.format.container import MAGIC, MAX_MANIFEST  # noqa: E402
+from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -120,7 +121,7 @@ def _header(**kw: int) -> bytes:
 def _open_file(path: Path, data: bytes) -> CapsuleFile | None:
     path.write_bytes(data)
     try:
-        cf = CapsuleFile(path)
+        cf = CapsuleFile(path, trust=UnsafeTrustManifestKey())
     except MlcapsuleError:
         return None
     return cf
@@ -174,7 +175,7 @@ def test_capsulefile_on_deeply_nested_manifest_raises_format_error(fuzz_dir: Pat
     data = _header(mlen=len(body), doff=doff) + body + bytes(64)
     (fuzz_dir / "deep.capsule").write_bytes(data + bytes(doff - len(data)))
     with pytest.raises(FormatError):
-        CapsuleFile(fuzz_dir / "deep.capsule")
+        CapsuleFile(fuzz_dir / "deep.capsule", trust=UnsafeTrustManifestKey())
 
 
 @st.composite

@@ -24,6 +24,7 @@ from mlcapsule.enclave.core import EnclaveCore
 from mlcapsule.enclave.host import EnclaveProcess
 from mlcapsule.enclave.state import STATE_FILE
 from mlcapsule.errors import BudgetExhaustedError, RollbackError
+from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 from swtpm import swtpm, tpm_ca, tpm_factory, tpm_policy  # noqa: F401  (fixtures)
 
@@ -146,7 +147,7 @@ def test_rollback_and_voucher_replay_are_seen_by_the_provider_through_the_real_s
         state = tmp_path / "state"
 
         def open_capsule() -> Any:
-            return mlcapsule.open_capsule(provider_files.capsule_path, state_dir=state, platform_dir=platform.dir)
+            return mlcapsule.open_capsule(provider_files.capsule_path, trust=UnsafeTrustManifestKey(), state_dir=state, platform_dir=platform.dir)
 
         x = np.ones((1, 4), np.float32)
         with open_capsule() as cap:

@@ -41,6 +41,7 @@ from mlcapsule.enclave.state import EnclaveState
 from mlcapsule.errors import FormatError, InputError, IntegrityError, ProtocolError
 from mlcapsule.protocol.license import License
 from mlcapsule.protocol.receipts import GENESIS, ChainHead, entry_hash, make_entry, verify_chain
+from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 FIXED = settings(derandomize=True, max_examples=300, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -428,7 +429,7 @@ def test_worker_creates_the_platform_folder_owner_only_not_0755(tmp_path: Path, 
     import mlcapsule
 
     platform = tmp_path / "fresh" / "nested" / "platform"
-    with mlcapsule.open_capsule(scalar_capsule.path, unsafe_dev_key=scalar_capsule.key_path,
+    with mlcapsule.open_capsule(scalar_capsule.path, trust=UnsafeTrustManifestKey(), unsafe_dev_key=scalar_capsule.key_path,
                                 state_dir=tmp_path / "state", platform_dir=platform) as cap:
         cap.status()
         for d in (platform, platform.parent, platform.parent.parent, tmp_path / "state"):
@@ -444,7 +445,7 @@ def test_scalar_input_goes_through_capsule_run_end_to_end(tmp_path: Path, scalar
     assert t_spec.name == "temperature" and list(t_spec.shape) == []
     w = scalar_capsule.extra["w"]
     x = np.arange(5 * 8, dtype=np.float32).reshape(5, 8)
-    with mlcapsule.open_capsule(scalar_capsule.path, unsafe_dev_key=scalar_capsule.key_path,
+    with mlcapsule.open_capsule(scalar_capsule.path, trust=UnsafeTrustManifestKey(), unsafe_dev_key=scalar_capsule.key_path,
                                 state_dir=tmp_path / "state", platform_dir=tmp_path / "platform") as cap:
         for temperature in (np.float32(2.0), np.array(4.0, np.float32), 0.5, np.array(8.0, np.float64)):
             y = cap.run({"temperature": temperature, "x": x})["y"]

@@ -16,6 +16,7 @@ from conftest import Packed, ProviderKey, assert_matches_reference, pack_model, 
 import mlcapsule
 from mlcapsule.errors import InputError, UsageError
 from mlcapsule.format import CapsuleFile
+from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 RNG_SEED = 1234
 
@@ -112,7 +113,7 @@ def test_public_architecture_leaves_graph_in_clear_and_outputs_unchanged(tmp_pat
     assert m.public_architecture is True
     assert m.segment("graph").encrypted is False
     assert m.segment("weights").encrypted is True
-    with CapsuleFile(packed.path) as cf:
+    with CapsuleFile(packed.path, trust=UnsafeTrustManifestKey()) as cf:
         assert cf.manifest.segment("graph").encrypted is False
         view = cf.segment_view(cf.manifest.segment("graph"))
         graph = onnx.ModelProto.FromString(bytes(view))
@@ -164,7 +165,7 @@ def test_pack_and_open_accept_a_path_or_a_modelproto(tmp_path: Path, provider_ke
         assert res.manifest.outputs == from_proto.manifest.outputs
         # open_capsule takes a str or a Path
         target = str(res.capsule_path) if i % 2 else res.capsule_path
-        with mlcapsule.open_capsule(target, unsafe_dev_key=str(res.key_path), state_dir=tmp_path / f"state{i}",
+        with mlcapsule.open_capsule(target, trust=UnsafeTrustManifestKey(), unsafe_dev_key=str(res.key_path), state_dir=tmp_path / f"state{i}",
                                     platform_dir=tmp_path / "platform") as cap:
             assert_matches_reference(cap.predict(x), ref)
     # every pack makes a new capsule id and a new content key

@@ -54,6 +54,7 @@ from mlcapsule.errors import (
 )
 from mlcapsule.format import CapsuleFile
 from mlcapsule.format.container import MAX_MANIFEST
+from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey
 
 REFUSED = (FormatError, IntegrityError)
 X = np.random.default_rng(7).standard_normal((3, 16)).astype(np.float32)
@@ -69,7 +70,7 @@ def _outcome(fn: Callable[[], object]) -> BaseException | None:
 
 
 def _open_with_capsulefile(path: Path) -> None:
-    with CapsuleFile(path) as cf:
+    with CapsuleFile(path, trust=UnsafeTrustManifestKey()) as cf:
         cf.verify_segments()
 
 
@@ -144,7 +145,7 @@ def test_flipped_padding_byte_never_changes_what_is_loaded(tmp_path: Path, capsu
     """The zero padding between the signature and the data is not signed. Flipping it must never
     change the model that runs: either the capsule is refused (FormatError), or it is the same
     capsule, byte for byte in everything that is interpreted."""
-    original = CapsuleFile(capsule_copy.path)
+    original = CapsuleFile(capsule_copy.path, trust=UnsafeTrustManifestKey())
     want_manifest = original.manifest
     original.close()
     failures: list[str] = []
@@ -152,7 +153,7 @@ def test_flipped_padding_byte_never_changes_what_is_loaded(tmp_path: Path, capsu
         flip_byte(capsule_copy.path, pos)
         try:
             try:
-                with CapsuleFile(capsule_copy.path) as cf:
+                with CapsuleFile(capsule_copy.path, trust=UnsafeTrustManifestKey()) as cf:
                     cf.verify_segments()
                     if cf.manifest != want_manifest:
                         failures.append(f"byte {pos}: accepted with another manifest")
@@ -179,7 +180,7 @@ def test_nonzero_padding_is_rejected(tmp_path: Path, capsule_copy: Packed) -> No
         flip_byte(capsule_copy.path, pos)
         try:
             with pytest.raises(FormatError):
-                CapsuleFile(capsule_copy.path)
+                CapsuleFile(capsule_copy.path, trust=UnsafeTrustManifestKey())
             with pytest.raises(FormatError):
                 core.load()
         finally:
@@ -272,7 +273,7 @@ def _read(path: Path, a: int, b: int) -> bytes:
 
 def _assert_enclave_refuses(packed: Packed, base: Path, expected: tuple[type[BaseException], ...] = (IntegrityError,)) -> None:
     # the host-side reader is satisfied: the signature and the (fixed-up) hashes are valid ...
-    with CapsuleFile(packed.path) as cf:
+    with CapsuleFile(packed.path, trust=UnsafeTrustManifestKey()) as cf:
         cf.verify_segments()
     # ... so only the enclave's authenticated decryption stands between the attacker and the model
     with pytest.raises(expected):
@@ -420,7 +421,7 @@ def test_absurd_manifest_length_is_rejected(tmp_path: Path, capsule_copy: Packed
     t0 = time.perf_counter()
     try:
         with pytest.raises(FormatError):
-            CapsuleFile(capsule_copy.path)
+            CapsuleFile(capsule_copy.path, trust=UnsafeTrustManifestKey())
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -437,7 +438,7 @@ def test_unknown_major_version_is_rejected(tmp_path: Path, capsule_copy: Packed,
 
     write_at(capsule_copy.path, 8, struct.pack("<H", major))
     with pytest.raises(UnsupportedVersionError):
-        CapsuleFile(capsule_copy.path)
+        CapsuleFile(capsule_copy.path, trust=UnsafeTrustManifestKey())
     with pytest.raises(UnsupportedVersionError):
         Core(capsule_copy, tmp_path).load()
     r = cli("verify", capsule_copy.path)
@@ -446,7 +447,7 @@ def test_unknown_major_version_is_rejected(tmp_path: Path, capsule_copy: Packed,
     # a validly signed header with that version is refused just the same
     resign(capsule_copy.path, None, provider_key, major=major)
     with pytest.raises(UnsupportedVersionError):
-        CapsuleFile(capsule_copy.path)
+        CapsuleFile(capsule_copy.path, trust=UnsafeTrustManifestKey())
     with pytest.raises(UnsupportedVersionError):
         _open_capsule(capsule_copy, tmp_path)
 
@@ -457,7 +458,7 @@ def test_unknown_manifest_field_is_rejected_even_when_signed(tmp_path: Path, cap
     rather than silently ignoring (say) a new policy term."""
     resign(capsule_copy.path, lambda m: m["policy"].update(new_term=1), provider_key)
     with pytest.raises(FormatError):
-        CapsuleFile(capsule_copy.path)
+        CapsuleFile(capsule_copy.path, trust=UnsafeTrustManifestKey())
     with pytest.raises(FormatError):
         Core(capsule_copy, tmp_path).load()
 
@@ -470,9 +471,9 @@ def test_manifest_signed_by_another_key_is_rejected(tmp_path: Path, capsule_copy
     resign(capsule_copy.path, lambda m: m["policy"].update(budget=10**9), other_provider_key)
     assert layout(capsule_copy.path).manifest["provider"]["key"] == b64(provider_key.raw)
     with pytest.raises(SignatureError):
-        CapsuleFile(capsule_copy.path)
+        CapsuleFile(capsule_copy.path, trust=UnsafeTrustManifestKey())
     with pytest.raises(SignatureError):
-        CapsuleFile(capsule_copy.path, trusted_key=provider_key.raw)
+        CapsuleFile(capsule_copy.path, trust=TrustProviderKey(provider_key.raw))
     with pytest.raises(SignatureError):
         _open_capsule(capsule_copy, tmp_path)
     with pytest.raises(SignatureError):
@@ -488,10 +489,10 @@ def test_capsule_rekeyed_by_attacker_is_refused_when_the_provider_is_pinned(
     is self-consistent, so only pinning the provider's key tells it apart."""
     resign(capsule_copy.path, lambda m: m["provider"].update(key=b64(other_provider_key.raw), name="Evil Corp"),
            other_provider_key)
-    with CapsuleFile(capsule_copy.path) as cf:  # integrity only: documented, origin is not checked
+    with CapsuleFile(capsule_copy.path, trust=UnsafeTrustManifestKey()) as cf:  # integrity only: documented, origin is not checked
         assert cf.manifest.provider_key == other_provider_key.raw
     with pytest.raises(SignatureError):
-        CapsuleFile(capsule_copy.path, trusted_key=provider_key.raw)
+        CapsuleFile(capsule_copy.path, trust=TrustProviderKey(provider_key.raw))
     with pytest.raises(SignatureError):
         _open_capsule_pinned(capsule_copy, tmp_path, provider_key.raw)
     r = cli("verify", capsule_copy.path, "--trust", provider_key.pub_path)
@@ -505,7 +506,7 @@ def test_capsule_rekeyed_by_attacker_is_refused_when_the_provider_is_pinned(
 
 
 def _open_capsule_pinned(packed: Packed, base: Path, trusted: bytes) -> None:
-    with packed.open(base, "pinned", trusted_provider_key=trusted) as cap:
+    with packed.open(base, "pinned", trust=TrustProviderKey(trusted)) as cap:
         cap.predict(X)
 
 
@@ -515,7 +516,7 @@ def test_content_key_of_another_capsule_is_rejected(tmp_path: Path, capsule_copy
     with pytest.raises(IntegrityError):
         Core(capsule_copy, tmp_path).load(wrong_key)
     with pytest.raises(IntegrityError):
-        with mlcapsule.open_capsule(capsule_copy.path, unsafe_dev_key=wrong_key, **capsule_copy.dirs(tmp_path)) as cap:
+        with mlcapsule.open_capsule(capsule_copy.path, trust=UnsafeTrustManifestKey(), unsafe_dev_key=wrong_key, **capsule_copy.dirs(tmp_path)) as cap:
             cap.predict(X)
 
 
@@ -527,7 +528,7 @@ def test_forged_content_key_for_this_capsule_is_rejected(tmp_path: Path, capsule
     with pytest.raises(IntegrityError):
         Core(capsule_copy, tmp_path).load(forged)
     with pytest.raises(IntegrityError):
-        with mlcapsule.open_capsule(capsule_copy.path, unsafe_dev_key=forged, **capsule_copy.dirs(tmp_path)) as cap:
+        with mlcapsule.open_capsule(capsule_copy.path, trust=UnsafeTrustManifestKey(), unsafe_dev_key=forged, **capsule_copy.dirs(tmp_path)) as cap:
             cap.predict(X)
 
 

@@ -11,6 +11,7 @@ import base64
 import datetime as dt
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from swtpm import other_swtpm, require_swtpm, swtpm, tpm_ca, tpm_factory, tpm_policy  # noqa: F401  (fixtures)
 
 from mlcapsule._util import b64d, b64e
-from mlcapsule.attestation import AttestationPolicy, register_verifier, verify_evidence
+from mlcapsule.attestation import AttestationPolicy, EvidenceVerifier, verify_evidence
 from mlcapsule.attestation import tpm as T
 from mlcapsule.errors import AttestationError, IntegrityError
 from mlcapsule.protocol.setup import report_data
@@ -140,18 +141,19 @@ def test_platform_id_is_stable_per_tpm_and_differs_between_tpms(swtpm, other_swt
     assert ids[0] == ids[1] != ids[2]
 
 
-def test_registry_dispatches_tpm_evidence(swtpm, tpm_policy) -> None:  # noqa: F811
+def test_verifier_dispatches_tpm_evidence(swtpm, tpm_policy) -> None:  # noqa: F811
     with swtpm.backend() as b:
         ev, rd, _ = _evidence(b)
     with pytest.raises(AttestationError, match="no TPM EK roots are configured"):
         verify_evidence(ev, expected_report_data=rd, policy=_policy(ev))
-    register_verifier("tpm", T.TpmVerifier(tpm_policy), replace=True)
-    try:
-        assert verify_evidence(ev, expected_report_data=rd, policy=_policy(ev)).type == "tpm"
-        with pytest.raises(AttestationError, match="allow-list"):
-            verify_evidence(ev, expected_report_data=rd, policy=AttestationPolicy(measurements={"ab" * 32}))
-    finally:
-        register_verifier("tpm", T.verify_tpm, replace=True)
+    bound = EvidenceVerifier(_policy(ev), verifiers={"tpm": T.TpmVerifier(tpm_policy)})
+    assert bound.verify(ev, expected_report_data=rd).type == "tpm"
+    assert EvidenceVerifier(replace(_policy(ev), tpm=tpm_policy)).verify(ev, expected_report_data=rd).type == "tpm"
+    with pytest.raises(AttestationError, match="allow-list"):
+        EvidenceVerifier(AttestationPolicy(measurements={"ab" * 32}, tpm=tpm_policy)).verify(
+            ev, expected_report_data=rd)
+    with pytest.raises(AttestationError, match="no TPM EK roots are configured"):  # nothing leaked into the defaults
+        verify_evidence(ev, expected_report_data=rd, policy=_policy(ev))
 
 
 def test_quote_with_a_wrong_nonce_refused(swtpm, tpm_policy) -> None:  # noqa: F811

@@ -39,6 +39,7 @@ from mlcapsule.enclave.host import EnclaveProcess
 from mlcapsule.enclave.state import STATE_FILE
 from mlcapsule.errors import BudgetExhaustedError, IntegrityError
 from mlcapsule.protocol.setup import report_data
+from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 pytestmark = pytest.mark.tpm
 
@@ -76,7 +77,7 @@ def query(e: EnclaveProcess, n: int = 1) -> np.ndarray:
 def counter_name(cap: Path) -> str:
     from mlcapsule.format.container import CapsuleFile
 
-    with CapsuleFile(cap) as cf:
+    with CapsuleFile(cap, trust=UnsafeTrustManifestKey()) as cf:
         return f"c-{cf.manifest.capsule_id}-v{cf.manifest.version}"
 
 
@@ -128,10 +129,10 @@ def test_setup_against_the_real_server_then_offline_predictions(tmp_path, provid
     from mlcapsule.server.settings import ServerSettings
 
     cap, _ = provider.pack(policy=Policy(lease_size=2))
-    with CapsuleFile(cap) as cf:
+    with CapsuleFile(cap, trust=UnsafeTrustManifestKey()) as cf:
         capsule_id = str(cf.manifest.capsule_id)
     state = tmp_path / "state"
-    with mlcapsule.open_capsule(cap, state_dir=state, backend="tpm", tcti=swtpm.tcti) as c:
+    with mlcapsule.open_capsule(cap, trust=UnsafeTrustManifestKey(), state_dir=state, backend="tpm", tcti=swtpm.tcti) as c:
         # The server allows exactly the measurement this enclave reports (`mlcapsule status` shows it).
         settings = ServerSettings(database_url=f"sqlite:///{tmp_path / 'server.db'}",
                                   provider_key_path=provider.key_path, allow_software_evidence=False,
@@ -150,14 +151,14 @@ def test_setup_against_the_real_server_then_offline_predictions(tmp_path, provid
             assert device["evidence"] == "tpm"
         finally:
             app.state.engine.dispose()
-    with mlcapsule.open_capsule(cap, state_dir=state) as c:  # offline; backend and TCTI remembered
+    with mlcapsule.open_capsule(cap, trust=UnsafeTrustManifestKey(), state_dir=state) as c:  # offline; backend and TCTI remembered
         assert c.backend == "tpm" and c.is_set_up
         assert c.predict(np.ones((4, 8), np.float32)).shape == (4, 3)
     r = cli("status", cap, "--state-dir", state, "--json")
     assert r.code == 0, r.err
     st_ = json.loads(r.out)
     assert st_["backend"] == "tpm" and st_["license_status"]["answered"] == 4
-    with mlcapsule.open_capsule(cap, state_dir=state) as c:
+    with mlcapsule.open_capsule(cap, trust=UnsafeTrustManifestKey(), state_dir=state) as c:
         assert c.predict(np.ones((2, 8), np.float32)).shape == (2, 3)
         with pytest.raises(BudgetExhaustedError):
             c.predict(np.ones((1, 8), np.float32))

@@ -26,6 +26,7 @@ from .enclave.state import STATE_FILE
 from .errors import InputError, UsageError
 from .format.container import CapsuleFile
 from .format.manifest import Manifest
+from .format.trust import Trust, TrustProviderKey, UnsafeTrustManifestKey, check_trust  # noqa: F401
 
 
 def default_state_dir(manifest: Manifest) -> Path:
@@ -33,16 +34,23 @@ def default_state_dir(manifest: Manifest) -> Path:
 
 
 class Capsule:
-    """An opened capsule, served by its own enclave worker."""
+    """An opened capsule, served by its own enclave worker.
 
-    def __init__(self, path: str | os.PathLike[str], *, unsafe_dev_key: str | os.PathLike[str] | None = None,
+    ``trust`` is required (no default): ``TrustProviderKey(provider_public_key)`` pins the
+    provider; ``UnsafeTrustManifestKey()`` trusts the key the manifest names (integrity only).
+    See :mod:`mlcapsule.format.trust`. The enclave itself accepts the capsule only with a
+    license signed by the manifest's key (docs/design.md, "Trust decisions").
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, trust: Trust, unsafe_dev_key: str | os.PathLike[str] | None = None,
                  state_dir: str | os.PathLike[str] | None = None, backend: str | None = None,
                  platform_dir: str | os.PathLike[str] | None = None, threads: int | None = None,
-                 trusted_provider_key: bytes | None = None, tcti: str | None = None,
+                 tcti: str | None = None,
                  memory_limit_mb: float | None = None, service: str | os.PathLike[str] | bool | None = None) -> None:
         self.path = Path(path)
         self.memory_limit_mb = memory_limit_mb  # streaming mode: the enclave stays within this many MiB
-        with CapsuleFile(self.path, trusted_key=trusted_provider_key) as cf:
+        self.trust = check_trust(trust)
+        with CapsuleFile(self.path, trust=self.trust) as cf:
             self.manifest = cf.manifest
         self.state_dir = Path(state_dir) if state_dir else default_state_dir(self.manifest)
         # The backend that set this capsule up is remembered next to its state (backend.json):
@@ -148,7 +156,7 @@ class Capsule:
         ciphertext, so this catches any changed byte, tags included, without the key)."""
         from .errors import IntegrityError
 
-        with CapsuleFile(self.path) as cf:
+        with CapsuleFile(self.path, trust=self.trust) as cf:
             if cf.manifest.segments != self.manifest.segments:
                 raise IntegrityError(f"{self.path} changed while it was open",
                                      hint="close other programs writing it, and run setup again")
@@ -305,6 +313,7 @@ def _hold_run(enclave: EnclaveProcess) -> int | None:
         return None
 
 
-def open_capsule(path: str | os.PathLike[str], **kwargs: Any) -> Capsule:
-    """Open ``path`` in an enclave worker. See :class:`Capsule` for the options."""
-    return Capsule(path, **kwargs)
+def open_capsule(path: str | os.PathLike[str], *, trust: Trust, **kwargs: Any) -> Capsule:
+    """Open ``path`` in an enclave worker under the trust decision ``trust`` (required). See
+    :class:`Capsule` for the options."""
+    return Capsule(path, trust=trust, **kwargs)

@@ -45,9 +45,6 @@ class AttestationPolicy:
         the operator asks for it loudly (see :data:`SOFTWARE_OPTION`).
     ``measurements``
         Allow-list of enclave measurements (hex, 32 bytes). Empty refuses every enclave.
-    ``allow_debug``
-        For hardware backends (later): accept enclaves running in debug mode. Always off in
-        production; a debug enclave can be read by its host.
     ``tpm``
         A :class:`mlcapsule.attestation.tpm.TpmPolicy` (EK CA roots, PCR policy). None refuses
         ``tpm`` evidence: there is no default set of trusted TPM manufacturers.
@@ -55,7 +52,6 @@ class AttestationPolicy:
 
     allow_software: bool = False
     measurements: frozenset[str] = field(default_factory=frozenset)
-    allow_debug: bool = False
     tpm: Any = None
 
     def __post_init__(self) -> None:

@@ -674,13 +674,12 @@ def check_tpm_evidence(evidence: Mapping[str, Any], *, expected_report_data: byt
 
 def verify_tpm(evidence: Mapping[str, Any], *, expected_report_data: bytes, policy: AttestationPolicy,
                tpm_policy: TpmPolicy | None = None) -> VerifiedEvidence:
-    """The registry verifier for ``tpm`` evidence.
+    """The verifier for ``tpm`` evidence (an :class:`~mlcapsule.attestation.EvidenceVerifier` default).
 
-    The TPM settings come from ``tpm_policy``, else from ``policy.tpm`` (an AttestationPolicy
-    field, when the server has one), else from :func:`configure`. Without any, TPM evidence is
-    refused: there is no default set of trusted manufacturers.
+    The TPM settings come from ``tpm_policy``, else from ``policy.tpm``. Without either, TPM
+    evidence is refused: there is no default set of trusted manufacturers, and no process-wide one.
     """
-    tp = tpm_policy or getattr(policy, "tpm", None) or _configured
+    tp = tpm_policy or getattr(policy, "tpm", None)
     if not isinstance(tp, TpmPolicy):
         raise AttestationError("this server does not accept evidence from the 'tpm' backend: no TPM EK roots are configured",
                                hint="the provider must configure the EK CA roots (and PCR policy) it accepts")
@@ -690,7 +689,7 @@ def verify_tpm(evidence: Mapping[str, Any], *, expected_report_data: bytes, poli
 
 
 class TpmVerifier:
-    """A verifier bound to one :class:`TpmPolicy`, for ``register_verifier("tpm", TpmVerifier(p), replace=True)``."""
+    """A verifier bound to one :class:`TpmPolicy`: ``EvidenceVerifier(policy, verifiers={"tpm": TpmVerifier(p)})``."""
 
     def __init__(self, tpm_policy: TpmPolicy) -> None:
         self.tpm_policy = tpm_policy
@@ -698,15 +697,6 @@ class TpmVerifier:
     def __call__(self, evidence: Mapping[str, Any], *, expected_report_data: bytes,
                  policy: AttestationPolicy) -> VerifiedEvidence:
         return verify_tpm(evidence, expected_report_data=expected_report_data, policy=policy, tpm_policy=self.tpm_policy)
-
-
-_configured: TpmPolicy | None = None
-
-
-def configure(tpm_policy: TpmPolicy | None) -> None:
-    """Set the process-wide TPM policy used when the AttestationPolicy carries none."""
-    global _configured
-    _configured = tpm_policy
 
 
 # -- credential activation (server side) ------------------------------------------------------------
@@ -798,7 +788,6 @@ __all__ = [
     "TpmPublic",
     "TpmVerifier",
     "check_tpm_evidence",
-    "configure",
     "credential_challenge",
     "ek_certificate_matches",
     "load_certificates",
@@ -815,7 +804,3 @@ __all__ = [
     "wrap_payload",
 ]
 
-
-from . import register_verifier
-
-register_verifier(EVIDENCE_TYPE, verify_tpm)

@@ -160,11 +160,19 @@ def plain_session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def workspace_trust(ws: Workspace) -> Any:
+    """The trust decision for the workspace's capsules: its own provider key, pinned."""
+    from ..crypto.keys import load_provider_key, raw_public
+    from ..format.trust import TrustProviderKey
+
+    return TrustProviderKey(raw_public(load_provider_key(ws.provider_key).public_key()))
+
+
 def open_capsule(packed: dict[str, Any], ws: Workspace, tag: str, *, threads: int | None = None,
                  memory_limit_mb: float | None = None) -> Any:
     from ..client import open_capsule as _open
 
-    return _open(packed["capsule"], unsafe_dev_key=packed["key"], state_dir=ws.state(tag),
+    return _open(packed["capsule"], trust=workspace_trust(ws), unsafe_dev_key=packed["key"], state_dir=ws.state(tag),
                  platform_dir=ws.root / "platform", threads=threads or ws.threads, memory_limit_mb=memory_limit_mb)
 
 

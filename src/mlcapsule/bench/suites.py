@@ -289,7 +289,9 @@ def suite_fixed(ws: Workspace) -> dict[str, Any]:
     x = np.ascontiguousarray(info["x_test"][:1])
     plain = plain_session(packed["plain"], 1)
     dev = open_capsule(packed, ws, "digits-dev", threads=1)
-    lic = open_(packed["capsule"], state_dir=ws.state("digits-licensed"), platform_dir=ws.root / "platform", threads=1)
+    from ._common import workspace_trust
+
+    lic = open_(packed["capsule"], trust=workspace_trust(ws), state_dir=ws.state("digits-licensed"), platform_dir=ws.root / "platform", threads=1)
     try:
         assert lic.load_info and lic.load_info.get("license") == "license"
         ref = plain.run(None, {"input": x})[0]

@@ -132,7 +132,12 @@ def _demo(workdir: Path, console: Console, BudgetExhaustedError: type[Exception]
     service.grant("hospital-a", str(capsule), budget=BUDGET, devices=1, expires=None)
     console.print(f"   account 'hospital-a' created; grant: {BUDGET} queries, 1 device, lease {LEASE}")
 
-    with mlcapsule.open_capsule(capsule) as cap:
+    # The client pins the provider's public key (it would receive provider-key.pem.pub with the capsule).
+    from ..crypto.keys import load_provider_key, raw_public
+    from ..format.trust import TrustProviderKey
+
+    pinned = TrustProviderKey(raw_public(load_provider_key(key_path).public_key()))
+    with mlcapsule.open_capsule(capsule, trust=pinned) as cap:
         _step(console, 4, "Client: set up the enclave (attest, receive key and license over HPKE, seal)")
         with running_server(app, port):
             lic = cap.setup(token=token, server=url)

@@ -195,15 +195,95 @@ def _load_trusted(trust: str | None) -> bytes | None:
     return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+#: The provider key a client trusts for one capsule version, next to its state (trust on first
+#: use: recorded by the first setup, or the first command that loads the license, unless --trust
+#: gave it).
+PIN_FILE = "provider-key.pem.pub"
+
+UNSAFE_TRUST_WARNING = ("--unsafe-trust-manifest-key: trusting whatever provider key the capsule names. "
+                        "This checks integrity only: anyone can re-sign a modified capsule with a key of "
+                        "their own. Pin the provider's key with --trust KEY.pub instead.")
+
+_trust_option = click.option(
+    "--trust", "trust_file", type=click.Path(exists=True, dir_okay=False), metavar="KEY.pub",
+    help="The provider's public key (PEM): open the capsule only if it is signed by this key "
+         "[default: the key remembered for this capsule at its first setup].")
+_unsafe_trust_option = click.option(
+    "--unsafe-trust-manifest-key", "unsafe_trust", is_flag=True,
+    help="UNSAFE: trust whatever provider key the capsule names (integrity only, not origin).")
+
+
+def _pin_path(capsule: str, state_dir: str | None) -> tuple[Path, Any]:
+    """Where the pin for CAPSULE lives, and its manifest. The manifest is read under its own key
+    here only to find the capsule's state folder; the capsule is opened again under the pin."""
+    from ..client import default_state_dir
+    from ..format.container import CapsuleFile
+    from ..format.trust import UnsafeTrustManifestKey
+
+    with CapsuleFile(capsule, trust=UnsafeTrustManifestKey()) as cf:
+        m = cf.manifest
+    return (Path(state_dir) if state_dir else default_state_dir(m)) / PIN_FILE, m
+
+
+def _client_trust(capsule: str, trust_file: str | None, unsafe: bool, state_dir: str | None, *,
+                  first_use: bool) -> tuple[Any, Path | None]:
+    """The trust decision of a client command: (decision, pin file to write once the provider's
+    license confirmed the key, or None).
+
+    ``--trust KEY.pub`` pins that key; else the remembered pin; else, with ``first_use``, trust on
+    first use: the key the capsule names, remembered only after the enclave accepted a license
+    signed by it. ``--unsafe-trust-manifest-key`` trusts the manifest's key, with a warning.
+    """
+    from ..crypto.keys import ed25519_public_from_raw, key_id
+    from ..format.trust import TrustProviderKey, UnsafeTrustManifestKey
+
+    if trust_file and unsafe:
+        raise UsageError("--trust and --unsafe-trust-manifest-key exclude each other")
+    if unsafe:
+        err_console.print(f"[bold yellow]warning:[/] {UNSAFE_TRUST_WARNING}", soft_wrap=True)
+        return UnsafeTrustManifestKey(), None
+    pin, m = _pin_path(capsule, state_dir)
+    if trust_file:
+        raw = _load_trusted(trust_file)
+        assert raw is not None
+        return TrustProviderKey(raw), pin
+    if pin.is_file():
+        raw = _load_trusted(str(pin))
+        assert raw is not None
+        return TrustProviderKey(raw), None
+    if not first_use:
+        raise UsageError(f"no provider key is pinned for {capsule}",
+                         hint="pass the provider's public key with --trust KEY.pub (or, to check integrity only, "
+                              "--unsafe-trust-manifest-key)")
+    err_console.print(f"[yellow]note:[/] no provider key pinned for {Path(capsule).name}: trusting the key it names "
+                      f"(key id {key_id(ed25519_public_from_raw(m.provider_key))}) on first use; it is remembered "
+                      f"once the provider's license confirms it. Pass --trust KEY.pub to pin the key yourself.",
+                      soft_wrap=True)
+    return TrustProviderKey(m.provider_key), pin
+
+
+def _remember_pin(pin: Path | None, trust: Any) -> None:
+    """Write the pin (mode 0644, beside the state) once a license signed by the key was accepted."""
+    from .._util import atomic_write
+    from ..crypto.keys import ed25519_public_from_raw, public_key_pem
+
+    if pin is None or not pin.parent.is_dir():
+        return
+    atomic_write(pin, public_key_pem(ed25519_public_from_raw(trust.key)), mode=0o644)
+
+
 @cli.command()
 @click.argument("capsule", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
-def inspect(capsule: str, as_json: bool) -> None:
-    """Show a capsule's public manifest (checks its signature; needs no key)."""
+@_trust_option
+@_unsafe_trust_option
+def inspect(capsule: str, as_json: bool, trust_file: str | None, unsafe_trust: bool) -> None:
+    """Show a capsule's public manifest (checks its signature under the pinned provider key; needs no content key)."""
     from ..crypto.keys import ed25519_public_from_raw, key_id
     from ..format.container import CapsuleFile
 
-    with CapsuleFile(capsule) as cf:
+    trust, _ = _client_trust(capsule, trust_file, unsafe_trust, None, first_use=False)
+    with CapsuleFile(capsule, trust=trust) as cf:
         m = cf.manifest
     if as_json:
         _print_json(m.to_dict())
@@ -235,16 +315,18 @@ def inspect(capsule: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("capsule", type=click.Path(dir_okay=False))
-@click.option("--trust", type=click.Path(exists=True, dir_okay=False),
-              help="The provider's public key (PEM); without it, origin is not checked, only integrity.")
-def verify(capsule: str, trust: str | None) -> None:
-    """Check a capsule's signature, structure and segment hashes, without the key."""
+@_trust_option
+@_unsafe_trust_option
+def verify(capsule: str, trust_file: str | None, unsafe_trust: bool) -> None:
+    """Check a capsule's signature, structure and segment hashes, without the content key."""
     from ..format.container import CapsuleFile
 
-    with CapsuleFile(capsule, trusted_key=_load_trusted(trust)) as cf:
+    trust, _ = _client_trust(capsule, trust_file, unsafe_trust, None, first_use=False)
+    with CapsuleFile(capsule, trust=trust) as cf:
         cf.verify_segments()
         m = cf.manifest
-    origin = "signed by the trusted provider key" if trust else "self-consistent (pass --trust to check the provider)"
+    origin = ("signed by the trusted provider key" if cf.origin_verified
+              else "self-consistent only: the provider key was NOT checked (--unsafe-trust-manifest-key)")
     console.print(f"OK: {capsule} is intact: capsule {m.capsule_id} v{m.version}, {len(m.segments)} segments, {origin}")
 
 
@@ -383,17 +465,25 @@ _memory_limit_option = click.option(
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--state-dir", type=click.Path(file_okay=False))
 @_memory_limit_option
+@_trust_option
 def run(capsule: str, inputs: tuple[str, ...], unsafe_dev_key: str, output: str | None, top_k: int,
-        state_dir: str | None, memory_limit: float | None) -> None:
+        state_dir: str | None, memory_limit: float | None, trust_file: str | None) -> None:
     """Run CAPSULE on INPUTS with the provider's key file (development only)."""
     from ..client import open_capsule
+    from ..format.trust import TrustProviderKey, UnsafeTrustManifestKey
 
     from ..io import check_output_path
 
     if output:
         check_output_path(output)
-    err_console.print("[yellow]warning:[/] --unsafe-dev-key bypasses the license: for development and tests only")
-    with open_capsule(capsule, unsafe_dev_key=unsafe_dev_key, state_dir=state_dir,
+    # The content key file is the provider's own secret: it is this command's trust anchor. Without
+    # --trust, the capsule's own key is trusted, and the warning says so.
+    raw = _load_trusted(trust_file)
+    trust = TrustProviderKey(raw) if raw is not None else UnsafeTrustManifestKey()
+    err_console.print("[yellow]warning:[/] --unsafe-dev-key bypasses the license: for development and tests only"
+                      + ("" if raw is not None else "; the capsule's provider key is not checked (pass --trust KEY.pub)"),
+                      soft_wrap=True)
+    with open_capsule(capsule, trust=trust, unsafe_dev_key=unsafe_dev_key, state_dir=state_dir,
                       memory_limit_mb=memory_limit) as cap:
         _predict(cap, inputs, output, top_k)
 
@@ -451,15 +541,23 @@ def _backend_options(f: Any) -> Any:
                    "the new license inherits nothing from the old one).")
 @click.option("--export-receipts", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="With --replace: write the old license's unsynced receipts to FILE instead of syncing them.")
+@_trust_option
+@_unsafe_trust_option
 def setup(capsule: str, token: str, server: str | None, state_dir: str | None, backend: str | None,
-          tcti: str | None, replace: bool, export_receipts: str | None) -> None:
-    """Set up CAPSULE on this device: attest the enclave to the provider and receive the license (online, once)."""
+          tcti: str | None, replace: bool, export_receipts: str | None, trust_file: str | None,
+          unsafe_trust: bool) -> None:
+    """Set up CAPSULE on this device: attest the enclave to the provider and receive the license (online, once).
+
+    The provider key is pinned with --trust KEY.pub, else the key the capsule names is trusted on
+    first use and remembered once the provider's license, signed by it, was accepted."""
     from ..client import open_capsule
 
     if export_receipts and not replace:
         raise UsageError("--export-receipts goes with --replace", hint="add --replace, or leave --export-receipts out")
-    with open_capsule(capsule, state_dir=state_dir, backend=backend, tcti=tcti) as cap:
+    trust, pin = _client_trust(capsule, trust_file, unsafe_trust, state_dir, first_use=True)
+    with open_capsule(capsule, trust=trust, state_dir=state_dir, backend=backend, tcti=tcti) as cap:
         info = cap.setup(token=token, server=server, replace=replace, export_receipts=export_receipts)
+        _remember_pin(pin, trust)
     budget = "unlimited" if info["budget"] is None else info["budget"]
     console.print(f"set up: license {info['license_id']} for device {info['device_id']}, budget {budget} queries, "
                   f"expires {info['expires'] or 'never'}. Predictions now run offline.")
@@ -473,8 +571,11 @@ def setup(capsule: str, token: str, server: str | None, state_dir: str | None, b
 @_state_option
 @_backend_options
 @_memory_limit_option
+@_trust_option
+@_unsafe_trust_option
 def predict(capsule: str, inputs: tuple[str, ...], output: str | None, top_k: int, state_dir: str | None,
-            backend: str | None, tcti: str | None, memory_limit: float | None) -> None:
+            backend: str | None, tcti: str | None, memory_limit: float | None, trust_file: str | None,
+            unsafe_trust: bool) -> None:
     """Predict offline with a set-up CAPSULE. Each input row is charged to the budget before it is answered.
 
     Inputs are answered in sub-batches of one lease, each charged as it is answered: Ctrl-C
@@ -486,9 +587,12 @@ def predict(capsule: str, inputs: tuple[str, ...], output: str | None, top_k: in
 
     if output:
         check_output_path(output)  # every argument is checked before anything is charged
-    with open_capsule(capsule, state_dir=state_dir, backend=backend, tcti=tcti, memory_limit_mb=memory_limit) as cap:
+    trust, pin = _client_trust(capsule, trust_file, unsafe_trust, state_dir, first_use=True)
+    with open_capsule(capsule, trust=trust, state_dir=state_dir, backend=backend, tcti=tcti,
+                      memory_limit_mb=memory_limit) as cap:
         if not cap.is_set_up:
             raise NotProvisionedError(f"{capsule} is not set up on this device")
+        _remember_pin(pin, trust)  # the enclave loaded a license signed by this key
         _predict(cap, inputs, output, top_k)
 
 
@@ -496,7 +600,9 @@ def predict(capsule: str, inputs: tuple[str, ...], output: str | None, top_k: in
 @click.argument("capsule", type=click.Path(exists=True, dir_okay=False))
 @click.argument("voucher", type=click.Path(exists=True, dir_okay=False))
 @_state_option
-def topup(capsule: str, voucher: str, state_dir: str | None) -> None:
+@_trust_option
+@_unsafe_trust_option
+def topup(capsule: str, voucher: str, state_dir: str | None, trust_file: str | None, unsafe_trust: bool) -> None:
     """Redeem a provider's VOUCHER file for CAPSULE, offline."""
     from ..client import open_capsule
     from ..errors import NotProvisionedError
@@ -505,9 +611,11 @@ def topup(capsule: str, voucher: str, state_dir: str | None) -> None:
         envelope = json.loads(Path(voucher).read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise UsageError(f"{voucher} is not a voucher file (JSON)") from e
-    with open_capsule(capsule, state_dir=state_dir) as cap:
+    trust, pin = _client_trust(capsule, trust_file, unsafe_trust, state_dir, first_use=True)
+    with open_capsule(capsule, trust=trust, state_dir=state_dir) as cap:
         if not cap.is_set_up:
             raise NotProvisionedError(f"{capsule} is not set up on this device")
+        _remember_pin(pin, trust)
         _check_voucher_license(envelope, cap, voucher)
         info = cap.topup(envelope)
     console.print(f"voucher {info['vouchers_redeemed']} redeemed: {info['remaining']} queries left of {info['budget']}")
@@ -529,14 +637,19 @@ def _check_voucher_license(envelope: Any, cap: Any, voucher: str) -> None:
 @_token_option
 @_server_option
 @_state_option
-def sync(capsule: str, token: str, server: str | None, state_dir: str | None) -> None:
+@_trust_option
+@_unsafe_trust_option
+def sync(capsule: str, token: str, server: str | None, state_dir: str | None, trust_file: str | None,
+         unsafe_trust: bool) -> None:
     """Upload the enclave's signed usage receipts to the provider (online)."""
     from ..client import open_capsule
     from ..errors import NotProvisionedError
 
-    with open_capsule(capsule, state_dir=state_dir) as cap:
+    trust, pin = _client_trust(capsule, trust_file, unsafe_trust, state_dir, first_use=True)
+    with open_capsule(capsule, trust=trust, state_dir=state_dir) as cap:
         if not cap.is_set_up:
             raise NotProvisionedError(f"{capsule} is not set up on this device")
+        _remember_pin(pin, trust)
         ack = cap.sync(token=token, server=server)
     console.print(f"usage uploaded: receipts up to {ack['seq']}, {ack['answered']} queries answered, {ack['charged']} charged")
 
@@ -547,16 +660,21 @@ def sync(capsule: str, token: str, server: str | None, state_dir: str | None) ->
 @_state_option
 @_backend_options
 @click.option("--json", "as_json", is_flag=True)
+@_trust_option
+@_unsafe_trust_option
 def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | None, backend: str | None,
-           tcti: str | None, as_json: bool) -> None:
+           tcti: str | None, as_json: bool, trust_file: str | None, unsafe_trust: bool) -> None:
     """What the enclave backend protects against, its hardening, and (with CAPSULE) the capsule's license."""
     from ..client import open_capsule
     from ..enclave.host import EnclaveProcess
 
     if capsule:
-        with open_capsule(capsule, unsafe_dev_key=unsafe_dev_key, state_dir=state_dir, backend=backend,
+        trust, pin = _client_trust(capsule, trust_file, unsafe_trust, state_dir, first_use=True)
+        with open_capsule(capsule, trust=trust, unsafe_dev_key=unsafe_dev_key, state_dir=state_dir, backend=backend,
                           tcti=tcti) as cap:
             info = cap.status()
+            if cap.load_info and cap.load_info.get("license") == "license":
+                _remember_pin(pin, trust)  # the enclave loaded a license signed by this key
     else:
         import tempfile
 

@@ -24,6 +24,7 @@ from ..crypto.chunks import SegmentCipher
 from ..crypto.keys import ContentKey, ed25519_public_from_raw
 from ..errors import (InputError, IntegrityError, LicenseExpiredError, NotProvisionedError, ProtocolError,
                       RollbackError)
+from ..format.trust import UnsafeTrustManifestKey
 from ..format.container import CapsuleFile
 from ..format.manifest import Manifest, TensorSpec
 from ..protocol.license import License, verify_license
@@ -96,7 +97,9 @@ class EnclaveCore:
     def load(self, *, dev_key: str | None) -> dict[str, Any]:
         """Load the capsule: with the sealed license state, or (development) a content key file."""
         t0 = time.perf_counter()
-        capsule = CapsuleFile(self.capsule_path)
+        # Trust: the manifest's key, pinned by the license (verified under that key below) or,
+        # with a dev key, by the content key file. The host's own pin proves nothing in here.
+        capsule = CapsuleFile(self.capsule_path, trust=UnsafeTrustManifestKey())
         try:
             m = capsule.manifest
             if dev_key is not None:
@@ -153,7 +156,7 @@ class EnclaveCore:
         pending, self._setup = self._setup, None
         content_key, envelope = open_payload(payload, pending["hpke"], pending["nonce"])
         receipt_key: Ed25519PrivateKey = pending["receipt"]
-        capsule = CapsuleFile(self.capsule_path)
+        capsule = CapsuleFile(self.capsule_path, trust=UnsafeTrustManifestKey())  # pinned by the license below
         try:
             m = capsule.manifest
             receipt_pub = receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)

@@ -51,8 +51,6 @@ from .backends.base import Backend
 
 STATE_FORMAT = "mlcapsule-enclave-state/v1"
 STATE_FILE = "state.sealed"
-#: How far the wall clock may step back before we stop believing it (NTP slews, not jumps).
-CLOCK_TOLERANCE = dt.timedelta(seconds=5)
 
 
 @dataclass(frozen=True)

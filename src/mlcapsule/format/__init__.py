@@ -2,5 +2,7 @@
 
 from .container import CapsuleFile, MAGIC, MAJOR, MINOR
 from .manifest import Manifest, Policy, RuntimeConfig, SegmentInfo, TensorSpec
+from .trust import Trust, TrustProviderKey, UnsafeTrustManifestKey, verify_capsule
 
-__all__ = ["CapsuleFile", "MAGIC", "MAJOR", "MINOR", "Manifest", "Policy", "RuntimeConfig", "SegmentInfo", "TensorSpec"]
+__all__ = ["CapsuleFile", "MAGIC", "MAJOR", "MINOR", "Manifest", "Policy", "RuntimeConfig", "SegmentInfo", "TensorSpec",
+           "Trust", "TrustProviderKey", "UnsafeTrustManifestKey", "verify_capsule"]

@@ -3,7 +3,7 @@
 The byte layout is documented in docs/format.md. In short (all integers little-endian)::
 
     0   8  magic  b"\\x89MLCAPS\\n"
-    8   2  major version (1)          10  2  minor version (0)
+    8   2  major version (1)          10  2  minor version (0 or 1)
     12  4  flags (0 in v1)            16  4  manifest length (<= 4 MiB)
     20  2  signature length (64)      22  2  reserved (0)
     24  8  data offset (4096-aligned) 32  8  data length
@@ -12,20 +12,19 @@ The byte layout is documented in docs/format.md. In short (all integers little-e
     data offset: the segments, at the offsets the manifest gives
 
 The signature covers ``"mlcapsule-manifest-signature/v1\\0" || header || manifest``, so every
-header field is signed too. The reader checks, in this order: magic, major version, the fixed
-fields, every length against its cap and against the file size, the JSON, the signature, the
-manifest's schema, and that the segments tile the data region exactly. Only then does anything
-look at segment bytes, through a read-only mmap: the file is never read whole.
+header field is signed too. The reader checks, in this order: magic, version, the fixed
+fields, every length against its cap and against the file size, the JSON, the trust decision,
+the signature, the manifest's schema, and that the segments tile the data region exactly (the
+checks after the file size are the pure :func:`~mlcapsule.format.trust.verify_capsule`). Only
+then does anything look at segment bytes, through a read-only mmap: the file is never read whole.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
 import shutil
-import struct
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -33,84 +32,35 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .._util import b64d, canonical_json
-from ..crypto.chunks import MAX_CHUNK_SIZE, stored_length
-from ..crypto.keys import ed25519_public_from_raw, raw_public, verify_ed25519
-from ..errors import FormatError, IntegrityError, SignatureError, UnsupportedVersionError
+from .._util import canonical_json
+from ..crypto.keys import raw_public
+from ..errors import FormatError, IntegrityError, SignatureError
 from .manifest import Manifest, SegmentInfo
-
-MAGIC = b"\x89MLCAPS\n"
-MAJOR = 1
-MINOR = 0
-HEADER_LEN = 64
-SIG_LEN = 64
-MAX_MANIFEST = 4 * 1024 * 1024
-ALIGN = 4096
-_HEADER = struct.Struct("<8sHHIIHHQQ24s")
-_SIG_CONTEXT = b"mlcapsule-manifest-signature/v1\x00"
-assert _HEADER.size == HEADER_LEN
-
-
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def _pack_header(manifest_len: int, data_offset: int, data_length: int) -> bytes:
-    return _HEADER.pack(MAGIC, MAJOR, MINOR, 0, manifest_len, SIG_LEN, 0, data_offset, data_length, bytes(24))
-
-
-def signed_message(header: bytes, manifest_bytes: bytes) -> bytes:
-    return _SIG_CONTEXT + header + manifest_bytes
+from .trust import (_HEADER, ALIGN, HEADER_LEN, MAGIC, MAJOR, MAX_MANIFEST, MINOR, SIG_LEN, Trust,  # noqa: F401
+                    TrustProviderKey, UnsafeTrustManifestKey, _align, check_segments, check_trust, manifest_minor,
+                    pack_header, signed_message, verify_capsule)
+from .trust import parse_header as _parse_fixed_header
 
 
 def parse_header(header: bytes, file_size: int) -> tuple[int, int, int]:
-    """Check the fixed header; return (manifest length, data offset, data length)."""
-    if len(header) < HEADER_LEN:
-        raise FormatError("file is too short to be a capsule")
-    magic, major, minor, flags, mlen, slen, res1, doff, dlen, res2 = _HEADER.unpack(header[:HEADER_LEN])
-    if magic != MAGIC:
-        raise FormatError("not an mlcapsule file (bad magic number)")
-    if major != MAJOR:
-        raise UnsupportedVersionError(f"capsule format version {major}.{minor} is not supported (this build reads {MAJOR}.x)")
-    if flags != 0 or res1 != 0 or res2 != bytes(24):
-        raise FormatError("capsule header has unknown flags or non-zero reserved bytes")
-    if slen != SIG_LEN:
-        raise FormatError("capsule header has a bad signature length")
-    if not 2 <= mlen <= MAX_MANIFEST:
-        raise FormatError("capsule manifest length is out of range")
-    if doff != _align(HEADER_LEN + mlen + SIG_LEN):
-        raise FormatError("capsule data offset does not follow the manifest")
-    if doff > file_size or dlen != file_size - doff:
+    """Check the fixed header against the file; return (manifest length, data offset, data length)."""
+    h = _parse_fixed_header(header)
+    if h.data_offset > file_size or h.data_length != file_size - h.data_offset:
         raise FormatError("capsule file is truncated or has trailing bytes")
-    return mlen, doff, dlen
-
-
-def check_segments(segments: tuple[SegmentInfo, ...], data_length: int) -> None:
-    """Segments must tile the data region in order, with consistent lengths."""
-    pos = 0
-    for s in segments:
-        if s.offset != pos:
-            raise FormatError(f"segment {s.index} does not start where the previous one ends")
-        if s.encrypted:
-            if not 16 <= s.chunk_size <= MAX_CHUNK_SIZE:
-                raise FormatError(f"segment {s.index} has a chunk size out of range")
-            if s.length != stored_length(s.plain_length, s.chunk_size):
-                raise FormatError(f"segment {s.index} length does not match its chunking")
-        elif s.length != s.plain_length:
-            raise FormatError(f"segment {s.index} length does not match")
-        pos += s.length
-    if pos != data_length:
-        raise FormatError("segments do not cover the data region exactly")
+    return h.manifest_length, h.data_offset, h.data_length
 
 
 class CapsuleFile:
     """A capsule opened for reading. Parses and verifies the header and manifest at open.
 
-    ``trusted_key`` (raw Ed25519 public key) pins the provider; without it the manifest is
-    checked against the key it names itself, which proves integrity but not origin.
+    ``trust`` is required: :class:`~mlcapsule.format.trust.TrustProviderKey` pins the provider;
+    :class:`~mlcapsule.format.trust.UnsafeTrustManifestKey` checks the manifest against the key
+    it names itself, which proves integrity but not origin.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | int, *, trusted_key: bytes | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | int, *, trust: Trust) -> None:
+        trust = check_trust(trust)  # before any I/O: no decision, no open
+        self.trust = trust
         if isinstance(path, int):
             # An open descriptor (the enclave service's workers get the client's capsule this
             # way: they could not open the client's path themselves). Ours is a duplicate.
@@ -119,7 +69,7 @@ class CapsuleFile:
             os.set_inheritable(self._fd, False)
             self._mmap = None
             try:
-                self._open(trusted_key)
+                self._open(trust)
             except BaseException:
                 self.close()
                 raise
@@ -133,12 +83,12 @@ class CapsuleFile:
             raise FormatError(f"{self.path} is a directory, not a capsule", hint="check the path") from e
         self._mmap: mmap.mmap | None = None
         try:
-            self._open(trusted_key)
+            self._open(trust)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, trusted_key: bytes | None) -> None:
+    def _open(self, trust: Trust) -> None:
         size = os.fstat(self._fd).st_size
         header = os.pread(self._fd, HEADER_LEN, 0)
         mlen, self.data_offset, self.data_length = parse_header(header, size)
@@ -150,20 +100,13 @@ class CapsuleFile:
         pad = os.pread(self._fd, self.data_offset - pad_start, pad_start)
         if pad.count(0) != len(pad):  # the padding is not signed: only zeros are allowed
             raise FormatError("capsule has non-zero bytes between the signature and the data")
-        try:
-            raw = json.loads(self.manifest_bytes.decode("utf-8"))
-            key = b64d(raw["provider"]["key"])
-            pub = ed25519_public_from_raw(key)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError, RecursionError) as e:
-            raise FormatError("capsule manifest is not valid") from e
-        except SignatureError as e:
-            raise FormatError("capsule manifest names an invalid provider key") from e
-        if trusted_key is not None and key != trusted_key:
-            raise SignatureError("capsule is signed by a provider key that is not the trusted one",
-                                 hint="check that the capsule comes from the provider you expect")
-        verify_ed25519(pub, signature, signed_message(header, self.manifest_bytes), what="capsule manifest")
-        self.manifest = Manifest.from_dict(raw)
-        check_segments(self.manifest.segments, self.data_length)
+        self.format_version = (MAJOR, header[10] | header[11] << 8)
+        self.manifest = verify_capsule(header, self.manifest_bytes, signature, trust=trust)
+
+    @property
+    def origin_verified(self) -> bool:
+        """True when the open pinned the provider key (not only the manifest's own key)."""
+        return isinstance(self.trust, TrustProviderKey)
 
     def __enter__(self) -> "CapsuleFile":
         return self
@@ -239,7 +182,7 @@ class SegmentWriter:
             raise FormatError("manifest is too large")
         data_len = self._f.tell()
         doff = _align(HEADER_LEN + len(mbytes) + SIG_LEN)
-        header = _pack_header(len(mbytes), doff, data_len)
+        header = pack_header(len(mbytes), doff, data_len, minor=manifest_minor(manifest))
         sig = signing_key.sign(signed_message(header, mbytes))
         path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")

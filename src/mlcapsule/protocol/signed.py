@@ -15,6 +15,9 @@ from .._util import b64d, b64e, canonical_json
 from ..crypto.keys import verify_ed25519
 from ..errors import FormatError
 
+#: The largest signed message (type and canonical body) and signature text either side makes
+#: or accepts. A license, voucher or acknowledgement is well under 1 KiB; this bounds what a host
+#: can make the enclave hash and check.
 MAX_ENVELOPE = 1024 * 1024
 
 
@@ -22,8 +25,15 @@ def _message(kind: str, body: dict[str, Any]) -> bytes:
     return b"mlcapsule/" + kind.encode() + b"\0" + canonical_json(body)
 
 
+def _checked_message(kind: str, body: dict[str, Any]) -> bytes:
+    message = _message(kind, body)
+    if len(message) > MAX_ENVELOPE:
+        raise FormatError(f"signed {kind} is too large ({len(message)} bytes, at most {MAX_ENVELOPE})")
+    return message
+
+
 def sign(kind: str, body: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
-    return {"type": kind, "body": body, "signature": b64e(key.sign(_message(kind, body)))}
+    return {"type": kind, "body": body, "signature": b64e(key.sign(_checked_message(kind, body)))}
 
 
 def verify(kind: str, envelope: Any, key: Ed25519PublicKey) -> dict[str, Any]:
@@ -35,9 +45,12 @@ def verify(kind: str, envelope: Any, key: Ed25519PublicKey) -> dict[str, Any]:
     body = envelope["body"]
     if not isinstance(body, dict) or not isinstance(envelope["signature"], str):
         raise FormatError(f"not a signed {kind}")
+    if len(envelope["signature"]) > MAX_ENVELOPE:
+        raise FormatError(f"signed {kind} is too large (its signature field)")
+    message = _checked_message(kind, body)  # the size, before any signature math
     try:
         sig = b64d(envelope["signature"])
     except ValueError as e:
         raise FormatError(f"{kind} signature is not base64") from e
-    verify_ed25519(key, sig, _message(kind, body), what=kind)
+    verify_ed25519(key, sig, message, what=kind)
     return body

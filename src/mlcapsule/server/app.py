@@ -32,9 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from .._util import b64d, b64e
-from ..attestation import AttestationPolicy
 from ..crypto.keys import load_provider_key
-from ..errors import MlcapsuleError, UsageError
+from ..errors import MlcapsuleError
 from .db import create_schema, make_engine, session_factory
 from .errors import status_for, wire_type
 from .schemas import (ChallengeRequest, ChallengeResponse, ErrorResponse, HealthResponse, ProvisionRequest,
@@ -117,23 +116,16 @@ def create_app(settings: ServerSettings, *, clock: Clock | None = None,
     ``tpm_policy`` (a :class:`mlcapsule.attestation.tpm.TpmPolicy`) overrides the one built from
     ``settings.tpm_ek_roots``; with neither, `tpm` evidence is refused.
 
-    ``app.state.service`` is the :class:`ProviderService`; ``app.state.engine`` the SQLAlchemy
+    ``app.state.service`` is the :class:`ProviderService`; ``app.state.verifier`` its
+    :class:`~mlcapsule.attestation.EvidenceVerifier`; ``app.state.engine`` the SQLAlchemy
     engine, disposed when the app shuts down.
     """
     key = provider_key or load_provider_key(settings.provider_key_path, passphrase=settings.passphrase)
     engine = make_engine(settings.database_url)
     create_schema(engine)
-    if tpm_policy is None and settings.tpm_ek_roots:
-        from ..attestation.tpm import TpmPolicy
-
-        try:
-            tpm_policy = TpmPolicy.from_files(settings.tpm_ek_roots, intermediates=settings.tpm_ek_intermediates,
-                                              pcr_policy=settings.tpm_pcr_policy)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load the TPM EK roots or PCR policy: {e}") from e
-    policy = AttestationPolicy(allow_software=settings.allow_software_evidence,
-                               measurements=settings.allowed_measurements, tpm=tpm_policy)
-    service = ProviderService(session_factory(engine), policy=policy, provider_key=key,
+    # The app's own verifier, from its own settings: nothing process-wide (two apps, two decisions).
+    verifier = settings.evidence_verifier(tpm_policy=tpm_policy)
+    service = ProviderService(session_factory(engine), verifier=verifier, provider_key=key,
                               nonce_ttl_seconds=settings.nonce_ttl_seconds,
                               max_open_challenges=settings.max_open_challenges, clock=clock or utcnow)
     if settings.allow_software_evidence:
@@ -151,6 +143,7 @@ def create_app(settings: ServerSettings, *, clock: Clock | None = None,
                   description="Provisions MLCapsule enclaves: challenges, attested provisioning, usage receipts.")
     app.state.settings = settings
     app.state.service = service
+    app.state.verifier = verifier
     app.state.engine = engine
     bearer = HTTPBearer(auto_error=False, description="the account token from `mlcapsule admin account add`")
 

@@ -28,7 +28,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from .._util import b64d
-from ..attestation import AttestationPolicy, verify_evidence
+from ..attestation import AttestationPolicy, EvidenceVerifier
 from ..crypto.keys import ContentKey, ed25519_public_from_raw, raw_public
 from ..errors import FormatError, IntegrityError, SignatureError, UsageError
 from ..protocol.license import License
@@ -144,14 +144,20 @@ class ProviderService:
     """Accounts, capsules, grants, challenges, provisioning, usage and vouchers.
 
     ``provider_key`` signs licenses and vouchers; it may be None for administrative use that
-    signs nothing. ``policy`` decides which enclave evidence is accepted.
+    signs nothing. ``verifier`` (an :class:`~mlcapsule.attestation.EvidenceVerifier`, built by
+    ``create_app`` from the server's settings) decides which enclave evidence is accepted;
+    ``policy`` alone builds one with the default verifiers.
     """
 
-    def __init__(self, sessions: sessionmaker[Session], *, policy: AttestationPolicy,
+    def __init__(self, sessions: sessionmaker[Session], *, policy: AttestationPolicy | None = None,
+                 verifier: EvidenceVerifier | None = None,
                  provider_key: Ed25519PrivateKey | None = None, nonce_ttl_seconds: int = 120,
                  max_open_challenges: int = MAX_OPEN_CHALLENGES, clock: Clock = utcnow) -> None:
+        if (policy is None) == (verifier is None):
+            raise TypeError("give exactly one of policy and verifier")
         self.sessions = sessions
-        self.policy = policy
+        self.verifier = verifier if verifier is not None else EvidenceVerifier(policy)  # type: ignore[arg-type]
+        self.policy = self.verifier.policy
         self.provider_key = provider_key
         self.nonce_ttl = dt.timedelta(seconds=nonce_ttl_seconds)
         self.max_open_challenges = max_open_challenges
@@ -282,7 +288,7 @@ class ProviderService:
             if marked.rowcount != 1:
                 raise NonceReplayed("the challenge nonce was already used")
         # The nonce is spent now, whatever happens next.
-        verified = verify_evidence(evidence, expected_report_data=expected, policy=self.policy)
+        verified = self.verifier.verify(evidence, expected_report_data=expected)
         try:
             with self._tx() as s:
                 cap = self._capsule(s, capsule_id, version)
@@ -387,19 +393,33 @@ class ProviderService:
 
         Checks: the capsule's signature and structure; the key file names the same capsule id
         and version; the key authenticates the first chunk of an encrypted segment (so it is
-        the key this capsule was packed with); and, if ``provider_public`` is given, the capsule
-        is signed by the server's provider key (licenses signed by another key would be refused
-        by every enclave).
+        the key this capsule was packed with); and that the capsule is signed by the provider key
+        (licenses signed by another key would be refused by every enclave).
+
+        Trust decision: the capsule is opened pinned to ``provider_public`` if given, else to the
+        public half of the key this server signs licenses with. Only an administrative service
+        with no provider key loaded (``mlcapsule admin capsule add`` without the key, which
+        warns) falls back to the manifest's own key; provisioning then still refuses a capsule
+        whose key is not the one licenses are signed with.
         """
         from ..crypto.chunks import TAG_LEN, SegmentCipher, n_chunks
         from ..format.container import CapsuleFile
 
-        with CapsuleFile(capsule_path) as cf:
+        pinned = provider_public if provider_public is not None else (
+            raw_public(self.provider_key.public_key()) if self.provider_key is not None else None)
+        trust = TrustProviderKey(pinned) if pinned is not None else UnsafeTrustManifestKey()
+        try:
+            cf = CapsuleFile(capsule_path, trust=trust)
+        except UntrustedProviderKey as e:
+            raise UsageError(f"capsule {capsule_path} is signed by another provider key than this server's",
+                             hint="pack it with the server's provider key (--provider-key / provider_key_path)") from e
+        with cf:
             m = cf.manifest
             manifest_sha = hashlib.sha256(cf.manifest_bytes).hexdigest()
             ck = ContentKey.load(key_path)
             if ck.capsule_id != m.capsule_id or ck.version != m.version:
                 raise UsageError(f"the key file {key_path} is for capsule {ck.capsule_id} v{ck.version}, "
+        from ..format.trust import TrustProviderKey, UnsafeTrustManifestKey, UntrustedProviderKey
                                  f"not {m.capsule_id} v{m.version}")
             enc = [seg for seg in m.segments if seg.encrypted]
             if enc:
@@ -429,9 +449,6 @@ class ProviderService:
                 raise IntegrityError(f"capsule {capsule_path} is damaged: {e.message}",
                                      hint="nothing was registered; pack it again or copy it again from the packer's "
                                           "output") from None
-        if provider_public is not None and m.provider_key != provider_public:
-            raise UsageError(f"capsule {capsule_path} is signed by another provider key than this server's",
-                             hint="pack it with the server's provider key (--provider-key / provider_key_path)")
         info = {"capsule_id": str(m.capsule_id), "version": m.version, "name": m.name,
                 "lease_size": m.policy.lease_size}
         with self._tx() as s:
@@ -452,12 +469,15 @@ class ProviderService:
         if Path(ref).is_file():
             from ..format.container import CapsuleFile
 
-            with CapsuleFile(ref) as cf:
+            # The file only names an id and version (the decision is the registered row, which
+            # was pinned at registration): its manifest's own key is enough for that.
+            with CapsuleFile(ref, trust=UnsafeTrustManifestKey()) as cf:
                 cid, version = cf.manifest.capsule_id, cf.manifest.version
         else:
             text, _, vtext = ref.partition(":")
             try:
                 cid = uuid.UUID(text)
+            from ..format.trust import UnsafeTrustManifestKey
                 version = int(vtext) if vtext else None
             except ValueError as e:
                 raise UsageError(f"{ref!r} is neither a capsule file nor CAPSULE_ID[:VERSION]") from e

@@ -118,6 +118,23 @@ class ServerSettings:
     def with_overrides(self, **changes: Any) -> "ServerSettings":
         return replace(self, **changes)
 
+    def evidence_verifier(self, *, tpm_policy: Any = None) -> Any:
+        """The :class:`~mlcapsule.attestation.EvidenceVerifier` these settings describe: software
+        evidence if allowed, the measurement allow-list, and the TPM EK roots and PCR policy
+        (``tpm_policy``, a ``TpmPolicy``, overrides the files). Reads the TPM files; no globals."""
+        from ..attestation import AttestationPolicy, EvidenceVerifier
+
+        if tpm_policy is None and self.tpm_ek_roots:
+            from ..attestation.tpm import TpmPolicy
+
+            try:
+                tpm_policy = TpmPolicy.from_files(self.tpm_ek_roots, intermediates=self.tpm_ek_intermediates,
+                                                  pcr_policy=self.tpm_pcr_policy)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"cannot load the TPM EK roots or PCR policy: {e}") from e
+        return EvidenceVerifier(AttestationPolicy(allow_software=self.allow_software_evidence,
+                                                  measurements=self.allowed_measurements, tpm=tpm_policy))
+
 
 def _measurement(m: str) -> str:
     from ..attestation import normalize_measurement
