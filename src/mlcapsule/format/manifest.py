@@ -135,8 +135,9 @@ class RuntimeConfig:
       weights and are correct at every level) and the enclave then wipes and frees its buffer.
       The weights are held once after load, twice during it.
 
-    ``to_dict`` leaves ``initializers`` out when it is ``"shared"``, so such manifests stay
-    readable by readers that predate the field (format 1.0).
+    ``initializers`` is the field format 1.1 adds (docs/format.md). ``to_dict`` leaves it out
+    when it is ``"shared"``, and the writer then writes a 1.0 header, so such capsules stay
+    readable by 1.0 readers.
     """
 
     optimization: str = "extended"

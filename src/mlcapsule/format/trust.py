@@ -59,6 +59,20 @@ class TrustProviderKey:
     def __repr__(self) -> str:
         return f"TrustProviderKey({self.key.hex()[:16]}...)"
 
+    @classmethod
+    def from_pem(cls, pem: bytes) -> "TrustProviderKey":
+        """From the provider's public key in PEM (``provider-key.pem.pub``)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        try:
+            pub = serialization.load_pem_public_key(pem)
+        except (ValueError, TypeError) as e:
+            raise FormatError("not a PEM public key") from e
+        if not isinstance(pub, Ed25519PublicKey):
+            raise FormatError("not an Ed25519 public key")
+        return cls(pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
 
 @dataclass(frozen=True)
 class UnsafeTrustManifestKey:
@@ -97,11 +111,13 @@ def signed_message(header: bytes, manifest_bytes: bytes) -> bytes:
     return _SIG_CONTEXT + header + manifest_bytes
 
 
-def parse_header(header: bytes, *, read_minor: int = MINOR) -> Header:
+def parse_header(header: bytes, *, read_minor: int | None = None) -> Header:
     """The fixed header's checks that need no file: magic, version, flags, lengths and caps.
 
-    ``read_minor`` is the highest minor version the reader supports (a parameter so tests can
-    play an older reader)."""
+    ``read_minor`` is the highest minor version the reader supports (default :data:`MINOR`, read
+    at call time, so tests can play an older reader)."""
+    if read_minor is None:
+        read_minor = MINOR
     if len(header) < HEADER_LEN:
         raise FormatError("file is too short to be a capsule")
     magic, major, minor, flags, mlen, slen, res1, doff, dlen, res2 = _HEADER.unpack(header[:HEADER_LEN])
@@ -148,7 +164,7 @@ def manifest_minor(manifest: Manifest) -> int:
 
 
 def verify_capsule(header: bytes, manifest: bytes, signature: bytes, *, trust: Trust,
-                   read_minor: int = MINOR) -> Manifest:
+                   read_minor: int | None = None) -> Manifest:
     """Check a capsule's header, manifest and signature under ``trust``; return the manifest.
 
     Pure: the caller reads the bytes (and checks the header's lengths against the file). Order:
