@@ -145,7 +145,6 @@ import json, sys
 import numpy as np
 import mlcapsule
 from mlcapsule.format.trust import UnsafeTrustManifestKey
-from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 with mlcapsule.open_capsule({cap!r}, trust=UnsafeTrustManifestKey()) as c:
     if not c.is_set_up:
         c.setup(token={token!r}, server={url!r})
@@ -301,6 +300,8 @@ def test_each_callers_licenses_are_kept_apart(deployment, provider_server):
     """Another uid (here root, as a client) sees none of the client user's licenses."""
     url, token, cap = provider_server
     import mlcapsule
+
+    from mlcapsule.format.trust import UnsafeTrustManifestKey
 
     with mlcapsule.open_capsule(cap, trust=UnsafeTrustManifestKey(), service=deployment.socket) as c:
         assert not c.is_set_up

@@ -111,8 +111,9 @@ def test_receipt_signature_that_is_a_number_null_or_list_is_refused_with_4xx_not
         chain = enc.chain(lic["license_id"], 3)
 
         def upload(receipts: Any) -> Any:
-            return h.client.post("/v1/usage", json={"license_id": lic["license_id"], "device_id": lic["device_id"],
-                                                    "receipts": receipts}, headers=h.auth())
+            return h.client.post("/v1/usage", json={"protocol": 2, "license_id": lic["license_id"],
+                                                    "device_id": lic["device_id"], "receipts": receipts},
+                                 headers=h.auth())
 
         for value in (7, None, [], ["AAAA"], 1.5, True, {"a": 1}):
             bad = json.loads(json.dumps(chain))

@@ -28,7 +28,7 @@ from mlcapsule._util import b64d, b64e
 from mlcapsule.cli.main import cli
 from mlcapsule.crypto.keys import ContentKey, load_provider_key
 from mlcapsule.protocol.license import verify_license
-from mlcapsule.protocol.receipts import GENESIS, entry_hash
+from mlcapsule.protocol.receipts import GENESIS, entry_hash, verify_ack
 from mlcapsule.protocol.setup import open_payload
 from mlcapsule.protocol.voucher import verify_voucher
 from mlcapsule.server.client import ProviderClient
@@ -283,8 +283,17 @@ def test_tpm_payload_opens_only_after_credential_activation(provider_files: Prov
 
 # -- usage receipts ---------------------------------------------------------------------------
 def upload(h: Harness, lic: dict[str, Any], receipts: list[dict[str, Any]], token: str | None = None) -> Any:
-    return h.client.post("/v1/usage", json={"license_id": lic["license_id"], "device_id": lic["device_id"],
-                                            "receipts": receipts}, headers=h.auth(token))
+    return h.client.post("/v1/usage", json={"protocol": 2, "license_id": lic["license_id"],
+                                            "device_id": lic["device_id"], "receipts": receipts}, headers=h.auth(token))
+
+
+def head_of(h: Harness, r: Any, lic: dict[str, Any]) -> dict[str, int]:
+    """The chain head in a usage answer, after checking its signed acknowledgement names it."""
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ack = verify_ack(body["ack"], h.provider_pub, license_id=lic["license_id"], device_id=lic["device_id"])
+    assert ack.seq == body["seq"]
+    return {k: body[k] for k in ("seq", "charged", "answered")}
 
 
 def head(h: Harness) -> tuple[int, str, int, int]:
@@ -297,9 +306,9 @@ def test_usage_upload_advances_the_chain(srv: Harness) -> None:
     lic = provisioned(srv, enc)
     chain = enc.chain(lic["license_id"], 5)
     r = upload(srv, lic, chain[:3])
-    assert r.json() == {"seq": 3, "charged": 100, "answered": 60}
+    assert head_of(srv, r, lic) == {"seq": 3, "charged": 100, "answered": 60}
     r = upload(srv, lic, chain[3:])
-    assert r.json() == {"seq": 5, "charged": 200, "answered": 120}
+    assert head_of(srv, r, lic) == {"seq": 5, "charged": 200, "answered": 120}
     assert head(srv) == (5, entry_hash(chain[-1]), 200, 120)
     [d] = devices(srv)
     assert d.last_sync == T0
@@ -311,8 +320,8 @@ def test_reuploaded_receipts_accepted_once(srv: Harness) -> None:
     lic = provisioned(srv, enc)
     chain = enc.chain(lic["license_id"], 6)
     assert upload(srv, lic, chain[:4]).json()["seq"] == 4
-    assert upload(srv, lic, chain[:4]).json() == {"seq": 4, "charged": 200, "answered": 60}
-    assert upload(srv, lic, chain).json() == {"seq": 6, "charged": 300, "answered": 120}
+    assert head_of(srv, upload(srv, lic, chain[:4]), lic) == {"seq": 4, "charged": 200, "answered": 60}
+    assert head_of(srv, upload(srv, lic, chain), lic) == {"seq": 6, "charged": 300, "answered": 120}
 
 
 def test_tampered_receipt_chain_refused(srv: Harness) -> None:
@@ -363,6 +372,18 @@ def test_malformed_receipts_refused(srv: Harness) -> None:
     assert error(upload(srv, lic, ["receipt"])) == (422, "FormatError")  # type: ignore[list-item]
 
 
+def test_client_of_usage_protocol_1_gets_a_clear_error(srv: Harness) -> None:
+    """Usage protocol 2 signs its acknowledgements; a client that would trust an unsigned one is
+    told to upgrade (426), and nothing is stored."""
+    enc = srv.enclave()
+    lic = provisioned(srv, enc)
+    r = srv.client.post("/v1/usage", json={"license_id": lic["license_id"], "device_id": lic["device_id"],
+                                           "receipts": enc.chain(lic["license_id"], 2)}, headers=srv.auth())
+    assert error(r) == (426, "ProtocolError"), r.text
+    assert "upgrade mlcapsule" in r.json()["error"]["hint"]
+    assert head(srv)[0] == 0
+
+
 # -- the client, against a real uvicorn server ------------------------------------------------
 def test_client_against_real_server_maps_errors_to_classes(srv: Harness) -> None:
     enc = srv.enclave()
@@ -378,7 +399,8 @@ def test_client_against_real_server_maps_errors_to_classes(srv: Harness) -> None
             c.provision(srv.files.capsule_id, srv.files.version, **kw)
         assert replay.value.status_code == 409 and "already used" in replay.value.message  # type: ignore[attr-defined]
         ack = c.upload_usage(got["license_id"], got["device_id"], enc.chain(got["license_id"], 3))
-        assert ack == {"seq": 3, "charged": 100, "answered": 60}
+        assert {k: ack[k] for k in ("seq", "charged", "answered")} == {"seq": 3, "charged": 100, "answered": 60}
+        assert verify_ack(ack["ack"], srv.provider_pub, license_id=got["license_id"], device_id=got["device_id"]).seq == 3
         with pytest.raises(E.IntegrityError):
             c.upload_usage(got["license_id"], got["device_id"], enc.chain(got["license_id"], 1))
         srv.service.revoke("alice", srv.files.capsule_id)
@@ -476,7 +498,7 @@ def test_admin_cli_full_cycle(db_url: str, provider_files: ProviderFiles, platfo
             issued = verify_license(envelope, load_provider_key(provider_files.key_path).public_key(),
                                     capsule_id=uuid.UUID(provider_files.capsule_id), version=1)
             assert issued.budget == 500 and issued.expires is not None
-            r = client.post("/v1/usage", json={**{k: lic[k] for k in ("license_id", "device_id")},
+            r = client.post("/v1/usage", json={"protocol": 2, **{k: lic[k] for k in ("license_id", "device_id")},
                                                "receipts": enc.chain(lic["license_id"], 3)}, headers=h)
             assert r.status_code == 200, r.text
             # Vouchers: provider-signed, numbered in sequence, bound to the device.

@@ -194,7 +194,7 @@ class Capsule:
         report = self._enclave.call("usage_report")
         with ProviderClient(url, token) as provider:
             ack = provider.upload_usage(report["license_id"], report["device_id"], report["receipts"])
-        self._enclave.call("usage_ack", {"seq": int(ack["seq"])})
+        self._enclave.call("usage_ack", {"ack": ack["ack"]})  # the enclave checks the provider's signature
         return ack
 
     def topup(self, voucher: dict[str, Any]) -> dict[str, Any]:

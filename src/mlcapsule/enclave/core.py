@@ -10,7 +10,6 @@ import datetime as dt
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +21,21 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from .._util import b64e
 from ..crypto.chunks import SegmentCipher
 from ..crypto.keys import ContentKey, ed25519_public_from_raw
-from ..errors import (InputError, IntegrityError, LicenseExpiredError, NotProvisionedError, ProtocolError,
+from ..errors import (InputError, IntegrityError, MlcapsuleError, NotProvisionedError, ProtocolError,
                       RollbackError)
-from ..format.trust import UnsafeTrustManifestKey
 from ..format.container import CapsuleFile
+from ..format.trust import UnsafeTrustManifestKey
 from ..format.manifest import Manifest, TensorSpec
 from ..protocol.license import License, verify_license
-from ..protocol.receipts import entry_hash, make_entry
+from ..protocol.receipts import verify_ack
 from ..protocol.setup import NONCE_LEN, open_payload, report_data
 from ..protocol.voucher import verify_voucher
 from ..runtime.resident import ResidentModel, mapped_buffer
 from ..runtime.streaming import MiB, StreamingModel, WeightReader, memory_status
 from .backends.base import Backend
+from .ledger import Effect, Ledger, Refuse
 from .protocol import PROTOCOL_VERSION
-from .state import (EnclaveState, SealedStore, check_time, expired_error, lease_for, next_voucher_seq,
-                    observe_time, reconcile)
+from .state import EnclaveState, SealedStore
 
 Model = ResidentModel | StreamingModel
 
@@ -72,17 +71,11 @@ class EnclaveCore:
         #: Seconds spent in each step of the fast-path infer ECALLs (filled by the worker).
         self.ecall_profile: dict[str, float] = {"calls": 0, "decode": 0.0, "infer": 0.0, "encode": 0.0, "write": 0.0}
         self.load_seconds = 0.0
-        # Licensed mode only:
-        self.state: EnclaveState | None = None
+        # Licensed mode only: the ledger decides every budget rule (enclave/ledger.py), the store
+        # carries out its effects (enclave/state.py).
+        self.ledger: Ledger | None = None
         self.store: SealedStore | None = None
-        self.remaining = 0  # unanswered queries of the current lease (memory only)
-        #: Queries carried from the last session's lease (clean close), usable after a counter step.
-        self.carried = 0
         self._setup: dict[str, Any] | None = None  # ephemeral keys between setup_begin and setup_finish
-        # Per-query bookkeeping in memory (licensed mode): the latest time seen and the expiry, so
-        # a query within the current lease costs no state copy, parse or write.
-        self._clock_floor: dt.datetime | None = None
-        self._expiry: dt.datetime | None = None
 
     # -- ECALLs -------------------------------------------------------------------------------
     def hello(self) -> dict[str, Any]:
@@ -115,18 +108,11 @@ class EnclaveCore:
                     raise IntegrityError("the sealed state belongs to another capsule")
                 self._verify_license(m, state.license, state.receipt_key_public())
                 state = store.bind(state)
-                state, rollback = reconcile(state, store.counters(state))
-                if rollback is not None:
-                    # An older copy of the state was restored: charged, and reported to the
-                    # provider in the signed receipt chain (`admin usage` counts these).
-                    store.rebase(state)
-                    state = store.save(self._append_receipt(state, "rollback", rollback))
-                else:
-                    store.catch_up(state)
-                # Queries of a lease cut short by a crash count as answered: they were paid for.
-                # After a clean close the state carries the rest of its lease (state.carry).
-                state = replace(state, answered=state.charged - state.carry)
-                self.state, self.store, self.remaining, self.carried = state, store, 0, state.carry
+                # A restored older copy is charged and reported to the provider in the signed
+                # receipt chain (`admin usage` counts these): the ledger's `open` rule.
+                ledger, effects = Ledger.open(state, store.counters(state))
+                store.apply(effects)
+                self.ledger, self.store = ledger, store
                 content_key, mode = state.content_key, "license"
             self.model = self._build_model(capsule, content_key)
         finally:
@@ -175,13 +161,11 @@ class EnclaveCore:
             budget=lic.budget, expires=lic.expires.isoformat() if lic.expires else None,
             lease_size=lic.lease_size, counter=store.counter())
         state = store.bind(state)
-        state, _ = check_time(state, self.clock())
-        state = self._append_receipt(state, "setup", {"measurement": self.backend.measurement().hex()})
-        self.state = store.save(state)
+        ledger, effects = Ledger.setup(state, store.counters(state), self.clock(), self.backend.measurement().hex())
+        store.apply(effects)
         # A new license inherits nothing from one this enclave had loaded before (a deliberate
-        # `setup --replace`): no lease rest, no carried rest, no clock floor, no expiry.
-        self.store, self.remaining, self.carried = store, 0, 0
-        self._clock_floor = self._expiry = None
+        # `setup --replace`): a new ledger, no lease rest, no carried rest, no clock floor.
+        self.ledger, self.store = ledger, store
         if self.model is not None:
             self.model.close()
         self.model, self.manifest, self.license_mode = model, m, "license"
@@ -191,7 +175,7 @@ class EnclaveCore:
         if self.model is None or self.manifest is None:
             raise NotProvisionedError("no capsule is loaded in the enclave")
         feeds, n = check_inputs(self.manifest.inputs, inputs)
-        if self.state is not None:
+        if self.ledger is not None:
             self._charge(n)  # before the model runs: no partial answer can leak
         outputs = self.model.run(feeds)
         self.queries += n
@@ -205,45 +189,34 @@ class EnclaveCore:
         if len(arrays) != len(m.inputs):
             raise InputError(f"the model takes {len(m.inputs)} input(s), got {len(arrays)}")
         feeds, n = check_inputs(m.inputs, {spec.name: x for spec, x in zip(m.inputs, arrays)})
-        if self.state is not None:
+        if self.ledger is not None:
             self._charge(n)  # before the model runs: no partial answer can leak
         outputs = self.model.run(feeds)
         self.queries += n
         return outputs
 
     def apply_voucher(self, *, voucher: dict[str, Any]) -> dict[str, Any]:
-        state, store, m = self._licensed()
+        ledger, m = self._licensed()
         v = verify_voucher(voucher, ed25519_public_from_raw(m.provider_key),
-                           license_id=state.license_id, device_id=state.device_id)
-        # Bound to the voucher counter, not only to the sealed state: a state restored from
-        # before a voucher was redeemed still refuses that voucher.
-        expected = next_voucher_seq(state, store.voucher_counter(state))
-        if v.seq < expected:
-            raise RollbackError(f"voucher {v.seq} was already redeemed on this device",
-                                hint="a voucher can be redeemed once; ask the provider for a new one")
-        if v.seq != expected:
-            raise RollbackError(f"voucher {v.seq} is out of order: the next one must be number {expected}",
-                                hint="a voucher can be redeemed once, and in order")
-        budget = None if state.budget is None else state.budget + v.queries
-        state = replace(state, budget=budget, voucher_seq=v.seq, answered=self._answered(state))
-        state = self._append_receipt(state, "voucher", {"seq": v.seq, "queries": v.queries})
-        self.state = store.save(state)
+                           license_id=ledger.state.license_id, device_id=ledger.state.device_id)
+        self._apply(ledger.voucher(v))
         return self._license_status()
 
     def usage_report(self) -> dict[str, Any]:
-        """Receipts not yet uploaded, ending with a fresh 'report' entry."""
-        state, store, _ = self._licensed()
-        state = self._append_receipt(replace(state, answered=self._answered(state)), "report", {})
-        self.state = store.save(state)
-        return {"license_id": state.license_id, "device_id": state.device_id, "receipts": state.receipts}
+        """Receipts not yet acknowledged, ending with a fresh 'report' entry."""
+        ledger, _ = self._licensed()
+        receipts, effects = ledger.report()
+        self._apply(effects)
+        return {"license_id": ledger.state.license_id, "device_id": ledger.state.device_id, "receipts": receipts}
 
-    def usage_ack(self, *, seq: int) -> dict[str, Any]:
-        """The server has stored the chain up to ``seq``: forget those receipts."""
-        state, store, _ = self._licensed()
-        kept = [r for r in state.receipts if int(r["body"]["seq"]) > seq]
-        if len(kept) != len(state.receipts):
-            self.state = store.save(replace(state, receipts=kept))
-        return {"pending": len(kept)}
+    def usage_ack(self, *, ack: dict[str, Any]) -> dict[str, Any]:
+        """The provider's signed acknowledgement of the chain it stored: forget those receipts.
+        Unsigned, for another head, or for another license: refused, and nothing is dropped."""
+        ledger, m = self._licensed()
+        a = verify_ack(ack, ed25519_public_from_raw(m.provider_key), license_id=ledger.state.license_id,
+                       device_id=ledger.state.device_id)
+        self._apply(ledger.ack(a))
+        return {"pending": len(ledger.state.receipts)}
 
     def status(self) -> dict[str, Any]:
         m = self.manifest
@@ -266,7 +239,7 @@ class EnclaveCore:
             "loaded": self.model is not None,
             "capsule": None if m is None else {"capsule_id": str(m.capsule_id), "version": m.version, "name": m.name},
             "license": self.license_mode,
-            "license_status": self._license_status() if self.state is not None else None,
+            "license_status": self._license_status() if self.ledger is not None else None,
             "queries_this_session": self.queries,
             "ecall_profile": dict(self.ecall_profile),
             "load_seconds": self.load_seconds,
@@ -277,115 +250,50 @@ class EnclaveCore:
         }
 
     # -- helpers ------------------------------------------------------------------------------
-    def _licensed(self) -> tuple[EnclaveState, SealedStore, Manifest]:
-        if self.state is None or self.store is None or self.manifest is None:
-            raise NotProvisionedError("this capsule has no license loaded in the enclave")
-        floor = self._clock_floor
-        if floor is not None and (not self.state.last_time or floor > dt.datetime.fromisoformat(self.state.last_time)):
-            self.state = replace(self.state, last_time=floor.isoformat())  # what the fast path saw
-        return self.state, self.store, self.manifest
+    @property
+    def state(self) -> EnclaveState | None:
+        """The license state as the ledger holds it (licensed mode)."""
+        return None if self.ledger is None else self.ledger.state
 
-    def _answered(self, state: EnclaveState) -> int:
-        return state.charged - self.remaining - self.carried
+    def _licensed(self) -> tuple[Ledger, Manifest]:
+        if self.ledger is None or self.manifest is None:
+            raise NotProvisionedError("this capsule has no license loaded in the enclave")
+        return self.ledger, self.manifest
+
+    def _apply(self, effects: tuple[Effect, ...]) -> None:
+        """Carry out the ledger's effects; if one cannot be, the session answers nothing more."""
+        if not effects:
+            return
+        assert self.store is not None and self.ledger is not None
+        try:
+            self.store.apply(effects)
+        except BaseException as e:
+            # The ledger's own refusals are decisions; anything else is an effect that failed.
+            if not any(isinstance(x, Refuse) and x.error is e for x in effects):
+                self.ledger.poison(e if isinstance(e, MlcapsuleError) else
+                                   RollbackError("the license state could not be saved", hint="start again"))
+            raise
 
     def close(self) -> None:
         """A clean close: keep the unanswered rest of the current lease for the next session
         (a crash loses it), then drop the model."""
         try:
-            state = self.state
-            floor = self._clock_floor
-            later = floor is not None and state is not None and (
-                not state.last_time or floor > dt.datetime.fromisoformat(state.last_time))
-            if state is not None and self.store is not None and (self.remaining or self.carried or later):
-                carry = self.remaining + self.carried
-                self.remaining = self.carried = 0
-                if later:  # the latest time the fast path saw: a clock turned back later cannot undercut it
-                    assert floor is not None
-                    state = replace(state, last_time=floor.isoformat())
-                try:
-                    self.state = self.store.save_in_place(replace(state, answered=state.charged - carry, carry=carry))
-                except RollbackError:
-                    pass  # another session has moved the license on: its state stands, the rest is lost
+            if self.ledger is not None and self.store is not None:
+                self.store.apply(self.ledger.close())
         finally:
             if self.model is not None:
                 self.model.close()
 
     def _charge(self, n: int) -> None:
-        floor = self._clock_floor
-        if n <= self.remaining and floor is not None:
-            # Fast path: the current lease covers the batch; nothing to persist.
-            now = self.clock()
-            if now < floor:
-                now = floor  # the clock went back: do not believe it
-            if self._expiry is None or now < self._expiry:
-                self._clock_floor = now
-                self.remaining -= n
-                return
-        state, store, _ = self._licensed()
-        now = self.clock()
-        state, effective, expired = observe_time(state, now if floor is None or now > floor else floor)
-        self._clock_floor = effective
-        self._expiry = dt.datetime.fromisoformat(state.expires) if state.expires else None
-        if expired:
-            # Persist what was seen (sticky, and stepped into the expiry counter) *before*
-            # refusing: a clock turned back afterwards, or a restored older state, cannot
-            # revive the license. The unanswered rest of the lease is forfeit with it.
-            if not self.state or not self.state.expired:
-                carry = self.remaining + self.carried
-                self.remaining = self.carried = 0
-                self.state = store.save(replace(state, answered=state.charged - carry, carry=0))
-            raise expired_error(state)
-        if self.carried:
-            # The rest of the last session's lease: usable once the counter has stepped past
-            # the file that carried it (so restoring that file is a rollback, charged).
-            self.state = state = store.save(replace(state, carry=0))
-            self.remaining, self.carried = self.remaining + self.carried, 0
-        extra = lease_for(state, self.remaining, n)
-        if extra:
-            state = replace(state, charged=state.charged + extra)
-            state = replace(state, answered=state.charged - self.remaining - extra)
-            state = self._append_lease(state, extra)
-            self.state = store.save(state)  # persisted before anything is answered
-            self.remaining += extra
-        else:
-            self.state = state
-        self.remaining -= n
-
-    def _append_lease(self, state: EnclaveState, queries: int) -> EnclaveState:
-        """A lease receipt; if the last pending receipt is a lease too, it is replaced by one
-        that covers both (same seq and link, the new cumulative counters), so a device offline
-        for a long time keeps one receipt per run of leases, not one per lease. That entry
-        cannot have reached the server: a usage report always ends with a 'report' entry, so a
-        lease that was reported is never the last one."""
-        last = state.receipts[-1]["body"] if state.receipts else None
-        if last is None or last["kind"] != "lease" or set(last["data"]) != {"queries", "leases"}:
-            return self._append_receipt(state, "lease", {"queries": queries, "leases": 1})
-        key = Ed25519PrivateKey.from_private_bytes(state.receipt_key)
-        entry = make_entry(key, seq=last["seq"], prev=last["prev"], kind="lease", license_id=state.license_id,
-                           time=state.last_time or self.clock().isoformat(), charged=state.charged,
-                           answered=min(state.answered, state.charged),
-                           data={"queries": last["data"]["queries"] + queries, "leases": last["data"]["leases"] + 1})
-        return replace(state, receipts=state.receipts[:-1] + [entry], head_hash=entry_hash(entry))
-
-    def _append_receipt(self, state: EnclaveState, kind: str, data: dict[str, Any]) -> EnclaveState:
-        key = Ed25519PrivateKey.from_private_bytes(state.receipt_key)
-        seq = state.head_seq + 1
-        entry = make_entry(key, seq=seq, prev=state.head_hash, kind=kind, license_id=state.license_id,
-                           time=state.last_time or self.clock().isoformat(), charged=state.charged,
-                           answered=min(state.answered, state.charged), data=data)
-        return replace(state, receipts=state.receipts + [entry], head_seq=seq, head_hash=entry_hash(entry))
+        ledger = self.ledger
+        assert ledger is not None
+        effects = ledger.charge(n, self.clock())
+        if effects:
+            self._apply(effects)
 
     def _license_status(self) -> dict[str, Any]:
-        state = self.state
-        assert state is not None
-        return {
-            "license_id": state.license_id, "device_id": state.device_id,
-            "budget": state.budget, "charged": state.charged, "answered": self._answered(state),
-            "remaining": None if state.budget is None else state.budget - self._answered(state),
-            "lease_size": state.lease_size, "expires": state.expires, "vouchers_redeemed": state.voucher_seq,
-            "receipts_pending": len(state.receipts), "rollbacks_detected": state.rollbacks_detected,
-            "rollback_protected": self.backend.threat_model.rollback_protected,
-        }
+        assert self.ledger is not None
+        return self.ledger.status(self.backend.threat_model.rollback_protected)
 
     @staticmethod
     def _verify_license(m: Manifest, envelope: dict[str, Any], receipt_pub: bytes) -> License:

@@ -120,7 +120,7 @@ def serve(core: EnclaveCore, fd_in: int, fd_out: int, arena: protocol.SharedAren
             elif op == "usage_report":
                 result = core.usage_report()
             elif op == "usage_ack":
-                result = core.usage_ack(seq=int(args.get("seq", -1)))
+                result = core.usage_ack(ack=args.get("ack"))
             elif op == "infer":
                 outputs = core.infer(protocol.unpack_tensors(args.get("tensors"), msg.buffers))
                 result = {"tensors": protocol.pack_tensors(outputs, buffers)}

@@ -88,3 +88,48 @@ def verify_chain(entries: Any, receipt_key: Ed25519PublicKey, *, license_id: str
         verify_ed25519(receipt_key, sig, signed, what="receipt")
         cur = ChainHead(seq, entry_hash(e), charged, answered)
     return cur
+
+
+# -- the server's signed acknowledgement --------------------------------------------------------------
+ACK_KIND = "usage-ack/v1"
+#: Usage protocol 2: the server answers an upload with a signed acknowledgement of the chain head
+#: it stored, which the enclave verifies before it forgets any receipt. A request without
+#: ``protocol`` comes from a client of protocol 1 (unsigned acknowledgements): refused with 426.
+USAGE_PROTOCOL = 2
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The server has stored this device's receipt chain up to entry ``seq``, whose hash is
+    ``hash``. Signed by the provider key the capsule's manifest pins, so the untrusted host cannot
+    make the enclave forget receipts (and the alarms in them) that never reached the server."""
+
+    license_id: str
+    device_id: str
+    seq: int
+    hash: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"license_id": self.license_id, "device_id": self.device_id, "seq": self.seq, "hash": self.hash}
+
+    def sign(self, key: Ed25519PrivateKey) -> dict[str, Any]:
+        from . import signed
+
+        return signed.sign(ACK_KIND, self.to_dict(), key)
+
+
+def verify_ack(envelope: Any, provider_key: Ed25519PublicKey, *, license_id: str, device_id: str) -> Ack:
+    """The acknowledgement in ``envelope`` if the provider signed it for this license and device."""
+    from . import signed
+
+    body = signed.verify(ACK_KIND, envelope, provider_key)
+    if set(body) != {"license_id", "device_id", "seq", "hash"}:
+        raise FormatError("the usage acknowledgement is malformed")
+    seq, h = body["seq"], body["hash"]
+    if (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1 or not isinstance(h, str) or len(h) != 64
+            or not isinstance(body["license_id"], str) or not isinstance(body["device_id"], str)):
+        raise FormatError("the usage acknowledgement is malformed")
+    ack = Ack(body["license_id"], body["device_id"], seq, h)
+    if ack.license_id != license_id or ack.device_id != device_id:
+        raise IntegrityError("the usage acknowledgement is for another license or device")
+    return ack

@@ -35,9 +35,9 @@ from .._util import b64d, b64e
 from ..crypto.keys import load_provider_key
 from ..errors import MlcapsuleError
 from .db import create_schema, make_engine, session_factory
-from .errors import status_for, wire_type
-from .schemas import (ChallengeRequest, ChallengeResponse, ErrorResponse, HealthResponse, ProvisionRequest,
-                      ProvisionResponse, UsageRequest, UsageResponse)
+from .errors import UsageProtocolTooOld, status_for, wire_type
+from .schemas import (USAGE_PROTOCOL, ChallengeRequest, ChallengeResponse, ErrorResponse, HealthResponse,
+                      ProvisionRequest, ProvisionResponse, UsageRequest, UsageResponse)
 from .service import AccountRef, Clock, ProviderService, utcnow
 from .settings import ServerSettings
 
@@ -176,8 +176,12 @@ def create_app(settings: ServerSettings, *, clock: Clock | None = None,
     @v1.post("/usage", response_model=UsageResponse, responses=_ERRORS, tags=["usage"])
     def usage(req: UsageRequest, acc: AccountRef = Depends(account)) -> UsageResponse:
         """Upload usage receipts; they must continue the chain the server holds for the device."""
+        if req.protocol < USAGE_PROTOCOL:
+            raise UsageProtocolTooOld(f"this server speaks usage protocol {USAGE_PROTOCOL}; the client spoke "
+                                      f"{req.protocol}")
         head = service.upload_usage(acc, license_id=req.license_id, device_id=req.device_id, receipts=req.receipts)
-        return UsageResponse(seq=head.seq, charged=head.charged, answered=head.answered)
+        return UsageResponse(seq=head.seq, charged=head.charged, answered=head.answered,
+                             ack=service.sign_ack(req.license_id, req.device_id, head))
 
     app.include_router(v1)
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from ..protocol.receipts import USAGE_PROTOCOL
+
 from .. import __version__
 from .. import errors as E
 from .._util import b64d, b64e
@@ -127,7 +129,10 @@ class ProviderClient:
                 "payload": payload, "credential": credential}
 
     def upload_usage(self, license_id: str, device_id: str, receipts: list[dict[str, Any]]) -> dict[str, Any]:
-        """Returns ``{"seq", "charged", "answered"}``: the chain head the server now holds."""
-        data = self._request("POST", "/usage", {"license_id": license_id, "device_id": device_id,
-                                                "receipts": receipts})
-        return {k: self._field(data, k, int) for k in ("seq", "charged", "answered")}
+        """Returns ``{"seq", "charged", "answered", "ack"}``: the chain head the server now holds,
+        and its signed acknowledgement (which only the enclave can judge)."""
+        data = self._request("POST", "/usage", {"protocol": USAGE_PROTOCOL, "license_id": license_id,
+                                                "device_id": device_id, "receipts": receipts})
+        out: dict[str, Any] = {k: self._field(data, k, int) for k in ("seq", "charged", "answered")}
+        out["ack"] = self._field(data, "ack", dict)
+        return out

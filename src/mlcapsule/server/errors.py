@@ -31,6 +31,12 @@ class UnknownCapsule(E.ServerError):
     default_hint = "the provider has not registered this capsule version on its server; ask the provider"
 
 
+class UsageProtocolTooOld(E.ProtocolError):
+    status_code = 426
+    default_hint = ("upgrade mlcapsule on this device: the server acknowledges usage with a signature the "
+                    "enclave checks (usage protocol 2)")
+
+
 class UnknownLicense(E.ServerError):
     status_code = 404
     default_hint = "this license was not issued to your account by this server"

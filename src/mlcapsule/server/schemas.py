@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .._util import b64d
-from ..protocol.receipts import MAX_UPLOAD
+from ..protocol.receipts import MAX_UPLOAD, USAGE_PROTOCOL  # noqa: F401  (re-exported)
 
 MAX_EVIDENCE_FIELDS = 64
 
@@ -75,7 +75,10 @@ class ProvisionResponse(BaseModel):
         default=None, description="tpm evidence only: {id_object, encrypted_secret} for TPM2_ActivateCredential")
 
 
+
+
 class UsageRequest(_Request):
+    protocol: int = Field(1, description="usage protocol of the client (2: signed acknowledgements)")
     license_id: Id
     device_id: Id
     receipts: list[dict[str, Any]] = Field(max_length=MAX_UPLOAD,
@@ -86,6 +89,8 @@ class UsageResponse(BaseModel):
     seq: int
     charged: int
     answered: int
+    ack: dict[str, Any] = Field(description="usage-ack/v1 envelope signed by the provider key: {license_id, "
+                                            "device_id, seq, hash} of the chain head the server stored")
 
 
 class ErrorBody(BaseModel):

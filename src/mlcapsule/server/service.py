@@ -364,6 +364,13 @@ class ProviderService:
                 raise ChainConflict("another upload for this device changed the chain meanwhile; upload again")
         return new
 
+    def sign_ack(self, license_id: str, device_id: str, head: ChainHead) -> dict[str, Any]:
+        """The provider-signed acknowledgement of the chain head stored for this device: the
+        enclave forgets receipts only on this (usage protocol 2)."""
+        from ..protocol.receipts import Ack
+
+        return Ack(license_id, device_id, head.seq, head.hash).sign(self._key())
+
     # -- administration (CLI) ---------------------------------------------------------------
     def add_account(self, name: str) -> tuple[AccountRef, str]:
         """Create an account; returns it and its token (the only time the token exists in clear)."""
@@ -404,6 +411,7 @@ class ProviderService:
         """
         from ..crypto.chunks import TAG_LEN, SegmentCipher, n_chunks
         from ..format.container import CapsuleFile
+        from ..format.trust import TrustProviderKey, UnsafeTrustManifestKey, UntrustedProviderKey
 
         pinned = provider_public if provider_public is not None else (
             raw_public(self.provider_key.public_key()) if self.provider_key is not None else None)
@@ -419,7 +427,6 @@ class ProviderService:
             ck = ContentKey.load(key_path)
             if ck.capsule_id != m.capsule_id or ck.version != m.version:
                 raise UsageError(f"the key file {key_path} is for capsule {ck.capsule_id} v{ck.version}, "
-        from ..format.trust import TrustProviderKey, UnsafeTrustManifestKey, UntrustedProviderKey
                                  f"not {m.capsule_id} v{m.version}")
             enc = [seg for seg in m.segments if seg.encrypted]
             if enc:
@@ -468,6 +475,7 @@ class ProviderService:
         version: int | None
         if Path(ref).is_file():
             from ..format.container import CapsuleFile
+            from ..format.trust import UnsafeTrustManifestKey
 
             # The file only names an id and version (the decision is the registered row, which
             # was pinned at registration): its manifest's own key is enough for that.
@@ -477,7 +485,6 @@ class ProviderService:
             text, _, vtext = ref.partition(":")
             try:
                 cid = uuid.UUID(text)
-            from ..format.trust import UnsafeTrustManifestKey
                 version = int(vtext) if vtext else None
             except ValueError as e:
                 raise UsageError(f"{ref!r} is neither a capsule file nor CAPSULE_ID[:VERSION]") from e
