@@ -59,7 +59,7 @@ def set_up(e: EnclaveProcess, provider: Provider, ckey, **kw):  # type: ignore[n
 
 
 def query(e: EnclaveProcess, n: int = 1) -> np.ndarray:
-    return e.call("infer", tensors={"input": np.ones((n, 8), np.float32)})["tensors"]["probabilities"]
+    return e.infer([np.ones((n, 8), np.float32)])[0]
 
 
 # -- setup ---------------------------------------------------------------------------------------

@@ -267,36 +267,21 @@ def test_zero_size_tensor_with_huge_dimensions_is_a_protocol_error_not_numpy_val
     for shape in ((0, 2**62), (0, 2**62, 2**62), (2**63, 0), (0, 2**64 - 1), (0,) + (2**40,) * 3):
         with pytest.raises(ProtocolError):
             P.decode_tensors(_tensor_frame([(0, len(shape), 0, 0, 0, shape)]))
-        buffers = [memoryview(b"")]
-        with pytest.raises(ProtocolError):
-            P.unpack_tensors([{"name": "x", "dtype": "float32", "shape": list(shape), "buf": 0}], buffers)
-    # A modest zero-size tensor is still fine, on both paths.
+    # A modest zero-size tensor is still fine.
     (_, (x,)) = P.decode_tensors(_tensor_frame([(0, 2, 0, 0, 0, (0, 8))]))
     assert x.shape == (0, 8)
-    assert P.unpack_tensors([{"name": "x", "dtype": "float32", "shape": [0, 8], "buf": 0}],
-                            [memoryview(b"")])["x"].shape == (0, 8)
 
 
-@pytest.mark.parametrize("dtype", [",faot3l", "01", "f8,f8", "(2)f4", "i4,(3)f8", "O", "object", "V8", "S0", "<U3",
-                                   "float32 ", "Float32", ">f4", "f4", "complex64", "a", "M8[s]", "[('a','f4')]",
-                                   "float32\x00", "e", "?"])
-def test_dtype_string_numpy_would_parse_is_refused_before_np_dtype(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only the allow-listed names reach numpy: ``np.dtype(",faot3l")`` raised SyntaxError."""
-    seen: list[Any] = []
+def test_json_frames_carry_no_tensors_and_no_infer() -> None:
+    """The JSON tensor descriptions (and their dtype strings, which numpy parsed: ``",faot3l"``
+    raised SyntaxError) are gone with the JSON infer path: the only tensors travel in the binary
+    frame, whose dtypes are one-byte codes. A JSON ``infer``, or a JSON frame with buffers, is a
+    ProtocolError."""
+    from mlcapsule.enclave import ecalls
 
-    class Numpy:  # numpy as protocol.py sees it, with np.dtype watched
-        def __getattr__(self, name: str) -> Any:
-            return getattr(np, name)
-
-        @staticmethod
-        def dtype(*args: Any, **kw: Any) -> Any:
-            seen.append(args[0] if args else None)
-            return np.dtype(*args, **kw)
-
-    monkeypatch.setattr(P, "np", Numpy())
+    assert not hasattr(P, "unpack_tensors") and "infer" not in ecalls.OPS
     with pytest.raises(ProtocolError):
-        P.unpack_tensors([{"name": "x", "dtype": dtype, "shape": [1], "buf": 0}], [memoryview(b"\0" * 8)])
-    assert dtype not in seen
+        ecalls.parse({"op": "infer", "args": {"tensors": [{"name": "x", "dtype": ",faot3l", "shape": [1], "buf": 0}]}})
 
 
 def test_shared_tensor_declaring_4_tib_allocates_nothing() -> None:
@@ -377,33 +362,6 @@ def test_arbitrary_tensor_frames_raise_only_protocol_error(body: bytearray, with
                 a.close()
 
 
-_DESC_VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-2, 4), st.integers(0, 2**64), st.floats(allow_nan=True),
-    st.text(max_size=8), st.sampled_from(["float32", "int64", "uint8", "bool", ",faot3l", "01", "f8,f8", "O"]),
-    st.lists(st.one_of(st.integers(-1, 4), st.sampled_from([2**62, 2**64, 0]), st.booleans(), st.floats()),
-             max_size=18),
-    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
-
-
-_NASTY_DTYPES = st.sampled_from(["float32", "uint8", "bool", ",faot3l", "01", "f8,f8", "(2)f4", "O", "V8", "S0",
-                                  "<U3", ">f4", "M8[s]", "a", "float32 "])
-_DESCRIPTION = st.fixed_dictionaries({
-    "name": st.one_of(st.just("x"), _DESC_VALUES), "dtype": st.one_of(_NASTY_DTYPES, _DESC_VALUES),
-    "shape": st.one_of(st.lists(_DIMS, max_size=4), _DESC_VALUES), "buf": st.one_of(st.integers(0, 2), _DESC_VALUES)})
-
-
-@FIXED
-@given(desc=st.one_of(st.lists(_DESCRIPTION, max_size=3), _DESC_VALUES, st.lists(_DESC_VALUES, max_size=3)),
-       buffers=st.lists(st.binary(max_size=16), max_size=3))
-def test_arbitrary_tensor_descriptions_raise_only_protocol_error(desc: Any, buffers: list[bytes]) -> None:
-    try:
-        out = P.unpack_tensors(desc, [memoryview(b) for b in buffers])
-    except ProtocolError:
-        return
-    for name, arr in out.items():
-        assert isinstance(name, str) and arr.nbytes <= max((len(b) for b in buffers), default=0)
-
-
 # -- the worker created the platform folder 0755 -------------------------------------------------------
 def _scalar_model() -> Any:
     """y = (x @ W) / temperature, with a 0-d input first: ``(temperature: float[], x: float[N, 8])``."""
@@ -466,8 +424,4 @@ def test_scalar_tensor_frames_round_trip() -> None:
     for a, b in zip(arrays, out):
         assert b.shape == a.shape and b.dtype == a.dtype
         np.testing.assert_array_equal(a, b)
-    buffers: list[Any] = []
-    desc = P.pack_tensors({"t": np.array(2.5, np.float32)}, buffers)
-    got = P.unpack_tensors(json.loads(json.dumps(desc)), [memoryview(bytes(b)) for b in buffers])["t"]
-    assert got.shape == () and float(got) == 2.5
 

@@ -257,8 +257,7 @@ def _networks(res: dict[str, Any]) -> list[str]:
 def _fixed(res: dict[str, Any]) -> list[str]:
     us, fc = res["us"], res["fixed_cost"]
     labels = {"plain": "plain ORT `session.run`", "capsule": "capsule, dev key (`Capsule.predict`)",
-              "capsule_licensed": f"capsule, licensed (budget charged; lease {res['lease_size']})",
-              "capsule_json": "capsule, JSON frames (the protocol before this issue)"}
+              "capsule_licensed": f"capsule, licensed (budget charged; lease {res['lease_size']})"}
     out = [f"## {res['title']}", "",
            "Interleaved rounds of calls to each variant; the fixed cost is the capsule's median (p99) minus plain "
            "ORT's median (p99). No defense is configured yet (the policy pipeline is a later issue), so *policy* "

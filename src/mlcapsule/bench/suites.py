@@ -300,7 +300,6 @@ def suite_fixed(ws: Workspace) -> dict[str, Any]:
             "plain": lambda: plain.run(None, {"input": x}),
             "capsule": lambda: dev.predict(x),
             "capsule_licensed": lambda: lic.predict(x),
-            "capsule_json": lambda: dev._enclave.call("infer", tensors={"input": x}),
         }
         rounds, per_round = (4, 100) if ws.quick else (20, 250)
         ws.log(f"  digits: timing {rounds} rounds x {per_round}")
@@ -311,7 +310,7 @@ def suite_fixed(ws: Workspace) -> dict[str, Any]:
         lic.close()
     s = {k: stats(v, unit=1e6) for k, v in samples.items()}
     fixed = {k: {"median_us": s[k]["median"] - s["plain"]["median"], "p99_us": s[k]["p99"] - s["plain"]["p99"]}
-             for k in ("capsule", "capsule_licensed", "capsule_json")}
+             for k in ("capsule", "capsule_licensed")}
     return {"suite": "fixed", "title": "Fixed cost per query: digits MLP (64-64-10), batch 1, 1 thread",
             "us": s, "fixed_cost": fixed, "lease_size": lease, "max_rel_diff": diffs,
             "license_status": license_status, "breakdown_us": _breakdown(x, ref),

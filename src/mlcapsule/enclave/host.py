@@ -181,14 +181,10 @@ class EnclaveProcess:
             self._arena = None
 
     # -- calls --------------------------------------------------------------------------------
-    def call(self, op: str, args: Mapping[str, Any] | None = None,
-             tensors: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
-        """Make one ECALL. Returns the reply's result; raises the enclave's error as our own."""
-        buffers: list[memoryview | bytes] = []
-        a = dict(args or {})
-        if tensors is not None:
-            a["tensors"] = protocol.pack_tensors(tensors, buffers)
-        frame = protocol.encode(protocol.REQUEST, {"op": op, "args": a}, buffers)
+    def call(self, op: str, args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Make one ECALL (``infer`` has its own binary frame: :meth:`infer`). Returns the reply's
+        result; raises the enclave's error as our own."""
+        frame = protocol.encode(protocol.REQUEST, {"op": op, "args": dict(args or {})})
         with self._lock:
             if self.closed:
                 raise errors.EnclaveError("the enclave has been closed")
@@ -201,8 +197,6 @@ class EnclaveProcess:
         result = reply.header.get("ok")
         if not isinstance(result, dict):
             raise errors.ProtocolError("malformed reply from the enclave")
-        if "tensors" in result:
-            result["tensors"] = protocol.unpack_tensors(result["tensors"], reply.buffers)
         return result
 
     def infer(self, arrays: list[np.ndarray]) -> list[np.ndarray]:

@@ -35,10 +35,8 @@ MAX_FRAME = 2 * 1024 * 1024 * 1024 - 1
 MAX_HEADER = 16 * 1024 * 1024
 MAX_BUFFERS = 4096
 REQUEST, REPLY = 0, 1
-#: The ECALLs. Nothing secret crosses this interface in either direction.
-OPS = ("hello", "load", "setup_begin", "setup_finish", "infer", "apply_voucher", "usage_report", "usage_ack",
-       "status", "shutdown")
-_DTYPES = {"float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+#: The ECALLs are typed and parsed in ``ecalls.py`` (the only tensors are in the binary infer
+#: frame below). Nothing secret crosses this interface in either direction.
 #: The largest tensor either side accepts, in bytes, and the most dimensions it may have. Every
 #: dimension counts at least 1 against the cap (``max(d, 1)``), so a zero-size tensor cannot
 #: declare dimensions numpy refuses either. Checked on the declared numbers, with Python ints,
@@ -114,20 +112,6 @@ def decode(body: bytearray | memoryview) -> Message:
     return Message(kind, header, buffers)
 
 
-def pack_tensors(tensors: Mapping[str, np.ndarray], buffers: list[memoryview | bytes]) -> list[dict[str, Any]]:
-    """Describe ``tensors`` for a header and append their bytes (views, not copies) to ``buffers``."""
-    out = []
-    for name, arr in tensors.items():
-        arr = np.asarray(arr)
-        # Native byte order, C order, and ndim kept (ascontiguousarray alone turns 0-d into 1-d).
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("=")).reshape(arr.shape)
-        if arr.dtype.name not in _DTYPES:
-            raise ProtocolError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
-        out.append({"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "buf": len(buffers)})
-        buffers.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
-    return out
-
-
 def check_shape(shape: Sequence[int], itemsize: int) -> int:
     """The byte size of a tensor of ``shape``, after checking the rank and every dimension
     against the caps (:data:`MAX_RANK`, :data:`MAX_TENSOR_BYTES`); Python ints only, so nothing
@@ -142,32 +126,6 @@ def check_shape(shape: Sequence[int], itemsize: int) -> int:
     return math.prod(shape) * itemsize
 
 
-def unpack_tensors(desc: Any, buffers: Sequence[memoryview]) -> dict[str, np.ndarray]:
-    """Tensors described in a JSON header, as views of ``buffers``. Every field a peer sends
-    is type-checked, and the dtype string is matched against the allow-list before numpy sees
-    it (``np.dtype`` parses arbitrary strings, and raised SyntaxError on ``",faot3l"``)."""
-    if not isinstance(desc, list) or len(desc) > MAX_BUFFERS:
-        raise ProtocolError("tensors must be a list")
-    out: dict[str, np.ndarray] = {}
-    for d in desc:
-        if not isinstance(d, dict):
-            raise ProtocolError("malformed tensor description")
-        name, dtype_name, shape, idx = d.get("name"), d.get("dtype"), d.get("shape"), d.get("buf")
-        if (not isinstance(name, str) or not isinstance(dtype_name, str) or dtype_name not in _DTYPES
-                or not isinstance(shape, list) or not all(type(s) is int for s in shape)
-                or type(idx) is not int or not 0 <= idx < len(buffers)):
-            raise ProtocolError("malformed tensor description")
-        if name in out:
-            raise ProtocolError("a tensor name appears twice")
-        dtype = np.dtype(dtype_name)  # one of the allow-listed names
-        buf = buffers[idx]
-        if check_shape(shape, dtype.itemsize) != len(buf):
-            raise ProtocolError(f"tensor {name[:64]!r} size does not match its shape")
-        out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape) if len(buf) else np.zeros(shape, dtype)
-    return out
-
-
-# -- framing over file descriptors ------------------------------------------------------------
 def _read_exact(fd: int, n: int) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
@@ -249,6 +207,8 @@ def encode_tensors(kind: int, arrays: Sequence[np.ndarray], arena: "SharedArena 
         code = _T_CODE.get(a.dtype.name)
         if code is None or a.ndim > 16:
             raise ProtocolError(f"unsupported tensor {a.dtype} of rank {a.ndim}")
+        if not a.dtype.isnative:  # the frame carries native byte order (a big-endian array keeps its values)
+            a = a.astype(a.dtype.newbyteorder("="))
         if not a.flags.c_contiguous:
             a = np.ascontiguousarray(a)
         n = a.nbytes

@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,7 @@ import onnx  # noqa: F401
 import onnxruntime  # noqa: F401
 
 from .. import errors
-from .._util import b64d
-from . import protocol
+from . import ecalls, protocol
 from .backends import get_backend
 from .core import EnclaveCore
 from .hardening import harden, python_read_paths
@@ -53,87 +53,94 @@ def _error_reply(e: BaseException) -> dict[str, Any]:
     return {"error": {"type": "EnclaveError", "message": f"internal enclave error ({type(e).__name__})", "hint": None}}
 
 
-def _b64(args: dict[str, Any], key: str) -> bytes:
+def _setup_finish(core: EnclaveCore, req: ecalls.SetupFinish) -> dict[str, Any]:
+    payload = req.payload
+    if req.credential is not None:  # tpm: the payload is gated on credential activation
+        activate = getattr(core.backend, "activate_payload", None)
+        if activate is None:
+            raise errors.ProtocolError("this backend takes no credential challenge")
+        payload = activate(req.credential, payload)
+    return core.setup_finish(payload=payload)
+
+
+#: The dispatch table: one entry per JSON ECALL (``infer`` has its own binary frame).
+DISPATCH: dict[type, Callable[[EnclaveCore, Any], dict[str, Any]]] = {
+    ecalls.Hello: lambda core, _: core.hello(),
+    ecalls.Status: lambda core, _: core.status(),
+    ecalls.Load: lambda core, r: core.load(dev_key=r.dev_key),
+    ecalls.SetupBegin: lambda core, r: core.setup_begin(nonce=r.nonce),
+    ecalls.SetupFinish: _setup_finish,
+    ecalls.ApplyVoucher: lambda core, r: core.apply_voucher(voucher=r.voucher),
+    ecalls.UsageReport: lambda core, _: core.usage_report(),
+    ecalls.UsageAck: lambda core, r: core.usage_ack(ack=r.ack),
+}
+_INFER = ecalls.Infer()
+
+
+def _infer_frame(core: EnclaveCore, machine: ecalls.EcallState, body: memoryview,
+                 arena: protocol.SharedArena | None, inputs: list[Any]) -> list[memoryview | bytes]:
+    """The fast path of `infer`: binary tensors in the manifest's input order."""
+    prof = core.ecall_profile  # where an infer ECALL spends its time, for `status`
+    t0 = time.perf_counter()
     try:
-        return b64d(args[key])
-    except (KeyError, TypeError, ValueError) as e:
-        raise errors.ProtocolError(f"argument {key!r} must be base64") from e
+        machine.check(_INFER)
+        arrays = protocol.decode_tensors(body, arena, reuse=inputs)[1]
+        t1 = time.perf_counter()
+        outputs = core.infer_arrays(arrays)
+        t2 = time.perf_counter()
+        frame = protocol.encode_tensors(protocol.TENSOR_REPLY, outputs, arena)
+        prof["decode"] += t1 - t0
+        prof["infer"] += t2 - t1
+        prof["encode"] += time.perf_counter() - t2
+    except Exception as e:  # every failure becomes a reply; the worker keeps serving
+        frame = protocol.encode(protocol.REPLY, _error_reply(e))
+    return frame
 
 
 def serve(core: EnclaveCore, fd_in: int, fd_out: int, arena: protocol.SharedArena | None = None) -> None:
+    """The transport: read a frame, parse it at the boundary (ecalls.parse), check it against the
+    state table, dispatch, reply. An illegal or failed call changes no state."""
     reader = protocol.FrameReader(fd_in)
+    machine = ecalls.EcallState()
     inputs: list[Any] = []  # input buffers, reused from one call to the next
     while True:
         try:
             body = reader.read()
             if protocol.frame_kind(body) == protocol.TENSOR_REQUEST:
-                # The fast path of `infer`: binary tensors in the manifest's input order.
                 t0 = time.perf_counter()
-                prof = core.ecall_profile  # where an infer ECALL spends its time, for `status`
-                try:
-                    arrays = protocol.decode_tensors(body, arena, reuse=inputs)[1]
-                    t1 = time.perf_counter()
-                    outputs = core.infer_arrays(arrays)
-                    t2 = time.perf_counter()
-                    frame = protocol.encode_tensors(protocol.TENSOR_REPLY, outputs, arena)
-                    t3 = time.perf_counter()
-                    prof["decode"] += t1 - t0
-                    prof["infer"] += t2 - t1
-                    prof["encode"] += t3 - t2
-                except Exception as e:  # every failure becomes a reply; the worker keeps serving
-                    frame, t3 = protocol.encode(protocol.REPLY, _error_reply(e)), time.perf_counter()
+                frame = _infer_frame(core, machine, body, arena, inputs)
+                t3 = time.perf_counter()
                 protocol.write_frame(fd_out, frame)
                 t4 = time.perf_counter()
-                prof["write"] += t4 - t3
-                prof["calls"] += 1
+                core.ecall_profile["write"] += t4 - t3
+                core.ecall_profile["calls"] += 1
                 # Poll for the next request only after a quick one (see FrameReader._spin).
                 reader.spin = protocol.SPIN_SECONDS if t4 - t0 < protocol.SPIN_IF_UNDER else 0.0
                 continue
             msg = protocol.decode(body)
         except EOFError:
             return
-        except errors.ProtocolError as e:
+        except errors.ProtocolError as e:  # the framing itself is broken: nothing more can be trusted
             protocol.write_frame(fd_out, protocol.encode(protocol.REPLY, _error_reply(e)))
             return
-        op = msg.header.get("op")
-        args = msg.header.get("args") or {}
-        buffers: list[memoryview | bytes] = []
         try:
-            if msg.kind != protocol.REQUEST or op not in protocol.OPS or not isinstance(args, dict):
-                raise errors.ProtocolError(f"unknown request {op!r}")
-            if op == "hello":
-                result: dict[str, Any] = {**core.hello(), "shared_memory": arena is not None}
-            elif op == "load":
-                result = core.load(dev_key=args.get("dev_key"))
-            elif op == "setup_begin":
-                result = core.setup_begin(nonce=_b64(args, "nonce"))
-            elif op == "setup_finish":
-                payload = _b64(args, "payload")
-                if args.get("credential") is not None:  # tpm: the payload is gated on credential activation
-                    activate = getattr(core.backend, "activate_payload", None)
-                    if activate is None:
-                        raise errors.ProtocolError("this backend takes no credential challenge")
-                    payload = activate(args["credential"], payload)
-                result = core.setup_finish(payload=payload)
-            elif op == "apply_voucher":
-                result = core.apply_voucher(voucher=args.get("voucher"))
-            elif op == "usage_report":
-                result = core.usage_report()
-            elif op == "usage_ack":
-                result = core.usage_ack(ack=args.get("ack"))
-            elif op == "infer":
-                outputs = core.infer(protocol.unpack_tensors(args.get("tensors"), msg.buffers))
-                result = {"tensors": protocol.pack_tensors(outputs, buffers)}
-            elif op == "status":
-                result = core.status()
-            else:  # shutdown
+            if msg.kind != protocol.REQUEST or msg.buffers:
+                raise errors.ProtocolError("malformed request")
+            req = ecalls.parse(msg.header)
+            machine.check(req)
+            if isinstance(req, ecalls.Shutdown):
                 core.close()
+                machine.done(req)
                 protocol.write_frame(fd_out, protocol.encode(protocol.REPLY, {"ok": {}}))
                 return
+            result = DISPATCH[type(req)](core, req)
+            if isinstance(req, ecalls.Hello):
+                result = {**result, "shared_memory": arena is not None}
+            machine.done(req, result)
             reply: dict[str, Any] = {"ok": result}
         except Exception as e:  # every failure becomes a reply; the worker keeps serving
-            reply, buffers = _error_reply(e), []
-        protocol.write_frame(fd_out, protocol.encode(protocol.REPLY, reply, buffers))
+            reply = _error_reply(e)
+        protocol.write_frame(fd_out, protocol.encode(protocol.REPLY, reply))
 
 
 def main(argv: list[str] | None = None) -> int:
