@@ -257,17 +257,31 @@ def _networks(res: dict[str, Any]) -> list[str]:
 def _fixed(res: dict[str, Any]) -> list[str]:
     us, fc = res["us"], res["fixed_cost"]
     labels = {"plain": "plain ORT `session.run`", "capsule": "capsule, dev key (`Capsule.predict`)",
-              "capsule_licensed": f"capsule, licensed (budget charged; lease {res['lease_size']})"}
+              "capsule_licensed": f"capsule, licensed (budget charged; lease {res['lease_size']})",
+              "bare_round_trip": "bare round trip: the same bytes there and back between two Python processes"}
     out = [f"## {res['title']}", "",
            "Interleaved rounds of calls to each variant; the fixed cost is the capsule's median (p99) minus plain "
            "ORT's median (p99). No defense is configured yet (the policy pipeline is a later issue), so *policy* "
            "costs nothing here.", ""]
     body = []
     for k, label in labels.items():
+        if k not in us:
+            continue
         s = us[k]
-        extra = [f"{fc[k]['median_us']:.0f}", f"{fc[k]['p99_us']:.0f}"] if k in fc else ["", ""]
-        body.append([label, f"{s['min']:.0f}", f"**{s['median']:.0f}**", f"{s['p99']:.0f}", f"{s['max']:.0f}", *extra])
-    out += _table(["variant", "min µs", "median µs", "p99 µs", "max µs", "fixed cost, median µs", "fixed cost, p99 µs"], body)
+        extra = ([f"{fc[k]['median_us']:.0f}", f"{fc[k].get('mean_us', float('nan')):.0f}", f"{fc[k]['p99_us']:.0f}"]
+                 if k in fc else ["", "", ""])
+        body.append([label, f"{s['min']:.0f}", f"**{s['median']:.0f}**", f"{s['mean']:.0f}", f"{s['p99']:.0f}",
+                     f"{s['max']:.0f}", *extra])
+    out += _table(["variant", "min µs", "median µs", "mean µs", "p99 µs", "max µs", "fixed cost, median µs",
+                   "fixed cost, mean µs", "fixed cost, p99 µs"], body)
+    vs = res.get("vs_bare_round_trip")
+    if vs and "bare_round_trip" in us:
+        b = us["bare_round_trip"]
+        out += ["", f"Goal: fixed cost ≤ 2× the bare round trip measured in the same run (median {b['median']:.0f} µs, "
+                    f"mean {b['mean']:.0f} µs). Measured: "
+                + "; ".join(f"{labels[k].split(' (')[0]} {v['ratio_median']:.2f}× (median), {v['ratio_mean']:.2f}× (mean)"
+                            f" — {'met' if v['ratio_median'] <= 2 and v['ratio_mean'] <= 2 else 'not met'}"
+                            for k, v in vs.items()) + "."]
     b = res.get("breakdown_us", {})
     if b:
         out += ["", "Where the time goes (each step timed alone in one process, medians in µs; the enclave worker "

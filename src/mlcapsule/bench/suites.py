@@ -296,25 +296,67 @@ def suite_fixed(ws: Workspace) -> dict[str, Any]:
         assert lic.load_info and lic.load_info.get("license") == "license"
         ref = plain.run(None, {"input": x})[0]
         diffs = {"dev": max_rel_diff(ref, dev.predict(x)), "licensed": max_rel_diff(ref, lic.predict(x))}
+        echo = _Echo(len(b"".join(bytes(part) for part in _request_frame(x))))
         fns = {
             "plain": lambda: plain.run(None, {"input": x}),
             "capsule": lambda: dev.predict(x),
             "capsule_licensed": lambda: lic.predict(x),
+            # The floor: the same bytes there and back between two Python processes, nothing else.
+            "bare_round_trip": echo.round_trip,
         }
         rounds, per_round = (4, 100) if ws.quick else (20, 250)
         ws.log(f"  digits: timing {rounds} rounds x {per_round}")
-        samples = interleaved(fns, rounds=rounds, per_round=per_round, warmup=50, settle=0)
+        try:
+            samples = interleaved(fns, rounds=rounds, per_round=per_round, warmup=50, settle=0)
+        finally:
+            echo.close()
         license_status = lic.status().get("license_status")
     finally:
         dev.close()
         lic.close()
     s = {k: stats(v, unit=1e6) for k, v in samples.items()}
-    fixed = {k: {"median_us": s[k]["median"] - s["plain"]["median"], "p99_us": s[k]["p99"] - s["plain"]["p99"]}
+    fixed = {k: {"median_us": s[k]["median"] - s["plain"]["median"], "mean_us": s[k]["mean"] - s["plain"]["mean"],
+                 "p99_us": s[k]["p99"] - s["plain"]["p99"]}
              for k in ("capsule", "capsule_licensed")}
+    bare = s["bare_round_trip"]
+    goal = {k: {"ratio_median": fixed[k]["median_us"] / bare["median"], "ratio_mean": fixed[k]["mean_us"] / bare["mean"]}
+            for k in fixed}
     return {"suite": "fixed", "title": "Fixed cost per query: digits MLP (64-64-10), batch 1, 1 thread",
-            "us": s, "fixed_cost": fixed, "lease_size": lease, "max_rel_diff": diffs,
+            "us": s, "fixed_cost": fixed, "vs_bare_round_trip": goal, "lease_size": lease, "max_rel_diff": diffs,
             "license_status": license_status, "breakdown_us": _breakdown(x, ref),
             "load_average_after": load_average()}
+
+
+def _request_frame(x: np.ndarray) -> list[Any]:
+    from ..enclave import protocol as P
+
+    return P.encode_tensors(P.TENSOR_REQUEST, [x])
+
+
+class _Echo:
+    """A second Python process that sends back whatever it reads: ``round_trip`` writes
+    ``size`` bytes to it and reads them back, blocking like any two processes would."""
+
+    def __init__(self, size: int) -> None:
+        import subprocess
+        import sys
+
+        code = ("import os\nn=%d\nwhile True:\n    b=os.read(0,n)\n    if not b: break\n"
+                "    while len(b)<n: b+=os.read(0,n-len(b))\n    os.write(1,b)\n" % size)
+        self.proc = subprocess.Popen([sys.executable, "-I", "-c", code], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.w, self.r, self.msg, self.size = self.proc.stdin.fileno(), self.proc.stdout.fileno(), b"x" * size, size
+
+    def round_trip(self) -> None:
+        os.write(self.w, self.msg)
+        got = os.read(self.r, self.size)
+        while len(got) < self.size:
+            got += os.read(self.r, self.size - len(got))
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 def _breakdown(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
