@@ -242,7 +242,7 @@ class Capsule:
             if getattr(self, "_dev", False) and getattr(self, "_made_state_dir", False):
                 remove_if_empty(self.state_dir)  # a dev-key run leaves no empty state folder behind
 
-    def __enter__(self) -> "Capsule":
+    def __enter__(self) -> Capsule:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -384,7 +384,7 @@ def pack(
         writer.end(seg_name, start, h, encrypted=encrypt, plain_length=len(data), chunk_size=chunk_size)
     manifest = Manifest(
         capsule_id=cid, version=version, name=name or output.stem, description=description,
-        created=dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
+        created=dt.datetime.now(dt.UTC).replace(microsecond=0),
         provider_key=raw_public(signing_key.public_key()), provider_name=provider_name, server_url=server_url,
         inputs=inputs, outputs=outputs, preprocessing=preprocessing,
         class_names=tuple(class_names) if class_names is not None else None,

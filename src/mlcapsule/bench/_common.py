@@ -50,7 +50,7 @@ def environment(threads: int) -> dict[str, Any]:
     from .. import __version__
 
     return {
-        "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         "cpu": _cpu_model(),
         "logical_cpus": os.cpu_count(),
         "threads": threads,

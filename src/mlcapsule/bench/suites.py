@@ -272,7 +272,7 @@ def _provision(packed: dict[str, Any], ws: Workspace, tag: str, *, lease_size: i
         begin = e.call("setup_begin", {"nonce": b64e(nonce)})
         lic = License(license_id=str(uuid.uuid4()), capsule_id=ckey.capsule_id, version=ckey.version,
                       device_id=str(uuid.uuid4()), account="bench", receipt_key=b64d(begin["receipt_pub"]),
-                      budget=10**9, expires=None, issued=dt.datetime.now(dt.timezone.utc), lease_size=lease_size)
+                      budget=10**9, expires=None, issued=dt.datetime.now(dt.UTC), lease_size=lease_size)
         envelope = lic.sign(load_provider_key(ws.provider_key))
         payload = seal_payload(b64d(begin["hpke_pub"]), nonce, ckey.key, envelope)
         e.call("setup_finish", {"payload": b64e(payload)})

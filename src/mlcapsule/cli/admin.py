@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from ._console import CliConsole
 from rich.table import Table
 
 from .._util import atomic_write
 from ..errors import UsageError
+from ._console import CliConsole
 
 console = CliConsole(highlight=False)
 err_console = CliConsole(stderr=True, highlight=False)
@@ -95,7 +95,7 @@ def parse_expires(text: str | None, *, now: dt.datetime | None = None) -> dt.dat
     """``30d``, ``12h``, ``never``, or an ISO 8601 time (UTC if it has no zone)."""
     if not text or text == "never":
         return None
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     if text[-1] in "dh" and text[:-1].isdigit():
         n = int(text[:-1])
         return (now + (dt.timedelta(days=n) if text[-1] == "d" else dt.timedelta(hours=n))).replace(microsecond=0)
@@ -103,11 +103,11 @@ def parse_expires(text: str | None, *, now: dt.datetime | None = None) -> dt.dat
         t = dt.datetime.fromisoformat(text)
     except ValueError as e:
         raise UsageError(f"--expires {text!r} is neither an ISO 8601 time nor a duration like 30d or 12h") from e
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
 def _when(t: dt.datetime | None) -> str:
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if t else "-"
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC") if t else "-"
 
 
 def db_options(f: Any) -> Any:
@@ -335,7 +335,7 @@ def grant(account_name: str, capsule_ref: str, budget: int | None, devices: int,
     Granting again replaces the terms (and lifts a revocation); licenses already issued keep theirs.
     """
     when = parse_expires(expires)
-    if when is not None and when <= dt.datetime.now(dt.timezone.utc):
+    if when is not None and when <= dt.datetime.now(dt.UTC):
         err_console.print(f"[yellow]warning:[/] --expires {when.isoformat()} is in the past: licenses with it are "
                           "expired from the start", soft_wrap=True)
     r = _service(_settings(database_url, config)).grant(account_name, capsule_ref, budget=budget, devices=devices,
@@ -407,7 +407,7 @@ def usage(database_url: str | None, config: str | None, as_json: bool) -> None:
     t.add_column("last sync", no_wrap=True)
     for r in rows:
         budget = "unlimited" if r["budget"] is None else str(r["budget"] + r["vouchers"])
-        sync = r["last_sync"].astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M") if r["last_sync"] else "never"
+        sync = r["last_sync"].astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M") if r["last_sync"] else "never"
         t.add_row(r["account"], r["capsule"] + (" (revoked)" if r["revoked"] else ""), cut(r["device_id"]),
                   cut(r["license_id"]), budget, str(r["charged"]), str(r["answered"]),
                   # detected by the enclave (rollback receipts) + receipt chains that forked

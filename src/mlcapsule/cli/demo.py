@@ -89,6 +89,7 @@ def _demo(workdir: Path, console: Console, BudgetExhaustedError: type[Exception]
     import onnxruntime as ort
 
     import mlcapsule
+
     from ..crypto.keys import generate_provider_key
     from ..enclave.measurement import measurement
     from ..errors import TransportError

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-from ._console import CliConsole
 from rich.table import Table
 
 from .. import __version__
 from .._util import data_home
 from ..errors import EXIT_CODES, MlcapsuleError, UsageError
+from ._console import CliConsole
 
 console = CliConsole(stderr=False, highlight=False)
 err_console = CliConsole(stderr=True, highlight=False)
@@ -136,7 +136,6 @@ def pack(model: str, output: str, key_path: str | None, passphrase_file: str | N
 
     from ..format.manifest import Policy
     from ..packer import pack as do_pack
-
     from .admin import parse_expires
 
     policy = Policy(budget=budget, expires=parse_expires(expires), lease_size=lease_size)
@@ -175,7 +174,7 @@ def _progress_detail(stage: str, done: int, total: int) -> str:
 
 
 def warn_if_past(when: Any, what: str) -> None:
-    if when is not None and when <= dt.datetime.now(dt.timezone.utc):
+    if when is not None and when <= dt.datetime.now(dt.UTC):
         err_console.print(f"[yellow]warning:[/] {what} {when.isoformat()} is in the past: licenses with it are "
                           "expired from the start", soft_wrap=True)
 
@@ -471,7 +470,6 @@ def run(capsule: str, inputs: tuple[str, ...], unsafe_dev_key: str, output: str 
     """Run CAPSULE on INPUTS with the provider's key file (development only)."""
     from ..client import open_capsule
     from ..format.trust import TrustProviderKey, UnsafeTrustManifestKey
-
     from ..io import check_output_path
 
     if output:

@@ -116,11 +116,11 @@ class ContentKey:
         atomic_write(path, self.to_json(), mode=0o600)
 
     @classmethod
-    def generate(cls, capsule_id: uuid.UUID, version: int) -> "ContentKey":
+    def generate(cls, capsule_id: uuid.UUID, version: int) -> ContentKey:
         return cls(capsule_id, version, os.urandom(CONTENT_KEY_LEN))
 
     @classmethod
-    def from_json(cls, data: bytes) -> "ContentKey":
+    def from_json(cls, data: bytes) -> ContentKey:
         try:
             obj = json.loads(data)
             if obj.get("format") != CONTENT_KEY_FORMAT:
@@ -133,7 +133,7 @@ class ContentKey:
             raise KeyFileError("not a valid mlcapsule content key file") from e
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "ContentKey":
+    def load(cls, path: str | os.PathLike[str]) -> ContentKey:
         path = Path(path)
         if not path.is_file():
             raise KeyFileError(f"no content key file at {path}",

@@ -1,6 +1,6 @@
 """The capsule file format: container (header, signed manifest, data region) and manifest schema."""
 
-from .container import CapsuleFile, MAGIC, MAJOR, MINOR
+from .container import MAGIC, MAJOR, MINOR, CapsuleFile
 from .manifest import Manifest, Policy, RuntimeConfig, SegmentInfo, TensorSpec
 from .trust import Trust, TrustProviderKey, UnsafeTrustManifestKey, verify_capsule
 

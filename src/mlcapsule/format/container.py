@@ -36,10 +36,27 @@ from .._util import canonical_json
 from ..crypto.keys import raw_public
 from ..errors import FormatError, IntegrityError, SignatureError
 from .manifest import Manifest, SegmentInfo
-from .trust import (_HEADER, ALIGN, HEADER_LEN, MAGIC, MAJOR, MAX_MANIFEST, MINOR, SIG_LEN, Trust,  # noqa: F401
-                    TrustProviderKey, UnsafeTrustManifestKey, _align, check_segments, check_trust, manifest_minor,
-                    pack_header, signed_message, verify_capsule)
-from .trust import parse_header as _parse_fixed_header
+from .trust import (  # noqa: F401
+    _HEADER,
+    ALIGN,
+    HEADER_LEN,
+    MAGIC,
+    MAJOR,
+    MAX_MANIFEST,
+    MINOR,
+    SIG_LEN,
+    Trust,
+    TrustProviderKey,
+    UnsafeTrustManifestKey,
+    _align,
+    check_segments,
+    check_trust,
+    manifest_minor,
+    pack_header,
+    parse_header as _parse_fixed_header,
+    signed_message,
+    verify_capsule,
+)
 
 
 def parse_header(header: bytes, file_size: int) -> tuple[int, int, int]:
@@ -108,7 +125,7 @@ class CapsuleFile:
         """True when the open pinned the provider key (not only the manifest's own key)."""
         return isinstance(self.trust, TrustProviderKey)
 
-    def __enter__(self) -> "CapsuleFile":
+    def __enter__(self) -> CapsuleFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -154,10 +171,10 @@ class SegmentWriter:
         self._f: BinaryIO = tempfile.TemporaryFile(dir=tmpdir)
         self.segments: list[SegmentInfo] = []
 
-    def begin(self) -> tuple[int, "hashlib._Hash"]:
+    def begin(self) -> tuple[int, hashlib._Hash]:
         return self._f.tell(), hashlib.sha256()
 
-    def write(self, data: bytes | memoryview, h: "hashlib._Hash") -> None:
+    def write(self, data: bytes | memoryview, h: hashlib._Hash) -> None:
         self._f.write(data)
         h.update(data)
 
@@ -165,7 +182,7 @@ class SegmentWriter:
     def file(self) -> BinaryIO:
         return self._f
 
-    def end(self, name: str, start: int, h: "hashlib._Hash", *, encrypted: bool, plain_length: int, chunk_size: int) -> SegmentInfo:
+    def end(self, name: str, start: int, h: hashlib._Hash, *, encrypted: bool, plain_length: int, chunk_size: int) -> SegmentInfo:
         seg = SegmentInfo(index=len(self.segments), name=name, encrypted=encrypted, offset=start,
                           length=self._f.tell() - start, plain_length=plain_length, chunk_size=chunk_size,
                           sha256=h.hexdigest())

@@ -77,7 +77,7 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, d: Any, where: str) -> "TensorSpec":
+    def from_dict(cls, d: Any, where: str) -> TensorSpec:
         _no_extra(d if isinstance(d, dict) else {}, {"name", "dtype", "shape"}, where)
         name = _str(_req(d, "name", str, where), where + ".name")
         dtype = _req(d, "dtype", str, where)
@@ -110,7 +110,7 @@ class Policy:
         }
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "policy") -> "Policy":
+    def from_dict(cls, d: Any, where: str = "policy") -> Policy:
         _no_extra(d if isinstance(d, dict) else {}, {"budget", "expires", "lease_size", "defenses"}, where)
         budget = _opt(d, "budget", int, where)
         if budget is not None and budget < 0:
@@ -151,7 +151,7 @@ class RuntimeConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "runtime") -> "RuntimeConfig":
+    def from_dict(cls, d: Any, where: str = "runtime") -> RuntimeConfig:
         _no_extra(d if isinstance(d, dict) else {}, {"optimization", "prepacking", "initializers"}, where)
         level = _req(d, "optimization", str, where)
         if level not in _OPT_LEVELS:
@@ -183,7 +183,7 @@ class SegmentInfo:
         }
 
     @classmethod
-    def from_dict(cls, d: Any, where: str) -> "SegmentInfo":
+    def from_dict(cls, d: Any, where: str) -> SegmentInfo:
         keys = {"index", "name", "encrypted", "offset", "length", "plain_length", "chunk_size", "sha256"}
         _no_extra(d if isinstance(d, dict) else {}, keys, where)
         vals = {
@@ -250,7 +250,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, d: Any) -> "Manifest":
+    def from_dict(cls, d: Any) -> Manifest:
         from .._util import b64d
 
         if not isinstance(d, dict):

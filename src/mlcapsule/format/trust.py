@@ -60,7 +60,7 @@ class TrustProviderKey:
         return f"TrustProviderKey({self.key.hex()[:16]}...)"
 
     @classmethod
-    def from_pem(cls, pem: bytes) -> "TrustProviderKey":
+    def from_pem(cls, pem: bytes) -> TrustProviderKey:
         """From the provider's public key in PEM (``provider-key.pem.pub``)."""
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey

@@ -49,7 +49,7 @@ class License:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "License":
+    def from_dict(cls, d: dict[str, Any]) -> License:
         # Every field's JSON type is checked first: a number where a string belongs used to
         # escape as AttributeError or TypeError (red team, issue 9). bool is not an int here.
         if not isinstance(d, dict) or not all(
@@ -61,7 +61,7 @@ class License:
                 license_id=d["license_id"], capsule_id=uuid.UUID(d["capsule_id"]), version=d["version"],
                 device_id=d["device_id"], account=d["account"], receipt_key=b64d(d["receipt_key"]),
                 budget=budget, expires=parse_time(d["expires"], "license.expires"),
-                issued=parse_time(d["issued"], "license.issued") or dt.datetime.now(dt.timezone.utc),
+                issued=parse_time(d["issued"], "license.issued") or dt.datetime.now(dt.UTC),
                 lease_size=d["lease_size"], policy=dict(d.get("policy") or {}),
             )
         except (KeyError, TypeError, ValueError) as e:

@@ -36,8 +36,17 @@ from ..crypto.keys import load_provider_key
 from ..errors import MlcapsuleError
 from .db import create_schema, make_engine, session_factory
 from .errors import UsageProtocolTooOld, status_for, wire_type
-from .schemas import (USAGE_PROTOCOL, ChallengeRequest, ChallengeResponse, ErrorResponse, HealthResponse,
-                      ProvisionRequest, ProvisionResponse, UsageRequest, UsageResponse)
+from .schemas import (
+    USAGE_PROTOCOL,
+    ChallengeRequest,
+    ChallengeResponse,
+    ErrorResponse,
+    HealthResponse,
+    ProvisionRequest,
+    ProvisionResponse,
+    UsageRequest,
+    UsageResponse,
+)
 from .service import AccountRef, Clock, ProviderService, utcnow
 from .settings import ServerSettings
 

@@ -14,11 +14,9 @@ from typing import Any
 
 import httpx
 
-from ..protocol.receipts import USAGE_PROTOCOL
-
-from .. import __version__
-from .. import errors as E
+from .. import __version__, errors as E
 from .._util import b64d, b64e
+from ..protocol.receipts import USAGE_PROTOCOL
 
 API = "/v1"
 
@@ -48,7 +46,7 @@ class ProviderClient:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
 
-    def __enter__(self) -> "ProviderClient":
+    def __enter__(self) -> ProviderClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

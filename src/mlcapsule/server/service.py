@@ -23,8 +23,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from sqlalchemy import delete, func, select, update
-from sqlalchemy import exc as sa_exc
+from sqlalchemy import delete, exc as sa_exc, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .._util import b64d
@@ -36,9 +35,21 @@ from ..protocol.receipts import GENESIS, ChainHead, entry_hash, verify_chain
 from ..protocol.setup import NONCE_LEN, report_data, seal_payload
 from ..protocol.voucher import Voucher as VoucherMsg
 from .db import Account, Capsule, Device, Grant, Nonce, Voucher
-from .errors import (ChainConflict, DeviceLimitReached, GrantExpired, GrantRefused, Misconfigured, NonceExpired,
-                     NonceRefused, NonceReplayed, TooManyChallenges, Unauthorized, Unavailable, UnknownCapsule,
-                     UnknownLicense)
+from .errors import (
+    ChainConflict,
+    DeviceLimitReached,
+    GrantExpired,
+    GrantRefused,
+    Misconfigured,
+    NonceExpired,
+    NonceRefused,
+    NonceReplayed,
+    TooManyChallenges,
+    Unauthorized,
+    Unavailable,
+    UnknownCapsule,
+    UnknownLicense,
+)
 
 log = logging.getLogger("mlcapsule.server")
 
@@ -52,7 +63,7 @@ _ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def new_token() -> str:
@@ -168,7 +179,7 @@ class ProviderService:
         t = self.clock()
         if t.tzinfo is None:
             raise ValueError("the clock must return aware datetimes")
-        return t.astimezone(dt.timezone.utc)
+        return t.astimezone(dt.UTC)
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:

@@ -92,7 +92,7 @@ class ServerSettings:
 
     @classmethod
     def load(cls, *, config_file: str | os.PathLike[str] | None = None,
-             environ: Mapping[str, str] | None = None, **flags: Any) -> "ServerSettings":
+             environ: Mapping[str, str] | None = None, **flags: Any) -> ServerSettings:
         """Merge the sources. ``flags`` left as None do not override; unknown names are refused."""
         environ = os.environ if environ is None else environ
         known = {f.name for f in fields(cls)} | {"passphrase_file"}
@@ -115,7 +115,7 @@ class ServerSettings:
                 raise UsageError(f"cannot read the passphrase file {pf}: {e.strerror}") from e
         return cls(**{k: _coerce(k, v) for k, v in values.items()})
 
-    def with_overrides(self, **changes: Any) -> "ServerSettings":
+    def with_overrides(self, **changes: Any) -> ServerSettings:
         return replace(self, **changes)
 
     def evidence_verifier(self, *, tpm_policy: Any = None) -> Any:
