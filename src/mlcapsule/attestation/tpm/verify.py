@@ -1,7 +1,7 @@
-"""Verifier for evidence from the ``tpm`` backend (:mod:`mlcapsule.enclave.backends.tpm`).
+"""The pure verifier for evidence from the ``tpm`` backend (:mod:`mlcapsule.enclave.backends.tpm`).
 
-Pure code on pyca ``cryptography``: it parses the TPM 2.0 structures itself (TPMT_PUBLIC,
-TPMS_ATTEST, TPMT_SIGNATURE; TPM 2.0 Library, Part 2) and needs neither a TPM nor tpm2-tss.
+Pure code on pyca ``cryptography``: the TPM 2.0 structures are parsed by :mod:`.marshal`, and
+credential activation is in :mod:`.credential`; neither a TPM nor tpm2-tss is needed.
 
 Wire format (a JSON object; every field required, no others)::
 
@@ -25,7 +25,7 @@ public area is ``ak_public``, over PCR values that the provider's policy accepts
 NOT by themselves show that the AK lives in the TPM of that EK: that is what *credential
 activation* adds. The server seals the provisioning payload under a secret that only
 TPM2_ActivateCredential on the TPM holding both the EK and an object named like the AK can
-recover (:func:`credential_challenge`); an AK that is not in the same TPM as the certified EK
+recover (:func:`.credential.credential_challenge`); an AK that is not in the same TPM as the certified EK
 never sees the content key or the license. No extra round trip is needed.
 
     verified = verify_tpm(evidence, expected_report_data=rd, policy=policy, tpm_policy=TpmPolicy(...))
@@ -40,7 +40,6 @@ import hashlib
 import hmac
 import json
 import os
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,24 +47,38 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-
-try:  # AES-CFB is what TPM2_MakeCredential uses; pyca moved CFB to its "decrepit" module
-    from cryptography.hazmat.decrepit.ciphers.modes import CFB
-except ImportError:  # pragma: no cover - older cryptography
-    from cryptography.hazmat.primitives.ciphers.modes import CFB
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
-from cryptography.hazmat.primitives.kdf.kbkdf import KBKDFHMAC, CounterLocation, Mode
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from .._util import b64d, b64e
-from ..errors import AttestationError
-from .policy import AttestationPolicy, VerifiedEvidence, check_evidence_header, normalize_measurement
+from ..._util import b64d
+from ...errors import AttestationError
+from ..policy import AttestationPolicy, VerifiedEvidence, check_evidence_header, normalize_measurement
+from .marshal import (
+    ALG_AES,
+    ALG_CFB,
+    ALG_ECDSA,
+    ALG_RSAPSS,
+    ALG_RSASSA,
+    ALG_SHA1,
+    BANKS,
+    DECRYPT,
+    FIXED_PARENT,
+    FIXED_TPM,
+    HASHES,
+    MAX_STRUCT,
+    RESTRICTED,
+    SENSITIVE_DATA_ORIGIN,
+    SIGN,
+    TPM_ST_ATTEST_QUOTE,
+    Attest,
+    Signature,
+    TpmPublic,
+    _digest,
+    parse_attest,
+    parse_public,
+    parse_signature,
+)
 
 EVIDENCE_TYPE = "tpm"
 VERSION = 1
@@ -73,270 +86,8 @@ FIELDS = frozenset({"type", "version", "measurement", "ak_public", "quote", "sig
                     "ek_public", "ek_certificate", "ek_chain"})
 #: Domain separation of the quote's extraData (also in the enclave backend; a test pins both).
 EXTRA_DATA_CONTEXT = b"mlcapsule-evidence/tpm/v1\0"
-#: AAD context of the payload wrapped under the activated credential (also in the backend).
-WRAP_CONTEXT = b"mlcapsule-tpm-activation/v1\0"
-CREDENTIAL_LEN = 32
-MAX_STRUCT = 8192  # no TPM structure we read is larger (TPM2 buffers are at most 4 KiB)
 MAX_CERT = 16384
 MAX_CHAIN = 8
-
-# -- TPM 2.0 constants (Part 2) -------------------------------------------------------------------
-TPM_GENERATED_VALUE = 0xFF544347
-TPM_ST_ATTEST_QUOTE = 0x8018
-TPM_ST_ATTEST_CREATION = 0x801A
-TPM_ST_ATTEST_CERTIFY = 0x8017
-
-ALG_RSA, ALG_SHA1, ALG_HMAC, ALG_AES, ALG_KEYEDHASH, ALG_XOR = 0x0001, 0x0004, 0x0005, 0x0006, 0x0008, 0x000A
-ALG_SHA256, ALG_SHA384, ALG_SHA512, ALG_NULL = 0x000B, 0x000C, 0x000D, 0x0010
-ALG_RSASSA, ALG_RSAES, ALG_RSAPSS, ALG_OAEP = 0x0014, 0x0015, 0x0016, 0x0017
-ALG_ECDSA, ALG_ECDH, ALG_ECDAA, ALG_SM2, ALG_ECSCHNORR = 0x0018, 0x0019, 0x001A, 0x001B, 0x001C
-ALG_ECC, ALG_SYMCIPHER, ALG_CFB = 0x0023, 0x0025, 0x0043
-
-HASHES: dict[int, tuple[str, type[hashes.HashAlgorithm]]] = {
-    ALG_SHA1: ("sha1", hashes.SHA1),
-    ALG_SHA256: ("sha256", hashes.SHA256),
-    ALG_SHA384: ("sha384", hashes.SHA384),
-    ALG_SHA512: ("sha512", hashes.SHA512),
-}
-BANKS = {name: alg for alg, (name, _) in HASHES.items()}
-CURVES: dict[int, ec.EllipticCurve] = {0x0003: ec.SECP256R1(), 0x0004: ec.SECP384R1(), 0x0005: ec.SECP521R1()}
-
-# TPMA_OBJECT bits
-FIXED_TPM, ST_CLEAR, FIXED_PARENT, SENSITIVE_DATA_ORIGIN = 1 << 1, 1 << 2, 1 << 4, 1 << 5
-USER_WITH_AUTH, ADMIN_WITH_POLICY, NO_DA, ENCRYPTED_DUPLICATION = 1 << 6, 1 << 7, 1 << 10, 1 << 11
-RESTRICTED, DECRYPT, SIGN = 1 << 16, 1 << 17, 1 << 18
-#: Reserved TPMA_OBJECT bits (bit 19 is x509sign since Library 1.59): a TPM never sets them.
-RESERVED_ATTRIBUTES = 0x00000001 | 0x00000008 | 0x00000300 | 0x0000F000 | 0xFFF00000
-
-
-class TpmFormatError(AttestationError):
-    """A TPM structure does not parse."""
-
-
-# -- parsing ----------------------------------------------------------------------------------------
-class _Reader:
-    def __init__(self, data: bytes, what: str) -> None:
-        self.data, self.pos, self.what = data, 0, what
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise TpmFormatError(f"{self.what} is truncated")
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def u16(self) -> int:
-        return int(struct.unpack(">H", self.take(2))[0])
-
-    def u32(self) -> int:
-        return int(struct.unpack(">I", self.take(4))[0])
-
-    def u64(self) -> int:
-        return int(struct.unpack(">Q", self.take(8))[0])
-
-    def tpm2b(self) -> bytes:
-        return self.take(self.u16())
-
-    def done(self) -> None:
-        if self.pos != len(self.data):
-            raise TpmFormatError(f"{self.what} has {len(self.data) - self.pos} trailing bytes")
-
-
-def _tpm2b(data: bytes) -> bytes:
-    return struct.pack(">H", len(data)) + data
-
-
-@dataclass(frozen=True)
-class TpmPublic:
-    """A parsed TPMT_PUBLIC (RSA or ECC)."""
-
-    raw: bytes  # the marshalled TPMT_PUBLIC, as hashed into the name
-    type: int
-    name_alg: int
-    attributes: int
-    auth_policy: bytes
-    symmetric: tuple[int, int, int]  # (algorithm, key bits, mode); (ALG_NULL, 0, 0) if none
-    scheme: tuple[int, int]  # (scheme, hash); (ALG_NULL, 0) if none
-    key_bits: int = 0  # RSA
-    exponent: int = 0  # RSA; 0 means 65537
-    curve: int = 0  # ECC
-    unique: tuple[bytes, ...] = ()  # RSA: (modulus,); ECC: (x, y)
-
-    @property
-    def name(self) -> bytes:
-        """The TPM name: nameAlg || H_nameAlg(TPMT_PUBLIC)."""
-        return struct.pack(">H", self.name_alg) + _digest(self.name_alg, self.raw)
-
-    def public_key(self) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
-        try:
-            if self.type == ALG_RSA:
-                return rsa.RSAPublicNumbers(self.exponent or 65537, int.from_bytes(self.unique[0], "big")).public_key()
-            curve = CURVES.get(self.curve)
-            if curve is None:
-                raise TpmFormatError(f"TPM ECC curve {self.curve:#06x} is not supported")
-            x, y = (int.from_bytes(v, "big") for v in self.unique)
-            return ec.EllipticCurvePublicNumbers(x, y, curve).public_key()
-        except (ValueError, IndexError) as e:
-            raise TpmFormatError("the TPM public key is not a valid key") from e
-
-
-def _sym_def(r: _Reader) -> tuple[int, int, int]:
-    alg = r.u16()
-    if alg == ALG_NULL:
-        return (ALG_NULL, 0, 0)
-    if alg == ALG_XOR:
-        return (alg, r.u16(), 0)  # hash algorithm in place of key bits, no mode
-    return (alg, r.u16(), r.u16())
-
-
-def _scheme(r: _Reader) -> tuple[int, int]:
-    scheme = r.u16()
-    if scheme in (ALG_NULL, ALG_RSAES):
-        return (scheme, 0)
-    hash_alg = r.u16()
-    if scheme == ALG_ECDAA:
-        r.u16()  # count
-    return (scheme, hash_alg)
-
-
-def parse_public(data: bytes) -> TpmPublic:
-    """Parse a marshalled TPMT_PUBLIC of an RSA or ECC key (a TPM2B_PUBLIC is accepted too)."""
-    if len(data) > MAX_STRUCT:
-        raise TpmFormatError("TPM public area is too large")
-    if len(data) >= 4 and int.from_bytes(data[:2], "big") == len(data) - 2 \
-            and int.from_bytes(data[2:4], "big") in (ALG_RSA, ALG_ECC):
-        data = data[2:]  # a TPM2B_PUBLIC: drop the size
-    r = _Reader(data, "TPM public area")
-    kind, name_alg, attrs, policy = r.u16(), r.u16(), r.u32(), r.tpm2b()
-    if name_alg not in HASHES:
-        raise TpmFormatError(f"TPM public area: name algorithm {name_alg:#06x} is not supported")
-    if attrs & RESERVED_ATTRIBUTES:
-        raise TpmFormatError("TPM public area: reserved attribute bits are set")
-    if kind == ALG_RSA:
-        sym, scheme = _sym_def(r), _scheme(r)
-        bits, exponent = r.u16(), r.u32()
-        pub = TpmPublic(data, kind, name_alg, attrs, policy, sym, scheme, key_bits=bits, exponent=exponent,
-                        unique=(r.tpm2b(),))
-    elif kind == ALG_ECC:
-        sym, scheme = _sym_def(r), _scheme(r)
-        curve = r.u16()
-        kdf = r.u16()
-        if kdf != ALG_NULL:
-            r.u16()
-        pub = TpmPublic(data, kind, name_alg, attrs, policy, sym, scheme, curve=curve, unique=(r.tpm2b(), r.tpm2b()))
-    else:
-        raise TpmFormatError(f"TPM public area: key type {kind:#06x} is not RSA or ECC")
-    r.done()
-    return pub
-
-
-@dataclass(frozen=True)
-class PcrSelection:
-    hash_alg: int
-    pcrs: tuple[int, ...]
-
-    @property
-    def bank(self) -> str:
-        return HASHES[self.hash_alg][0] if self.hash_alg in HASHES else f"{self.hash_alg:#06x}"
-
-
-@dataclass(frozen=True)
-class Attest:
-    """A parsed TPMS_ATTEST."""
-
-    raw: bytes
-    type: int
-    qualified_signer: bytes
-    extra_data: bytes
-    clock: int
-    reset_count: int
-    restart_count: int
-    safe: bool
-    firmware_version: int
-    pcr_select: tuple[PcrSelection, ...] = ()  # quote
-    pcr_digest: bytes = b""  # quote
-    object_name: bytes = b""  # creation, certify
-    creation_hash: bytes = b""  # creation
-
-
-def _pcr_selection_list(r: _Reader) -> tuple[PcrSelection, ...]:
-    count = r.u32()
-    if count > 16:
-        raise TpmFormatError("TPM PCR selection lists too many banks")
-    out = []
-    for _ in range(count):
-        alg, size = r.u16(), r.u8()
-        if size > 8:
-            raise TpmFormatError("TPM PCR selection is too large")
-        bitmap = r.take(size)
-        out.append(PcrSelection(alg, tuple(i for i in range(8 * size) if bitmap[i // 8] >> (i % 8) & 1)))
-    return tuple(out)
-
-
-def parse_attest(data: bytes) -> Attest:
-    """Parse a marshalled TPMS_ATTEST (quote, creation or certify; a TPM2B_ATTEST is accepted too)."""
-    if len(data) > MAX_STRUCT:
-        raise TpmFormatError("TPM attestation structure is too large")
-    if len(data) >= 6 and int.from_bytes(data[:2], "big") == len(data) - 2 \
-            and int.from_bytes(data[2:6], "big") == TPM_GENERATED_VALUE:
-        data = data[2:]
-    r = _Reader(data, "TPM attestation structure")
-    if r.u32() != TPM_GENERATED_VALUE:
-        raise TpmFormatError("TPM attestation structure: magic is not TPM_GENERATED_VALUE")
-    kind = r.u16()
-    signer, extra = r.tpm2b(), r.tpm2b()
-    clock, resets, restarts, safe = r.u64(), r.u32(), r.u32(), r.u8()
-    firmware = r.u64()
-    common: dict[str, Any] = {"raw": data, "type": kind, "qualified_signer": signer, "extra_data": extra,
-                              "clock": clock, "reset_count": resets, "restart_count": restarts, "safe": bool(safe),
-                              "firmware_version": firmware}
-    if kind == TPM_ST_ATTEST_QUOTE:
-        att = Attest(**common, pcr_select=_pcr_selection_list(r), pcr_digest=r.tpm2b())
-    elif kind == TPM_ST_ATTEST_CREATION:
-        att = Attest(**common, object_name=r.tpm2b(), creation_hash=r.tpm2b())
-    elif kind == TPM_ST_ATTEST_CERTIFY:
-        att = Attest(**common, object_name=r.tpm2b())
-        r.tpm2b()  # qualified name
-    else:
-        raise TpmFormatError(f"TPM attestation structure of type {kind:#06x} is not supported")
-    r.done()
-    return att
-
-
-@dataclass(frozen=True)
-class Signature:
-    """A parsed TPMT_SIGNATURE (RSASSA, RSAPSS or ECDSA)."""
-
-    alg: int
-    hash_alg: int
-    rsa: bytes = b""
-    ecc: tuple[int, int] = (0, 0)
-
-
-def parse_signature(data: bytes) -> Signature:
-    if len(data) > MAX_STRUCT:
-        raise TpmFormatError("TPM signature is too large")
-    r = _Reader(data, "TPM signature")
-    alg, hash_alg = r.u16(), r.u16()
-    if alg in (ALG_RSASSA, ALG_RSAPSS):
-        sig = Signature(alg, hash_alg, rsa=r.tpm2b())
-    elif alg == ALG_ECDSA:
-        sig = Signature(alg, hash_alg, ecc=(int.from_bytes(r.tpm2b(), "big"), int.from_bytes(r.tpm2b(), "big")))
-    else:
-        raise TpmFormatError(f"TPM signature scheme {alg:#06x} is not supported")
-    r.done()
-    return sig
-
-
-def _digest(alg: int, data: bytes) -> bytes:
-    if alg not in HASHES:
-        raise TpmFormatError(f"TPM hash algorithm {alg:#06x} is not supported")
-    h = hashes.Hash(HASHES[alg][1]())
-    h.update(data)
-    return h.finalize()
 
 
 # -- checks -----------------------------------------------------------------------------------------
@@ -697,110 +448,3 @@ class TpmVerifier:
     def __call__(self, evidence: Mapping[str, Any], *, expected_report_data: bytes,
                  policy: AttestationPolicy) -> VerifiedEvidence:
         return verify_tpm(evidence, expected_report_data=expected_report_data, policy=policy, tpm_policy=self.tpm_policy)
-
-
-# -- credential activation (server side) ------------------------------------------------------------
-def _kdfa(hash_alg: int, key: bytes, label: bytes, context: bytes, bits: int) -> bytes:
-    """TPM KDFa (SP 800-108 counter mode HMAC; pyca puts the 0 byte between label and context)."""
-    return KBKDFHMAC(algorithm=HASHES[hash_alg][1](), mode=Mode.CounterMode, length=bits // 8, rlen=4, llen=4,
-                     location=CounterLocation.BeforeFixed, label=label, context=context, fixed=None).derive(key)
-
-
-def _kdfe(hash_alg: int, z: bytes, use: bytes, party_u: bytes, party_v: bytes, bits: int) -> bytes:
-    """TPM KDFe (SP 800-56A concatenation KDF); ``use`` includes its terminating 0 byte."""
-    return ConcatKDFHash(algorithm=HASHES[hash_alg][1](), length=bits // 8,
-                         otherinfo=use + party_u + party_v).derive(z)
-
-
-def _seed(ek: TpmPublic, label: bytes) -> tuple[bytes, bytes]:
-    """(seed, encrypted seed) for the EK: RSA-OAEP, or ephemeral ECDH + KDFe (Part 1, Annex B/C)."""
-    h = HASHES[ek.name_alg][1]
-    size = h.digest_size
-    key = ek.public_key()
-    if isinstance(key, rsa.RSAPublicKey):
-        seed = os.urandom(size)
-        return seed, key.encrypt(seed, padding.OAEP(padding.MGF1(h()), h(), label))
-    assert isinstance(key, ec.EllipticCurvePublicKey)
-    eph = ec.generate_private_key(key.curve)
-    plen = (key.curve.key_size + 7) // 8
-    en = eph.public_key().public_numbers()
-    ex, ey = en.x.to_bytes(plen, "big"), en.y.to_bytes(plen, "big")
-    z = eph.exchange(ec.ECDH(), key)
-    seed = _kdfe(ek.name_alg, z, label, ex, key.public_numbers().x.to_bytes(plen, "big"), size * 8)
-    return seed, _tpm2b(ex) + _tpm2b(ey)
-
-
-def make_credential(ek: TpmPublic, object_name: bytes, credential: bytes) -> tuple[bytes, bytes]:
-    """TPM2_MakeCredential in software: (TPM2B_ID_OBJECT, TPM2B_ENCRYPTED_SECRET), marshalled.
-
-    Only a TPM holding the private EK *and* a loaded object named ``object_name`` can recover
-    ``credential`` with TPM2_ActivateCredential.
-    """
-    check_ek(ek)
-    if not 0 < len(credential) <= HASHES[ek.name_alg][1].digest_size:
-        raise ValueError("the credential must be at most one digest long")
-    seed, enc_seed = _seed(ek, b"IDENTITY\0")
-    sym_key = _kdfa(ek.name_alg, seed, b"STORAGE", object_name, ek.symmetric[1])
-    enc = Cipher(algorithms.AES(sym_key), CFB(bytes(16))).encryptor()
-    enc_identity = enc.update(_tpm2b(credential)) + enc.finalize()
-    hmac_key = _kdfa(ek.name_alg, seed, b"INTEGRITY", b"", HASHES[ek.name_alg][1].digest_size * 8)
-    mac = crypto_hmac.HMAC(hmac_key, HASHES[ek.name_alg][1]())
-    mac.update(enc_identity + object_name)
-    id_object = _tpm2b(mac.finalize()) + enc_identity
-    return _tpm2b(id_object), _tpm2b(enc_seed)
-
-
-def wrap_payload(secret: bytes, payload: bytes, ak_name: bytes) -> bytes:
-    """AES-256-GCM of the provisioning payload under the credential secret, bound to the AK name."""
-    nonce = os.urandom(12)
-    return nonce + AESGCM(secret).encrypt(nonce, payload, WRAP_CONTEXT + ak_name)
-
-
-def credential_challenge(evidence: Mapping[str, Any], payload: bytes) -> dict[str, Any]:
-    """Server side, after :func:`verify_tpm` accepted ``evidence``: gate ``payload`` on activation.
-
-    Returns the fields of the /v1/provision answer for TPM evidence::
-
-        {"payload": b64(nonce || AES-GCM(secret, HPKE payload, aad=WRAP_CONTEXT || ak_name)),
-         "credential": {"id_object": b64(TPM2B_ID_OBJECT), "encrypted_secret": b64(TPM2B_ENCRYPTED_SECRET)}}
-
-    ``secret`` is 32 fresh random bytes made into a credential for the evidence's EK and AK name;
-    the enclave recovers it with TPM2_ActivateCredential and unwraps the payload. Stateless: the
-    server stores nothing and needs no second request.
-    """
-    try:
-        ak = parse_public(b64d(evidence["ak_public"]))
-        ek = parse_public(b64d(evidence["ek_public"]))
-    except (KeyError, TypeError, ValueError, binascii.Error) as e:
-        raise AttestationError("tpm evidence: the AK or EK public area is malformed") from e
-    secret = os.urandom(CREDENTIAL_LEN)
-    id_object, enc_secret = make_credential(ek, ak.name, secret)
-    return {"payload": b64e(wrap_payload(secret, payload, ak.name)),
-            "credential": {"id_object": b64e(id_object), "encrypted_secret": b64e(enc_secret)}}
-
-
-__all__ = [
-    "EVIDENCE_TYPE",
-    "Attest",
-    "PcrSelection",
-    "Signature",
-    "TpmPolicy",
-    "TpmPublic",
-    "TpmVerifier",
-    "check_tpm_evidence",
-    "credential_challenge",
-    "ek_certificate_matches",
-    "load_certificates",
-    "make_credential",
-    "parse_attest",
-    "parse_public",
-    "parse_signature",
-    "pcr_digest",
-    "quote_extra_data",
-    "verify_ek_certificate",
-    "verify_quote",
-    "verify_signature",
-    "verify_tpm",
-    "wrap_payload",
-]
-
