@@ -76,7 +76,8 @@ def goals(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         ok = bool(streams) and all(s.get("within_limit") for s in streams)
         worst = ", ".join(f"{_f(s['memory']['peak_growth_mb'], 1)}/{s['limit_mb']:g}" if "memory" in s
                           else f"refused at {s['limit_mb']:g}" for s in streams)
-        out.append({"id": f"stream-mem-{name}", "goal": f"{name}: streaming peak memory within the limit (MB used/limit)",
+        out.append({"id": f"stream-mem-{name}",
+                    "goal": f"{name}: streaming peak memory within the limit (MB used/limit)",
                     "target": "every limit down to 64 MB", "measured": worst or "–", "met": ok})
     r = nets.get("VGG-16")
     if r:
@@ -102,9 +103,11 @@ def _env(results: dict[str, dict[str, Any]]) -> list[str]:
     rows = [
         ["CPU", f"{env['cpu']}, {env['logical_cpus']} logical CPUs"],
         ["threads", f"{env['threads']} intra-op threads for plain ORT and the capsule alike (the fixed-cost suite: 1)"],
-        ["versions", f"Python {env['python']}, onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, numpy {env['numpy']}, "
-                     f"cryptography {env['cryptography']}, mlcapsule {env['mlcapsule']}, Linux {env['kernel']}"],
-        ["enclave", f"`{env['backend']}` backend: a separate, hardened worker process (seccomp, Landlock, non-dumpable)"],
+        ["versions", f"Python {env['python']}, onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, "
+                     f"numpy {env['numpy']}, cryptography {env['cryptography']}, mlcapsule {env['mlcapsule']}, "
+                     f"Linux {env['kernel']}"],
+        ["enclave", f"`{env['backend']}` backend: a separate, hardened worker process "
+                    "(seccomp, Landlock, non-dumpable)"],
         ["date", env["date"]],
         ["load average (1, 5, 15 min)", "; ".join(loads)],
     ]
@@ -119,8 +122,9 @@ def _layers(title: str, rows: list[dict[str, Any]], *, label: Any, paper_cols: A
     for r in rows:
         mem = r.get("streaming_memory") or {}
         lim = f"{r['streaming_limit_mb']:g}" + ("" if r["limit_below_weights"] else " ¹")
-        body.append([label(r), _f(r["weights_mb"]), _mmm(r["plain_ms"], 3), _mmm(r["resident_ms"], 3), _x(r["resident_ratio"]),
-                     lim, _mmm(r["streaming_ms"], 3), _x(r["streaming_ratio"]), _f(mem.get("peak_growth_mb"), 1),
+        body.append([label(r), _f(r["weights_mb"]), _mmm(r["plain_ms"], 3), _mmm(r["resident_ms"], 3),
+                     _x(r["resident_ratio"]), lim, _mmm(r["streaming_ms"], 3), _x(r["streaming_ratio"]),
+                     _f(mem.get("peak_growth_mb"), 1),
                      *paper_cols[1](r)])
     return out + _table(header, body) + [""]
 
@@ -128,14 +132,16 @@ def _layers(title: str, rows: list[dict[str, Any]], *, label: Any, paper_cols: A
 def _dense(res: dict[str, Any]) -> list[str]:
     def cols(r: dict[str, Any]) -> list[str]:
         o3, no = r["paper_ms"]["o3"], r["paper_ms"]["no_o3"]
-        return [f"{o3[0]:.3f} → {o3[1]:.3f} ({o3[1] / o3[0]:.1f}×)", f"{no[0]:.3f} → {no[1]:.3f} ({no[1] / no[0]:.1f}×)"]
+        return [f"{o3[0]:.3f} → {o3[1]:.3f} ({o3[1] / o3[0]:.1f}×)",
+                f"{no[0]:.3f} → {no[1]:.3f} ({no[1] / no[0]:.1f}×)"]
 
     out = [f"## {res['title']}", "", res.get("notes", ""), ""]
     out += _layers("Dense n×n (MatMul + Add)", res["rows"], label=lambda r: f"{r['config']}²",
                    paper_cols=(["paper -O3: Standard → MLCapsule ms", "paper without -O3"], cols))
     out += ["¹ The limit is not below the layer's weights: the streaming enclave needs a fixed few MB (sessions, "
-            "a 2 MiB chunk buffer) before any weight, so for small layers the smallest limit it accepts is larger than "
-            "the layer. It still decrypts the layer's weights for every query, as the paper's MLCapsule layer does.", ""]
+            "a 2 MiB chunk buffer) before any weight, so for small layers the smallest limit it accepts is "
+            "larger than the layer. It still decrypts the layer's weights for every query, as the paper's "
+            "MLCapsule layer does.", ""]
     return out
 
 
@@ -167,20 +173,23 @@ def _networks(res: dict[str, Any]) -> list[str]:
         med = sorted(c, key=lambda v: v["seconds"])[len(c) // 2]
         pl = sorted(r["cold_plain"], key=lambda v: v["seconds"])[len(r["cold_plain"]) // 2]
         body.append([r["network"], _mmm(r["cold_plain_s"]), _mmm(r["cold_capsule_s"]), _x(r["cold_ratio"]),
-                     f"worker start {_f(med['open_seconds'] - (med['load_seconds'] or 0))}, decrypt {_f(med['decrypt_seconds'])}, "
+                     f"worker start {_f(med['open_seconds'] - (med['load_seconds'] or 0))}, "
+                     f"decrypt {_f(med['decrypt_seconds'])}, "
                      f"session {_f(med['session_seconds'])}, first run {_f(med['first_run_seconds'])}",
-                     f"session {_f(pl['session_seconds'])}, first run {_f(pl['first_run_seconds'])}; with imports {_f(pl['seconds_with_import'])}"])
+                     f"session {_f(pl['session_seconds'])}, first run {_f(pl['first_run_seconds'])}; "
+                     f"with imports {_f(pl['seconds_with_import'])}"])
     out += _table(["network", "plain s (min / **med** / max)", "capsule s", "× plain", "capsule, median run (s)",
                    "plain, median run (s)"], body) + [""]
     out += ["### Steady state", ""]
     body = []
     for r in rows:
         rt = r["runtime"]
-        body.append([r["network"], f"{rt['initializers']}, {rt['optimization']}, prepacking {'on' if rt['prepacking'] else 'off'}",
+        body.append([r["network"],
+                     f"{rt['initializers']}, {rt['optimization']}, prepacking {'on' if rt['prepacking'] else 'off'}",
                      _mmm(r["plain_ms"], 1), _mmm(r["resident_ms"], 1), _x(r["resident_ratio"]),
                      _x(r["resident_ms"]["min"] / r["plain_ms"]["min"]), f"{r['resident_max_rel_diff']:.1e}"])
-    out += _table(["network", "runtime chosen by the packer", "plain ORT ms", "capsule resident ms", "× plain (medians)",
-                   "× plain (minima)", "max rel. diff of outputs"], body) + [""]
+    out += _table(["network", "runtime chosen by the packer", "plain ORT ms", "capsule resident ms",
+                   "× plain (medians)", "× plain (minima)", "max rel. diff of outputs"], body) + [""]
     out += ["The two processes share two CPUs with each other and with other jobs, so single runs scatter "
             "widely; the minima show the undisturbed cost, the medians what a run typically got.", ""]
     prof_rows = [r for r in rows if r.get("resident_profile_ms")]
@@ -190,7 +199,6 @@ def _networks(res: dict[str, Any]) -> list[str]:
         body = []
         for r in prof_rows:
             p = r["resident_profile_ms"]
-            ecall = p["host_encode"] + p["host_decode"] + p["enclave_decode"] + p["enclave_encode"]
             body.append([r["network"], _f(r["plain_ms"]["mean"]), _f(r["resident_ms"]["mean"]), _f(p["enclave_infer"]),
                          _f(p["host_encode"]), _f(p["enclave_decode"]), _f(p["enclave_encode"]), _f(p["enclave_write"]),
                          _f(p["host_decode"])])
@@ -232,7 +240,8 @@ def _networks(res: dict[str, Any]) -> list[str]:
             m, pq, plan = s["memory"], s["per_query"], s["plan"]
             splits = "; ".join(f"{sp['op']} {sp['weight_bytes'] / 2**20:.0f} MB in {sp['blocks']} blocks ({sp['axis']})"
                                for sp in plan.get("split_nodes") or [])
-            body.append([r["network"], f"{s['limit_mb']:g}", f"{_f(m['peak_growth_mb'], 1)} {'✔' if s['within_limit'] else '✘'}",
+            body.append([r["network"], f"{s['limit_mb']:g}",
+                         f"{_f(m['peak_growth_mb'], 1)} {'✔' if s['within_limit'] else '✘'}",
                          _mmm(s["streaming_ms"], 1), _x(s["ratio_vs_resident"]),
                          _x(s["streaming_ms"]["median"] / r["plain_ms"]["median"]),
                          f"{_f(pq['decrypt_ms'], 1)} of {_f(pq['run_ms'], 1)} ({_f(pq['decrypted_mb'], 0)} MB)",
@@ -242,8 +251,8 @@ def _networks(res: dict[str, Any]) -> list[str]:
     out += _table(["network", "limit MB", "peak growth MB", "ms (min / **med** / max)", "× resident", "× plain",
                    "decrypt ms / run ms per query", "max rel. diff vs resident", "plan"], body) + [""]
     for r in rows:
-        s = next((s for s in r.get("streaming", []) if s.get("limit_mb") == 128 and s.get("per_query", {}).get("steps")),
-                 None)
+        s = next((s for s in r.get("streaming", [])
+                  if s.get("limit_mb") == 128 and s.get("per_query", {}).get("steps")), None)
         if s is None:
             continue
         out += [f"Where a streaming query's time goes, {r['network']} at 128 MB (per query, mean over the timed runs; "
@@ -279,7 +288,8 @@ def _fixed(res: dict[str, Any]) -> list[str]:
         b = us["bare_round_trip"]
         out += ["", f"Goal: fixed cost ≤ 2× the bare round trip measured in the same run (median {b['median']:.0f} µs, "
                     f"mean {b['mean']:.0f} µs). Measured: "
-                + "; ".join(f"{labels[k].split(' (')[0]} {v['ratio_median']:.2f}× (median), {v['ratio_mean']:.2f}× (mean)"
+                + "; ".join(f"{labels[k].split(' (')[0]} {v['ratio_median']:.2f}× (median), "
+                            f"{v['ratio_mean']:.2f}× (mean)"
                             f" — {'met' if v['ratio_median'] <= 2 and v['ratio_mean'] <= 2 else 'not met'}"
                             for k, v in vs.items()) + "."]
     b = res.get("breakdown_us", {})
@@ -312,7 +322,8 @@ def _tpm(res: dict[str, Any]) -> list[str]:
              f"{r['bound']:.3f}", "yes" if r["within_bound"] else "**no**",
              f"{r['query_us']['median'] / 1e3:.2f}", f"{r['query_us']['max'] / 1e3:.1f}"] for r in res["rows"]]
     out += _table(["lease N", "queries", "restarts", "NV increments", "increments per query",
-                   "bound 1/N + restarts/queries", "within", "query ms (median)", "query ms (max: a lease charged)"], body)
+                   "bound 1/N + restarts/queries", "within", "query ms (median)",
+                   "query ms (max: a lease charged)"], body)
     return out + [""]
 
 
@@ -342,8 +353,9 @@ DIFFERENCES = """## What differs from the paper
 def render(results: dict[str, dict[str, Any]], *, command: str = "mlcapsule bench") -> str:
     out = ["# Benchmarks", "",
            f"Generated by `{command}`; reproduce from the repository root with `mlcapsule bench` (the whole run takes "
-           "about 5 minutes on 2 cores; `mlcapsule bench --quick` is a smoke run on small models, `--suite NAME` runs one "
-           "of `dense`, `conv`, `networks`, `fixed`, `tpm`). Raw results: `benchmarks/results/*.json`.", "",
+           "about 5 minutes on 2 cores; `mlcapsule bench --quick` is a smoke run on small models, "
+           "`--suite NAME` runs one of `dense`, `conv`, `networks`, `fixed`, `tpm`). "
+           "Raw results: `benchmarks/results/*.json`.", "",
            "Timings are min / **median** / max over the runs; every ratio divides medians measured in the same run "
            "on the same model, threads and batch, with the variants interleaved round by round so that background "
            "load falls on all of them alike. The paper's figures (" + paper.SETUP + ") stand beside ours.", ""]
@@ -353,7 +365,8 @@ def render(results: dict[str, dict[str, Any]], *, command: str = "mlcapsule benc
     gs = goals(results)
     if gs:
         out += ["## Goals", ""]
-        out += _table(["goal", "target", "measured", "met"], [[g["goal"], g["target"], g["measured"], "yes" if g["met"] else "**no**"] for g in gs])
+        out += _table(["goal", "target", "measured", "met"],
+                      [[g["goal"], g["target"], g["measured"], "yes" if g["met"] else "**no**"] for g in gs])
         out += [""]
     if "dense" in results:
         out += _dense(results["dense"])
@@ -390,7 +403,6 @@ def explain(goal: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
     nets = {r["network"]: r for r in results.get("networks", {}).get("rows", [])}
     gid = goal["id"]
     fx = results.get("fixed")
-    fixed_us = fx["fixed_cost"]["capsule"]["median_us"] if fx else None
     if gid.startswith("steady-"):
         r = nets[gid.split("-", 1)[1]]
         rt = r["runtime"]
@@ -401,8 +413,9 @@ def explain(goal: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         p = r.get("resident_profile_ms")
         if p:
             io = p["host_encode"] + p["enclave_decode"] + p["enclave_encode"] + p["enclave_write"] + p["host_decode"]
-            txt += (f"Profile (means per call): the model run inside the enclave took {p['enclave_infer']:.2f} ms against "
-                    f"plain ORT's {r['plain_ms']['mean']:.2f} ms, and the ECALL steps around it {io:.2f} ms, most of it "
+            txt += (f"Profile (means per call): the model run inside the enclave took {p['enclave_infer']:.2f} ms "
+                    f"against plain ORT's {r['plain_ms']['mean']:.2f} ms, and the ECALL steps around it {io:.2f} ms, "
+                    "most of it "
                     f"in the two sends ({p['host_encode']:.2f} + {p['enclave_write']:.2f} ms), each of which wakes a "
                     "blocked process: on this VM, waking a process whose CPU has gone idle costs 0.1–0.5 ms, while "
                     "the copies themselves (0.6 MB in, 4 KB out) take tens of µs. Inside the enclave, ORT's pool "
@@ -429,7 +442,8 @@ def explain(goal: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         r = nets["VGG-16"]
         c = sorted(r["cold_capsule"], key=lambda v: v["seconds"])[len(r["cold_capsule"]) // 2]
         return (f"Capsule: worker start {c['open_seconds'] - (c['load_seconds'] or 0):.2f} s, decryption "
-                f"{c['decrypt_seconds']:.2f} s, session {c['session_seconds']:.2f} s, first run {c['first_run_seconds']:.2f} s. "
+                f"{c['decrypt_seconds']:.2f} s, session {c['session_seconds']:.2f} s, "
+                f"first run {c['first_run_seconds']:.2f} s. "
                 "Decryption here is dominated by first-touch page faults of fresh memory on this VM, and the session "
                 "copies the weights once more (ORT's `copy` mode, needed for the `all` optimizations); a zero-copy "
                 "session (`shared`) would remove that copy at some cost in steady state.")
@@ -448,7 +462,8 @@ def explain(goal: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
                 parts.append(f"at {s['limit_mb']:g} MB the enclave refused: {s['error']}")
             else:
                 p = s["plan"]
-                parts.append(f"at {s['limit_mb']:g} MB it peaked at {s['memory']['peak_growth_mb']:.1f} MB against a plan of "
+                parts.append(f"at {s['limit_mb']:g} MB it peaked at {s['memory']['peak_growth_mb']:.1f} MB "
+                             "against a plan of "
                              f"{p['scratch_mb']:.1f} MB scratch + {p['activation_estimate_mb']:.1f} MB activations + "
                              f"{p['reserve_mb']:.1f} MB reserve: the activation estimate (ONNX shape inference) or the "
                              "reserve was too low for this model")

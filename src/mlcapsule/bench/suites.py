@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -74,8 +75,9 @@ def _layer_rows(ws: Workspace, kind: str, configs: list[Any], build: Callable[[A
         try:
             ref = plain.run(None, {"input": x})[0]
             diffs = {"resident": max_rel_diff(ref, res.predict(x)), "streaming": max_rel_diff(ref, stream.predict(x))}
-            fns = {"plain": lambda: plain.run(None, {"input": x}), "resident": lambda: res.predict(x),
-                   "streaming": lambda: stream.predict(x)}
+            fns: dict[str, Callable[[], Any]] = {"plain": partial(plain.run, None, {"input": x}),
+                                                 "resident": partial(res.predict, x),
+                                                 "streaming": partial(stream.predict, x)}
             per_round = _counts(fns, round_seconds=round_seconds)
             ws.log(f"  {name}: timing {rounds} rounds x {per_round}")
             samples = interleaved(fns, rounds=rounds, per_round=per_round)
@@ -112,6 +114,18 @@ def suite_dense(ws: Workspace) -> dict[str, Any]:
 
 
 # -- Table 2 ----------------------------------------------------------------------------------
+def _conv_build(cfg: tuple[int, int], *, dw: bool) -> Any:
+    return models.conv_layer(cfg[0], cfg[1], depthwise_separable=dw)
+
+
+def _conv_weight_bytes(cfg: tuple[int, int], *, dw: bool) -> int:
+    return ((cfg[0] * 9 + cfg[0] + cfg[0] * cfg[0] + cfg[0]) if dw else (cfg[0] * cfg[0] * 9 + cfg[0])) * 4
+
+
+def _paper_ms(table: dict[Any, Any], cfg: Any) -> dict[str, Any]:
+    return {"ms": table[cfg]}
+
+
 def suite_conv(ws: Workspace) -> dict[str, Any]:
     configs = [(256, 56), (512, 14)] if ws.quick else [(64, 224), (128, 112), (256, 56), (512, 28), (512, 14)]
     out: dict[str, Any] = {
@@ -122,10 +136,9 @@ def suite_conv(ws: Workspace) -> dict[str, Any]:
                  "capsule's extra time on the large layers; plain ORT copies nothing."}
     for kind, dw, table in (("conv", False, paper.TABLE2_CONV), ("dwsep", True, paper.TABLE2_DEPTHWISE_SEPARABLE)):
         out[kind] = _layer_rows(
-            ws, kind, configs, lambda cfg, dw=dw: models.conv_layer(cfg[0], cfg[1], depthwise_separable=dw),
-            lambda cfg: (1, cfg[0], cfg[1], cfg[1]),
-            lambda cfg, dw=dw: ((cfg[0] * 9 + cfg[0] + cfg[0] * cfg[0] + cfg[0]) if dw else (cfg[0] * cfg[0] * 9 + cfg[0])) * 4,
-            lambda cfg, table=table: {"ms": table[cfg]}, round_seconds=0.1, rounds=2 if ws.quick else 8)
+            ws, kind, configs, partial(_conv_build, dw=dw), lambda cfg: (1, cfg[0], cfg[1], cfg[1]),
+            partial(_conv_weight_bytes, dw=dw), partial(_paper_ms, table), round_seconds=0.1,
+            rounds=2 if ws.quick else 8)
     return out
 
 
@@ -173,7 +186,8 @@ def suite_networks(ws: Workspace) -> dict[str, Any]:
             resident_out = res.predict(x)
             row["resident_max_rel_diff"] = max_rel_diff(ref, resident_out)
             host0, encl0 = dict(res._enclave.profile), res.status()["ecall_profile"]
-            samples = interleaved({"plain": lambda: plain.run(None, {"input": x}), "resident": lambda: res.predict(x)},
+            samples = interleaved({"plain": partial(plain.run, None, {"input": x}),
+                                   "resident": partial(res.predict, x)},
                                   rounds=steady_n[0], per_round=steady_n[1], settle=steady_n[2])
             row["resident_profile_ms"] = _call_profile(host0, dict(res._enclave.profile), encl0,
                                                        res.status()["ecall_profile"])
@@ -244,9 +258,10 @@ def _stream_row(packed: dict[str, Any], ws: Workspace, tag: str, limit: float, x
             "steps": [{"kind": s1["kind"], "nodes": s1["nodes"], "weights_mb": s1["weight_bytes"] / MiB,
                        "decrypt_ms": 1e3 * (s1["decrypt_seconds"] - s0["decrypt_seconds"]) / runs,
                        "ms": 1e3 * (s1["seconds"] - s0["seconds"]) / runs}
-                      for s0, s1 in zip(before.get("steps", []), model.get("steps", []))]},
+                      for s0, s1 in zip(before.get("steps", []), model.get("steps", []), strict=False)]},
         "plan": {k: model.get(k) for k in ("segments", "split_nodes", "max_batch")}
-        | {"scratch_mb": z(model, "scratch_bytes") / MiB, "activation_estimate_mb": z(model, "activation_estimate_bytes") / MiB,
+        | {"scratch_mb": z(model, "scratch_bytes") / MiB,
+           "activation_estimate_mb": z(model, "activation_estimate_bytes") / MiB,
            "reserve_mb": z(model, "reserve_bytes") / MiB, "pinned_mb": z(model, "pinned_bytes") / MiB},
     })
     out["ratio_vs_resident"] = ratio(out["streaming_ms"], out["resident_ms"])
@@ -291,7 +306,8 @@ def suite_fixed(ws: Workspace) -> dict[str, Any]:
     dev = open_capsule(packed, ws, "digits-dev", threads=1)
     from ._common import workspace_trust
 
-    lic = open_(packed["capsule"], trust=workspace_trust(ws), state_dir=ws.state("digits-licensed"), platform_dir=ws.root / "platform", threads=1)
+    lic = open_(packed["capsule"], trust=workspace_trust(ws), state_dir=ws.state("digits-licensed"),
+                platform_dir=ws.root / "platform", threads=1)
     try:
         assert lic.load_info and lic.load_info.get("license") == "license"
         ref = plain.run(None, {"input": x})[0]
@@ -319,7 +335,8 @@ def suite_fixed(ws: Workspace) -> dict[str, Any]:
                  "p99_us": s[k]["p99"] - s["plain"]["p99"]}
              for k in ("capsule", "capsule_licensed")}
     bare = s["bare_round_trip"]
-    goal = {k: {"ratio_median": fixed[k]["median_us"] / bare["median"], "ratio_mean": fixed[k]["mean_us"] / bare["mean"]}
+    goal = {k: {"ratio_median": fixed[k]["median_us"] / bare["median"],
+                "ratio_mean": fixed[k]["mean_us"] / bare["mean"]}
             for k in fixed}
     return {"suite": "fixed", "title": "Fixed cost per query: digits MLP (64-64-10), batch 1, 1 thread",
             "us": s, "fixed_cost": fixed, "vs_bare_round_trip": goal, "lease_size": lease, "max_rel_diff": diffs,
@@ -341,8 +358,8 @@ class _Echo:
         import subprocess
         import sys
 
-        code = ("import os\nn=%d\nwhile True:\n    b=os.read(0,n)\n    if not b: break\n"
-                "    while len(b)<n: b+=os.read(0,n-len(b))\n    os.write(1,b)\n" % size)
+        code = (f"import os\nn={int(size)}\nwhile True:\n    b=os.read(0,n)\n    if not b: break\n"
+                "    while len(b)<n: b+=os.read(0,n-len(b))\n    os.write(1,b)\n")
         self.proc = subprocess.Popen([sys.executable, "-I", "-c", code], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE)
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -387,7 +404,8 @@ def _breakdown(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     rep_body = bytearray(b"".join(bytes(p) for p in rep)[4:])
     specs = (TensorSpec("input", "float32", ("N", 64)),)
     out = {
-        "host_encode_request": med(lambda: P.encode_tensors(P.TENSOR_REQUEST, [np.ascontiguousarray(x, dtype="float32")])),
+        "host_encode_request": med(lambda: P.encode_tensors(P.TENSOR_REQUEST,
+                                                            [np.ascontiguousarray(x, dtype="float32")])),
         "enclave_decode_request": med(lambda: P.decode_tensors(req_body)),
         "enclave_check_inputs": med(lambda: check_inputs(specs, {"input": x})),
         "enclave_encode_reply": med(lambda: P.encode_tensors(P.TENSOR_REPLY, [y])),
