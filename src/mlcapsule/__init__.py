@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "pack", "open_capsule", "Capsule"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any
+
     from .client import Capsule, open_capsule
     from .packer import pack
 

@@ -10,7 +10,7 @@ PIPE_WIDTH = 10_000
 
 
 class CliConsole(Console):
-    @property  # type: ignore[override]
+    @property
     def size(self) -> ConsoleDimensions:
         dims = Console.size.fget(self)  # type: ignore[attr-defined]
         if self.is_terminal:

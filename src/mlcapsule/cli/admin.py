@@ -147,7 +147,8 @@ def key_options(f: Any) -> Any:
               metavar="PATH", help="Intermediate EK CA certificates (repeatable).")
 @click.option("--tpm-pcr-policy", type=click.Path(exists=True, dir_okay=False), default=None,
               help='JSON {"sha256": {"7": ["hex", ...]}}: PCR values accepted in TPM quotes.')
-@click.option("--nonce-ttl", type=click.IntRange(0, 86400), default=None, help="Challenge lifetime in seconds [default: 120].")
+@click.option("--nonce-ttl", type=click.IntRange(0, 86400), default=None,
+              help="Challenge lifetime in seconds [default: 120].")
 def serve(host: str | None, port: int | None, database_url: str | None, config: str | None,
           provider_key: str | None, passphrase_file: str | None, allow_software: bool | None,
           measurements: tuple[str, ...], tpm_roots: tuple[str, ...], tpm_intermediates: tuple[str, ...],
@@ -167,7 +168,8 @@ def serve(host: str | None, port: int | None, database_url: str | None, config: 
         err_console.print("[bold red]UNSAFE:[/] accepting 'software' evidence: it is signed by a key on the client's "
                           "own disk and does not protect the model against the client machine's owner.")
     if not settings.allowed_measurements:
-        err_console.print("[yellow]warning:[/] no --allow-measurement given: every provisioning request will be refused")
+        err_console.print("[yellow]warning:[/] no --allow-measurement given: "
+                          "every provisioning request will be refused")
     try:
         app = create_app(settings, provider_key=load_server_key(settings))
         sock.listen(2048)  # connections queue from here on, so "serving on" is true when printed
@@ -192,7 +194,8 @@ def listen_socket(host: str, port: int) -> Any:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
         raise UsageError(f"cannot listen on {host!r}: not an address or host name of this machine "
-                         f"({getattr(e, 'strerror', None) or e})", hint="check --host (e.g. 127.0.0.1 or 0.0.0.0)") from None
+                         f"({getattr(e, 'strerror', None) or e})",
+                         hint="check --host (e.g. 127.0.0.1 or 0.0.0.0)") from None
     family, socktype, proto, _, addr = infos[0]
     sock = socket.socket(family, socktype, proto)
     try:
@@ -211,8 +214,9 @@ def listen_socket(host: str, port: int) -> Any:
             raise TransportError(f"cannot listen on port {port}: {reason}",
                                  hint="ports below 1024 need privileges; choose another with --port") from None
         if e.errno == errno.EADDRNOTAVAIL:
-            raise TransportError(f"cannot listen on {host}: {reason}",
-                                 hint="use an address of this machine with --host (e.g. 127.0.0.1 or 0.0.0.0)") from None
+            raise TransportError(
+                f"cannot listen on {host}: {reason}",
+                hint="use an address of this machine with --host (e.g. 127.0.0.1 or 0.0.0.0)") from None
         raise TransportError(f"cannot listen on {host}:{port}: {reason}", hint="check --host and --port") from None
     return sock
 
@@ -378,7 +382,8 @@ def voucher(license_id: str, queries: int, output: str, database_url: str | None
     settings = _settings(database_url, config, provider_key_path=provider_key, passphrase_file=passphrase_file)
     env = _service(settings, with_key=True).issue_voucher(license_id, queries)
     atomic_write(output, json.dumps(env, indent=1).encode(), mode=0o644)
-    console.print(f"voucher {env['body']['seq']} for license {env['body']['license_id']}: +{queries} queries, written to {output} "
+    console.print(f"voucher {env['body']['seq']} for license {env['body']['license_id']}: +{queries} queries, "
+                  f"written to {output} "
                   f"(redeem with `mlcapsule topup`)")
 
 

@@ -107,7 +107,8 @@ def _demo(workdir: Path, console: Console, BudgetExhaustedError: type[Exception]
     _step(console, 1, "Provider: train a classifier on scikit-learn's digits")
     model, info = digits_classifier(seed=0)
     x_test, y_test = info["x_test"], info["y_test"]
-    console.print(f"   MLP 64-64-10, held-out accuracy of the plain model: {info['accuracy']:.3f} on {len(y_test)} digits")
+    console.print(f"   MLP 64-64-10, held-out accuracy of the plain model: {info['accuracy']:.3f} "
+                  f"on {len(y_test)} digits")
 
     _step(console, 2, "Provider: create a signing key and pack the model into an encrypted capsule")
     key_path = workdir / "provider" / "provider-key.pem"
@@ -191,7 +192,8 @@ def _demo(workdir: Path, console: Console, BudgetExhaustedError: type[Exception]
         console.print(f"   backend {status['backend']}, hardening: " +
                       "; ".join(f"{k}: {v}" for k, v in status["hardening"].items()))
         console.print(f"   budget {lic['budget']}, answered {lic['answered']}, remaining {lic['remaining']}, "
-                      f"charged {lic['charged']} (lease {lic['lease_size']}), receipts pending {lic['receipts_pending']}, "
+                      f"charged {lic['charged']} (lease {lic['lease_size']}), "
+                      f"receipts pending {lic['receipts_pending']}, "
                       f"rollback protected: {'yes' if lic['rollback_protected'] else 'NO (software backend)'}")
 
         _step(console, 10, "Back online: the client uploads its signed usage receipts")

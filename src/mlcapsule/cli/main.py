@@ -54,7 +54,8 @@ def provider() -> None:
               help="Where to write the Ed25519 signing key [default: $MLCAPSULE_HOME/provider/provider-key.pem].")
 @click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False),
               help="Encrypt the key with the passphrase in this file (or set MLCAPSULE_PASSPHRASE).")
-@click.option("--force", is_flag=True, help="Replace an existing key (capsules signed with it can no longer be re-signed).")
+@click.option("--force", is_flag=True,
+              help="Replace an existing key (capsules signed with it can no longer be re-signed).")
 def provider_init(key_path: str | None, passphrase_file: str | None, force: bool) -> None:
     """Create the provider's signing key (mode 0600)."""
     from ..crypto.keys import generate_provider_key, key_id
@@ -160,7 +161,8 @@ def pack(model: str, output: str, key_path: str | None, passphrase_file: str | N
     m = res.manifest
     rt = m.runtime
     console.print(f"packed {res.capsule_path} (capsule {m.capsule_id} v{m.version}; ONNX Runtime: initializers "
-                  f"'{rt.initializers}', optimization '{rt.optimization}', prepacking {'on' if rt.prepacking else 'off'}, "
+                  f"'{rt.initializers}', optimization '{rt.optimization}', "
+                  f"prepacking {'on' if rt.prepacking else 'off'}, "
                   f"{'fastest correct' if not no_tune else 'first correct'} configuration, verified against plain "
                   "ONNX Runtime)")
     console.print(f"content key: {res.key_path} (mode 0600; keep it at the provider, never ship it)")
@@ -299,16 +301,18 @@ def inspect(capsule: str, as_json: bool, trust_file: str | None, unsafe_trust: b
     if m.preprocessing:
         t.add_row("preprocessing", json.dumps(m.preprocessing))
     if m.class_names:
-        shown = ", ".join(m.class_names[:10]) + (f", ... ({len(m.class_names)} classes)" if len(m.class_names) > 10 else "")
+        more = f", ... ({len(m.class_names)} classes)" if len(m.class_names) > 10 else ""
+        shown = ", ".join(m.class_names[:10]) + more
         t.add_row("classes", shown)
     t.add_row("architecture", "public (graph in the clear)" if m.public_architecture else "encrypted")
     p = m.policy
     t.add_row("default policy", f"budget {'unlimited' if p.budget is None else p.budget}, "
               f"expires {p.expires.isoformat() if p.expires else 'never'}, lease {p.lease_size}")
-    t.add_row("runtime", f"optimization {m.runtime.optimization}, prepacking {'on' if m.runtime.prepacking else 'off'}, "
-              f"initializers {m.runtime.initializers}")
-    for s in m.segments:
-        t.add_row(f"segment {s.index}", f"{s.name}: {s.length} bytes, {'encrypted' if s.encrypted else 'plaintext'}")
+    t.add_row("runtime", f"optimization {m.runtime.optimization}, "
+              f"prepacking {'on' if m.runtime.prepacking else 'off'}, initializers {m.runtime.initializers}")
+    for seg in m.segments:
+        t.add_row(f"segment {seg.index}",
+                  f"{seg.name}: {seg.length} bytes, {'encrypted' if seg.encrypted else 'plaintext'}")
     console.print(t)
 
 
@@ -351,7 +355,7 @@ def _print_predictions(first: Any, manifest: Any, out: str | None, top_k: int,
     if sources:
         labels = [(name, i) for name, n in sources for i in range(n)]
         if len(labels) == len(rows):
-            rows = [{"input": name, "row": i, **r} for (name, i), r in zip(labels, rows)]
+            rows = [{"input": name, "row": i, **r} for (name, i), r in zip(labels, rows, strict=True)]
     _print_json(rows)
 
 
@@ -479,7 +483,8 @@ def run(capsule: str, inputs: tuple[str, ...], unsafe_dev_key: str, output: str 
     raw = _load_trusted(trust_file)
     trust = TrustProviderKey(raw) if raw is not None else UnsafeTrustManifestKey()
     err_console.print("[yellow]warning:[/] --unsafe-dev-key bypasses the license: for development and tests only"
-                      + ("" if raw is not None else "; the capsule's provider key is not checked (pass --trust KEY.pub)"),
+                      + ("" if raw is not None
+                         else "; the capsule's provider key is not checked (pass --trust KEY.pub)"),
                       soft_wrap=True)
     with open_capsule(capsule, trust=trust, unsafe_dev_key=unsafe_dev_key, state_dir=state_dir,
                       memory_limit_mb=memory_limit) as cap:
@@ -505,12 +510,13 @@ def _load_inputs_with_sources(inputs: tuple[str, ...], manifest: Any) -> tuple[A
     fixed = bool(spec.shape) and isinstance(spec.shape[0], int) and spec.shape[0] > 0
     if len(paths) == 1 or fixed:
         x = load_inputs(paths, prep, spec.shape)
-        return x.astype(spec.dtype, copy=False), ([(str(paths[0]), int(x.shape[0]))] if len(paths) == 1 and x.ndim else [])
+        sources = [(str(paths[0]), int(x.shape[0]))] if len(paths) == 1 and x.ndim else []
+        return x.astype(spec.dtype, copy=False), sources
     parts = [load_inputs([p], prep, spec.shape) for p in paths]
     if len({p.shape[1:] for p in parts}) > 1:
         load_inputs(paths, prep, spec.shape)  # raises the error that names each file's shape
     x = np.concatenate(parts, axis=0)
-    return x.astype(spec.dtype, copy=False), [(str(p), int(a.shape[0])) for p, a in zip(paths, parts)]
+    return x.astype(spec.dtype, copy=False), [(str(p), int(a.shape[0])) for p, a in zip(paths, parts, strict=True)]
 
 
 _token_option = click.option("--token", envvar="MLCAPSULE_TOKEN", required=True,
@@ -649,7 +655,8 @@ def sync(capsule: str, token: str, server: str | None, state_dir: str | None, tr
             raise NotProvisionedError(f"{capsule} is not set up on this device")
         _remember_pin(pin, trust)
         ack = cap.sync(token=token, server=server)
-    console.print(f"usage uploaded: receipts up to {ack['seq']}, {ack['answered']} queries answered, {ack['charged']} charged")
+    console.print(f"usage uploaded: receipts up to {ack['seq']}, {ack['answered']} queries answered, "
+                  f"{ack['charged']} charged")
 
 
 @cli.command()
@@ -706,7 +713,8 @@ def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | Non
         t = Table(show_header=False, box=None)
         for k in ("license_id", "device_id", "budget", "charged", "answered", "remaining", "lease_size", "expires",
                   "vouchers_redeemed", "receipts_pending", "rollbacks_detected"):
-            t.add_row(k.replace("_", " "), "unlimited" if lic[k] is None and k in ("budget", "remaining") else str(lic[k]))
+            shown = "unlimited" if lic[k] is None and k in ("budget", "remaining") else str(lic[k])
+            t.add_row(k.replace("_", " "), shown)
         console.print(t)
         if not lic["rollback_protected"]:
             console.print("[yellow]note:[/] on this backend, restoring an old copy of the sealed state is NOT detected")
@@ -715,7 +723,8 @@ def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | Non
 
 
 @cli.command()
-@click.option("--workdir", type=click.Path(file_okay=False), help="Keep the demo's files here [default: a temp folder].")
+@click.option("--workdir", type=click.Path(file_okay=False),
+              help="Keep the demo's files here [default: a temp folder].")
 def demo(workdir: str | None) -> None:
     """The end-to-end demo on scikit-learn's digits."""
     from .demo import run_demo
@@ -726,12 +735,15 @@ def demo(workdir: str | None) -> None:
 @cli.command()
 @click.option("--suite", "suites", multiple=True, type=click.Choice(["dense", "conv", "networks", "fixed", "tpm"]),
               help="Run only this suite (repeatable) [default: all].")
-@click.option("--quick", is_flag=True, help="Small models, few repetitions: a smoke run (results go to benchmarks/results/quick).")
-@click.option("--threads", type=click.IntRange(1), help="Intra-op threads for plain ORT and the capsule [default: CPUs].")
+@click.option("--quick", is_flag=True,
+              help="Small models, few repetitions: a smoke run (results go to benchmarks/results/quick).")
+@click.option("--threads", type=click.IntRange(1),
+              help="Intra-op threads for plain ORT and the capsule [default: CPUs].")
 @click.option("--results", "results_dir", type=click.Path(file_okay=False),
               help="Where the JSON results go [default: benchmarks/results].")
 @click.option("--markdown", type=click.Path(dir_okay=False), help="The report to write [default: BENCHMARKS.md].")
-@click.option("--workdir", type=click.Path(file_okay=False), help="Keep the models and capsules here [default: a temp folder].")
+@click.option("--workdir", type=click.Path(file_okay=False),
+              help="Keep the models and capsules here [default: a temp folder].")
 def bench(suites: tuple[str, ...], quick: bool, threads: int | None, results_dir: str | None, markdown: str | None,
           workdir: str | None) -> None:
     """Benchmark capsules against plain ONNX Runtime and the MLCapsule paper; writes BENCHMARKS.md.
@@ -802,7 +814,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MLCAPSULE_DEBUG"):
             raise
         err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} "
-                          "(this is a bug; re-run with MLCAPSULE_DEBUG=1 for a traceback and report it)", soft_wrap=True)
+                          "(this is a bug; re-run with MLCAPSULE_DEBUG=1 for a traceback and report it)",
+                          soft_wrap=True)
         return 1
     return 0
 
