@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from sqlalchemy import delete, exc as sa_exc, func, select, update
+from sqlalchemy import CursorResult, delete, exc as sa_exc, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .._util import b64d
@@ -294,8 +294,10 @@ class ProviderService:
                                    "and capsule)")
             if row.expires_at <= now:
                 raise NonceExpired(f"the challenge nonce expired at {row.expires_at.isoformat()}")
-            marked = s.execute(update(Nonce).where(Nonce.nonce == nonce, Nonce.used_at.is_(None))
-                               .values(used_at=now).execution_options(synchronize_session=False))
+            # An UPDATE's result is a CursorResult (it has rowcount); Session.execute is typed as Result.
+            marked = cast(CursorResult[Any],
+                          s.execute(update(Nonce).where(Nonce.nonce == nonce, Nonce.used_at.is_(None))
+                                    .values(used_at=now).execution_options(synchronize_session=False)))
             if marked.rowcount != 1:
                 raise NonceReplayed("the challenge nonce was already used")
         # The nonce is spent now, whatever happens next.
@@ -365,12 +367,13 @@ class ProviderService:
             return head
         rollbacks = sum(1 for e in entries if e["body"]["kind"] == "rollback")
         with self._tx() as s:
-            res = s.execute(update(Device)
-                            .where(Device.id == dev_pk, Device.head_seq == head.seq, Device.head_hash == head.hash)
-                            .values(head_seq=new.seq, head_hash=new.hash, charged=max(new.charged, head.charged),
-                                    answered=max(new.answered, head.answered), last_sync=now,
-                                    rollbacks=Device.rollbacks + rollbacks, forks=Device.forks + int(forked))
-                            .execution_options(synchronize_session=False))
+            res = cast(CursorResult[Any], s.execute(
+                update(Device)
+                .where(Device.id == dev_pk, Device.head_seq == head.seq, Device.head_hash == head.hash)
+                .values(head_seq=new.seq, head_hash=new.hash, charged=max(new.charged, head.charged),
+                        answered=max(new.answered, head.answered), last_sync=now,
+                        rollbacks=Device.rollbacks + rollbacks, forks=Device.forks + int(forked))
+                .execution_options(synchronize_session=False)))
             if res.rowcount != 1:
                 raise ChainConflict("another upload for this device changed the chain meanwhile; upload again")
         return new
@@ -596,7 +599,8 @@ class ProviderService:
         """Registered capsule versions, with how many grants and devices each has."""
         with self._tx() as s:
             grants = dict(s.execute(select(Grant.capsule_pk, func.count(Grant.id)).group_by(Grant.capsule_pk)).all())
-            devices = dict(s.execute(select(Grant.capsule_pk, func.count(Device.id)).join(Device, Device.grant_id == Grant.id)
+            devices = dict(s.execute(select(Grant.capsule_pk, func.count(Device.id))
+                                     .join(Device, Device.grant_id == Grant.id)
                                      .group_by(Grant.capsule_pk)).all())
             caps = s.scalars(select(Capsule).order_by(Capsule.name, Capsule.version)).all()
             return [{"name": c.name, "capsule_id": c.capsule_id, "version": c.version, "lease_size": c.lease_size,

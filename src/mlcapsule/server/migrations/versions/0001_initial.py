@@ -1,7 +1,7 @@
 """initial schema (mlcapsule 0.1.0)
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-23
 
 The schema of mlcapsule 0.1.0, which created its tables with ``create_all``: a database made
