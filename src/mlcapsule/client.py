@@ -42,7 +42,8 @@ class Capsule:
     license signed by the manifest's key (docs/design.md, "Trust decisions").
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, trust: Trust, unsafe_dev_key: str | os.PathLike[str] | None = None,
+    def __init__(self, path: str | os.PathLike[str], *, trust: Trust,
+                 unsafe_dev_key: str | os.PathLike[str] | None = None,
                  state_dir: str | os.PathLike[str] | None = None, backend: str | None = None,
                  platform_dir: str | os.PathLike[str] | None = None, threads: int | None = None,
                  tcti: str | None = None,
@@ -217,7 +218,7 @@ class Capsule:
             prepared[spec.name] = np.asarray(feeds[spec.name], dtype=spec.dtype, order="C")
         # The fast path: a binary frame, positional, large tensors through shared memory.
         outputs = self._enclave.infer(list(prepared.values()))
-        return {spec.name: out for spec, out in zip(self.manifest.outputs, outputs)}
+        return {spec.name: out for spec, out in zip(self.manifest.outputs, outputs, strict=False)}
 
     def predict(self, x: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
         """The model's first output for a batch ``x`` (or a dict of inputs)."""

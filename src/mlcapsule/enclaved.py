@@ -166,7 +166,8 @@ def _request(sock: socket.socket, msg: dict[str, Any], fds: list[int]) -> tuple[
     except ValueError as e:
         raise EnclaveError("the enclave service sent a malformed reply") from e
     if reply is None:
-        raise EnclaveError("the enclave service closed the connection", hint="see its log (journalctl -u mlcapsule-enclaved)")
+        raise EnclaveError("the enclave service closed the connection",
+                           hint="see its log (journalctl -u mlcapsule-enclaved)")
     if "error" in reply:
         for fd in got:
             os.close(fd)
@@ -417,7 +418,8 @@ def run_service(config: ServiceConfig) -> None:
 
 # -- installation ----------------------------------------------------------------------------------
 def unit_text(*, user: str, base_dir: Path, socket_path: Path, backend: str, tcti: str | None) -> str:
-    exe = f"{sys.executable} -I -m mlcapsule enclaved run --socket {socket_path} --state-dir {base_dir} --backend {backend}"
+    exe = (f"{sys.executable} -I -m mlcapsule enclaved run --socket {socket_path} --state-dir {base_dir} "
+           f"--backend {backend}")
     if tcti:
         exe += f" --tcti {tcti}"
     return f"""[Unit]

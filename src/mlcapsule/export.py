@@ -127,14 +127,14 @@ def keep_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
             needed.update(_captured_names(node))
     keep_nodes.reverse()
     nodes = [onnx.NodeProto() for _ in keep_nodes]
-    for dst, src in zip(nodes, keep_nodes):
+    for dst, src in zip(nodes, keep_nodes, strict=True):
         dst.CopyFrom(src)
     del graph.node[:]
     graph.node.extend(nodes)
     inits = [t for t in graph.initializer if t.name in needed]
     if len(inits) != len(graph.initializer):
         kept = [onnx.TensorProto() for _ in inits]
-        for dst, src in zip(kept, inits):
+        for dst, src in zip(kept, inits, strict=True):
             dst.CopyFrom(src)
         del graph.initializer[:]
         graph.initializer.extend(kept)

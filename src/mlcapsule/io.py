@@ -256,7 +256,7 @@ def load_inputs(
         shapes = {p.shape[1:] for p in parts}
         if len(shapes) > 1:
             raise InputError("the input files hold samples of different shapes: "
-                             + ", ".join(f"{Path(p)} {_fmt(a.shape[1:])}" for p, a in zip(paths, parts)))
+                             + ", ".join(f"{Path(p)} {_fmt(a.shape[1:])}" for p, a in zip(paths, parts, strict=True)))
         batch = np.concatenate(parts, axis=0)
     if shape and shape[0] is not None and batch.shape[0] != shape[0]:
         raise InputError(
@@ -306,7 +306,7 @@ def _fit(arr: np.ndarray, input_shape: Sequence[int | str | None], path: Path) -
     sample = shape[1:]
 
     def fits(a: np.ndarray) -> bool:
-        return a.ndim == rank and all(d is None or d == n for d, n in zip(sample, a.shape[1:]))
+        return a.ndim == rank and all(d is None or d == n for d, n in zip(sample, a.shape[1:], strict=True))
 
     candidates = [arr]
     if rank >= 1 and arr.ndim == rank - 1:  # one sample
@@ -673,7 +673,8 @@ def check_output_path(path: str | Path) -> Path:
     if path.is_dir():
         raise UsageError(f"{path}: is a folder", hint="nothing was charged; give a file name")
     if not os.access(parent, os.W_OK):
-        raise UsageError(f"{path}: the folder {parent} is not writable", hint="nothing was charged; write somewhere else")
+        raise UsageError(f"{path}: the folder {parent} is not writable",
+                         hint="nothing was charged; write somewhere else")
     return path
 
 

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from .runtime.split import SplitModel, split_model
 
 Progress = Callable[[str, int, int], None]
 
-_ONNX_TO_NAME = {
+_ONNX_TO_NAME: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64", onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT8: "int8",
     onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool", onnx.TensorProto.STRING: "string",
@@ -104,7 +105,7 @@ def sample_feeds(inputs: Sequence[TensorSpec], *, batch: int = 2, seed: int = 0)
 def outputs_match(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], *, rtol: float = 1e-5) -> bool:
     if len(ref) != len(got):
         return False
-    for a, b in zip(ref, got):
+    for a, b in zip(ref, got, strict=True):
         a, b = np.asarray(a), np.asarray(b)
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
@@ -191,7 +192,7 @@ def choose_runtime(model: onnx.ModelProto, split: SplitModel, inputs: Sequence[T
                     best = (cfg, rm, record)
                     continue
                 b_cfg, b_rm, b_rec = best
-                secs = _best_seconds({b_cfg: lambda m=b_rm: m.run(timing_feeds), cfg: lambda m=rm: m.run(timing_feeds)})
+                secs = _best_seconds({b_cfg: partial(b_rm.run, timing_feeds), cfg: partial(rm.run, timing_feeds)})
                 record["seconds"] = secs[cfg]
                 b_rec["seconds"] = min(b_rec.get("seconds", float("inf")), secs[b_cfg])
                 if score(cfg, secs[cfg]) * (1 + RUNTIME_TIE) < score(b_cfg, secs[b_cfg]):

@@ -34,7 +34,8 @@ def _check_private_file(path: Path) -> None:
         )
 
 
-def generate_provider_key(path: str | os.PathLike[str], *, passphrase: bytes | None = None, overwrite: bool = False) -> Ed25519PublicKey:
+def generate_provider_key(path: str | os.PathLike[str], *, passphrase: bytes | None = None,
+                          overwrite: bool = False) -> Ed25519PublicKey:
     path = Path(path)
     if path.exists() and not overwrite:
         raise UsageError(f"{path} already exists", hint="choose another path, or pass --force to replace it")

@@ -84,7 +84,7 @@ class CapsuleFile:
             self.path = Path(f"/proc/self/fd/{path}")
             self._fd = os.dup(path)
             os.set_inheritable(self._fd, False)
-            self._mmap = None
+            self._mmap: mmap.mmap | None = None
             try:
                 self._open(trust)
             except BaseException:
@@ -98,7 +98,7 @@ class CapsuleFile:
             raise FormatError(f"no capsule at {self.path}", hint="check the path") from e
         except IsADirectoryError as e:
             raise FormatError(f"{self.path} is a directory, not a capsule", hint="check the path") from e
-        self._mmap: mmap.mmap | None = None
+        self._mmap = None
         try:
             self._open(trust)
         except BaseException:
@@ -182,7 +182,8 @@ class SegmentWriter:
     def file(self) -> BinaryIO:
         return self._f
 
-    def end(self, name: str, start: int, h: hashlib._Hash, *, encrypted: bool, plain_length: int, chunk_size: int) -> SegmentInfo:
+    def end(self, name: str, start: int, h: hashlib._Hash, *, encrypted: bool, plain_length: int,
+            chunk_size: int) -> SegmentInfo:
         seg = SegmentInfo(index=len(self.segments), name=name, encrypted=encrypted, offset=start,
                           length=self._f.tell() - start, plain_length=plain_length, chunk_size=chunk_size,
                           sha256=h.hexdigest())

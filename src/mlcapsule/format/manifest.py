@@ -87,7 +87,8 @@ class TensorSpec:
         if len(shape) > 16:
             raise FormatError(f"manifest: {where}.shape has too many dimensions")
         for s in shape:
-            if not (s is None or (isinstance(s, int) and not isinstance(s, bool) and s >= 0) or (isinstance(s, str) and len(s) < 64)):
+            if not (s is None or (isinstance(s, int) and not isinstance(s, bool) and s >= 0)
+                    or (isinstance(s, str) and len(s) < 64)):
                 raise FormatError(f"manifest: {where}.shape has a bad dimension")
         return cls(name, dtype, tuple(shape))
 
@@ -299,7 +300,8 @@ class Manifest:
             capsule_id=cid,
             version=version,
             name=_str(_req(d, "name", str, "manifest"), "name"),
-            description=_str(d.get("description") or "", "description", 4096) if isinstance(d.get("description", ""), str) else "",
+            description=(_str(d.get("description") or "", "description", 4096)
+                         if isinstance(d.get("description", ""), str) else ""),
             created=created,
             provider_key=pkey,
             provider_name=_str(_req(prov, "name", str, "provider"), "provider.name"),

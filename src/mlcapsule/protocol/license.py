@@ -66,7 +66,8 @@ class License:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError("the license is malformed") from e
-        if len(lic.receipt_key) != 32 or (lic.budget is not None and lic.budget < 0) or not 1 <= lic.lease_size <= 1_000_000:
+        if (len(lic.receipt_key) != 32 or (lic.budget is not None and lic.budget < 0)
+                or not 1 <= lic.lease_size <= 1_000_000):
             raise FormatError("the license is malformed")
         return lic
 
