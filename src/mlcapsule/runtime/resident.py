@@ -1,7 +1,8 @@
 """Resident mode: the whole model decrypted once, straight into one buffer, served by ONNX Runtime.
 
-Enclave side. ``add_initializer`` hands ORT a view of the decrypted buffer without copying it.
-The ORT session options that matter (see docs/design.md, "Runtime"):
+Enclave side. The buffer is a :func:`.weights.mapped_buffer` that the
+:class:`.weights.WeightReader` fills; ``add_initializer`` hands ORT a view of it without copying
+it. The ORT session options that matter (see docs/design.md, "Runtime"):
 
 * ``session.model_external_initializers_file_folder_path`` points ORT at a private folder that
   holds an *empty* placeholder file, which satisfies ORT's check that the external-data file
@@ -31,6 +32,11 @@ from onnx import TensorProto
 from ..errors import FormatError, InputError, MlcapsuleError
 from ..format.manifest import RuntimeConfig
 from .split import PLACEHOLDER
+from .weights import (
+    BUFFER_ALIGN as BUFFER_ALIGN,  # the buffers live in .weights; re-exported here
+    aligned_empty as aligned_empty,
+    mapped_buffer as mapped_buffer,
+)
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -38,34 +44,6 @@ _LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-BUFFER_ALIGN = 64
-
-
-def aligned_empty(nbytes: int) -> np.ndarray:
-    """An uninitialised uint8 buffer whose data pointer is 64-byte aligned."""
-    raw = np.empty(nbytes + BUFFER_ALIGN, dtype=np.uint8)
-    shift = (-raw.ctypes.data) % BUFFER_ALIGN
-    return raw[shift:shift + nbytes]
-
-
-def mapped_buffer(nbytes: int) -> np.ndarray:
-    """A zeroed uint8 buffer of its own anonymous mapping (page-aligned), populated up front.
-
-    For the large buffers the enclave fills once (resident weights, the streaming scratch):
-    ``MAP_POPULATE`` faults all pages in with one call, several times faster on this VM than a
-    page fault at a time while decrypting, and ``munmap`` gives the memory back to the system
-    as soon as the last view of the buffer is gone (a large ``malloc`` may stay in the heap).
-    """
-    import mmap
-
-    if nbytes == 0:
-        return np.empty(0, dtype=np.uint8)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    try:
-        mm = mmap.mmap(-1, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    except (OSError, ValueError):
-        return aligned_empty(nbytes)
-    return np.frombuffer(mm, dtype=np.uint8)  # the array keeps the mapping alive
 
 
 def ensure_placeholder(folder: Path) -> None:
