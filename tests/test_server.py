@@ -31,7 +31,7 @@ from mlcapsule.protocol.license import verify_license
 from mlcapsule.protocol.receipts import GENESIS, entry_hash, verify_ack
 from mlcapsule.protocol.setup import open_payload
 from mlcapsule.protocol.voucher import verify_voucher
-from mlcapsule.server.client import ProviderClient
+from mlcapsule.provider_client import ProviderClient
 from mlcapsule.server.db import Account, Device, Nonce
 from mlcapsule.server.settings import ServerSettings
 

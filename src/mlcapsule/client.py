@@ -107,7 +107,7 @@ class Capsule:
         starts from nothing. Every segment of the capsule is checked against the signed
         manifest before the server is asked for anything, so a damaged file uses no device slot.
         """
-        from .server.client import ProviderClient
+        from .provider_client import ProviderClient
 
         url = self._server_url(server)
         m = self.manifest
@@ -189,7 +189,7 @@ class Capsule:
 
     def sync(self, *, token: str, server: str | None = None) -> dict[str, Any]:
         """Upload the signed usage receipts to the provider (when online)."""
-        from .server.client import ProviderClient
+        from .provider_client import ProviderClient
 
         url = self._server_url(server)
         report = self._enclave.call("usage_report")

@@ -96,7 +96,7 @@ def _demo(workdir: Path, console: Console, BudgetExhaustedError: type[Exception]
     from ..format.manifest import Policy
     from ..models import digits_classifier
     from ..server.app import create_app
-    from ..server.client import ProviderClient
+    from ..provider_client import ProviderClient
     from ..server.settings import ServerSettings
     from .main import SOFTWARE_WARNING
 

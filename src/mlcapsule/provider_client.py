@@ -1,5 +1,8 @@
 """The client's side of the provider API: :class:`ProviderClient` (httpx, synchronous).
 
+The client machine's HTTP transport: outside the enclave (it is untrusted host code, like
+:mod:`mlcapsule.enclave.host`) and outside the server package, which the client does not need.
+
 Errors come back as the exception class the server named (``{"error": {"type": ...}}``), with
 the server's message and hint, and the HTTP status in ``exc.status_code``. A server that cannot
 be reached raises :class:`~mlcapsule.errors.TransportError` naming the URL.
@@ -14,9 +17,9 @@ from typing import Any
 
 import httpx
 
-from .. import __version__, errors as E
-from .._util import b64d, b64e
-from ..protocol.receipts import USAGE_PROTOCOL
+from . import __version__, errors as E
+from ._util import b64d, b64e
+from .protocol.receipts import USAGE_PROTOCOL
 
 API = "/v1"
 
