@@ -155,7 +155,7 @@ def copy_packed(p: Packed, dest_dir: Path, name: str | None = None) -> Packed:
 
 @pytest.fixture(scope="session")
 def mlp_model() -> onnx.ModelProto:
-    from mlcapsule import models
+    from mlcapsule.demo import models
 
     # 16 -> 64 -> 32 -> 5: about 13 KB of float32 weights (4 chunks at chunk_size=4096).
     return models.mlp(16, [64, 32], 5, seed=1)
@@ -183,7 +183,7 @@ def capsule_copy(tmp_path: Path, mlp_capsule: Packed) -> Packed:
 
 @pytest.fixture(scope="session")
 def mobilenet_model() -> onnx.ModelProto:
-    from mlcapsule import models
+    from mlcapsule.demo import models
 
     return models.mobilenet_v2(num_classes=1000, image_size=224, seed=0)
 

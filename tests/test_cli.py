@@ -54,7 +54,7 @@ def provider(tmp_path_factory: pytest.TempPathFactory, run_cli: RunCli) -> dict[
 
 @pytest.fixture(scope="module")
 def mlp_files(tmp_path_factory: pytest.TempPathFactory, run_cli: RunCli, provider: dict[str, Path]) -> dict[str, Any]:
-    from mlcapsule import models
+    from mlcapsule.demo import models
 
     d = tmp_path_factory.mktemp("cli-mlp")
     model = models.mlp(16, [32], len(CLASSES), seed=4)

@@ -70,7 +70,7 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 def digits(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     import onnx
 
-    from mlcapsule.models import digits_classifier
+    from mlcapsule.demo.models import digits_classifier
 
     model, info = digits_classifier(seed=1)
     d = tmp_path_factory.mktemp("digits")
@@ -161,7 +161,7 @@ def test_run_on_a_capsule_packed_without_preprocessing(tmp_path: Path) -> None:
     import onnx
     import onnxruntime as ort
 
-    from mlcapsule.models import mlp
+    from mlcapsule.demo.models import mlp
 
     cli = CLI(tmp_path / "home")
     model = mlp(16, [32], 4, seed=3)

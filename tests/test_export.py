@@ -47,7 +47,7 @@ def test_importing_export_does_not_import_torch_or_sklearn() -> None:
     import subprocess
 
     code = (
-        "import sys, mlcapsule.export, mlcapsule.models, mlcapsule.io\n"
+        "import sys, mlcapsule.export, mlcapsule.demo.models, mlcapsule.io\n"
         "bad = [m for m in ('torch', 'sklearn', 'skl2onnx', 'PIL') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -11,7 +11,7 @@ import pytest
 from onnx import numpy_helper
 from PIL import Image
 
-from mlcapsule import models
+from mlcapsule.demo import models
 from mlcapsule.errors import UsageError
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from mlcapsule import models, packer
+from mlcapsule import packer
+from mlcapsule.demo import models
 from mlcapsule.runtime.split import split_model
 
 

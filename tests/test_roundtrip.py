@@ -77,7 +77,7 @@ def test_mobilenet_v2_batch_2_matches_plain_onnxruntime(tmp_path: Path, mobilene
 
 
 def test_conv_layer_matches_plain_onnxruntime(tmp_path: Path, provider_key: ProviderKey) -> None:
-    from mlcapsule import models
+    from mlcapsule.demo import models
 
     model = models.conv_layer(16, 20, depthwise_separable=True, seed=3)
     packed = pack_model(model, tmp_path / "conv.capsule", provider_key)
@@ -128,7 +128,7 @@ def test_public_architecture_leaves_graph_in_clear_and_outputs_unchanged(tmp_pat
 
 
 def test_public_architecture_cnn_outputs_unchanged(tmp_path: Path, provider_key: ProviderKey) -> None:
-    from mlcapsule import models
+    from mlcapsule.demo import models
 
     model = models.conv_layer(8, 12, seed=5)
     packed = pack_model(model, tmp_path / "public-conv.capsule", provider_key, public_architecture=True)

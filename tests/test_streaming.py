@@ -17,7 +17,7 @@ import pytest
 from conftest import Packed, ProviderKey, assert_matches_reference, pack_model, plain_ort
 from onnx import TensorProto, helper, numpy_helper
 
-from mlcapsule import models
+from mlcapsule.demo import models
 from mlcapsule.errors import InputError, UsageError
 
 MiB = 1 << 20

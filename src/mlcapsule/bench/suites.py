@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import models
+from ..demo import models
 from ..errors import UsageError
 from . import paper
 from ._common import (

@@ -91,12 +91,12 @@ def _demo(workdir: Path, console: Console, BudgetExhaustedError: type[Exception]
     import mlcapsule
 
     from ..crypto.keys import generate_provider_key
+    from ..demo.models import digits_classifier
     from ..enclave.measurement import measurement
     from ..errors import TransportError
     from ..format.manifest import Policy
-    from ..models import digits_classifier
-    from ..server.app import create_app
     from ..provider_client import ProviderClient
+    from ..server.app import create_app
     from ..server.settings import ServerSettings
     from .main import SOFTWARE_WARNING
 
