@@ -34,8 +34,20 @@ import numpy as np
 import onnx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import settings
 
 from mlcapsule.crypto.keys import generate_provider_key, load_provider_key, raw_public
+
+# -- hypothesis profiles ------------------------------------------------------------------------
+# "ci" (the default, and always when CI=true): derandomized, so every run tries the same examples
+# and CI never turns red on an unlucky seed. "dev" (HYPOTHESIS_PROFILE=dev): a fresh random seed
+# every run and more examples, to hunt for bugs locally. Loaded here, before any test module is
+# imported, so a test's own @settings(...) inherit derandomize from the profile (none sets it).
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", max_examples=2000, derandomize=False, deadline=None)
+HYPOTHESIS_PROFILE = ("ci" if os.environ.get("CI", "").lower() == "true"
+                      else os.environ.get("HYPOTHESIS_PROFILE") or "ci")
+settings.load_profile(HYPOTHESIS_PROFILE)
 
 # -- paths --------------------------------------------------------------------------------------
 REPO = Path(__file__).resolve().parent.parent

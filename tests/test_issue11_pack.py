@@ -75,7 +75,7 @@ _preps = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prep=_preps, n_classes=st.one_of(st.none(), st.integers(1, 12)))
 def test_whatever_pack_accepts_the_loader_accepts(tmp_path, key, prep, n_classes):
     classes = [f"c{i}" for i in range(n_classes)] if n_classes else None

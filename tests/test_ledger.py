@@ -259,10 +259,11 @@ class LedgerMachine(RuleBasedStateMachine):
 
 
 def test_ledger_stateful() -> None:
-    """Thousands of schedules in seconds (CI: the same schedules every run)."""
+    """Thousands of schedules in seconds. The hypothesis profile (tests/conftest.py) decides the rest:
+    "ci", the same schedules every run; "dev" (HYPOTHESIS_PROFILE=dev), fresh random ones, and more."""
     run_state_machine_as_test(LedgerMachine, settings=settings(
-        max_examples=int(os.environ.get("MLCAPSULE_LEDGER_EXAMPLES", "1000")), stateful_step_count=40,
-        deadline=None, derandomize=os.environ.get("MLCAPSULE_HYPOTHESIS_RANDOM") is None, suppress_health_check=list(HealthCheck)))
+        max_examples=max(1000, settings.default.max_examples), stateful_step_count=40,
+        deadline=None, suppress_health_check=list(HealthCheck)))
 
 
 # -- targeted schedules -----------------------------------------------------------------------------

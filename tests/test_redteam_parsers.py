@@ -11,7 +11,8 @@ Each test is named after the attack or defect it stops, and failed on the code b
 * the worker created the platform folder 0755;
 * a 0-d input could not go through ``Capsule.run``.
 
-The fuzz tests are derandomized (``@settings(derandomize=True)``): the same examples every run.
+The fuzz tests are derandomized by the "ci" hypothesis profile (tests/conftest.py): the same
+examples every run (``HYPOTHESIS_PROFILE=dev`` for fresh random ones).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from mlcapsule.protocol.license import License
 from mlcapsule.protocol.receipts import GENESIS, ChainHead, entry_hash, make_entry, verify_chain
 from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
-FIXED = settings(derandomize=True, max_examples=300, deadline=None,
+FIXED = settings(max_examples=300, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 #: Values of every JSON type (and bool, which Python counts as an int).

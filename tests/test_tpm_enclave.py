@@ -413,7 +413,8 @@ def test_rollback_stateful(tmp_path, provider, swtpm, tpm_policy) -> None:  # no
             self.backend.inner.close()
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    # derandomize: the same schedules on every run, so CI is stable (the coverage check below too).
+    # The "ci" hypothesis profile (tests/conftest.py) derandomizes: the same schedules on every run,
+    # so CI is stable (the coverage check below too).
     run_state_machine_as_test(Machine, settings=settings(max_examples=30, stateful_step_count=16, deadline=None,
-                                                         derandomize=True, suppress_health_check=list(HealthCheck)))
+                                                         suppress_health_check=list(HealthCheck)))
     assert seen["rollbacks"] and seen["power_cuts"], seen  # the schedules did exercise both paths
