@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: system packages, its own venv, then pytest.
+# The whole test suite: system packages, its own venv, then ruff and mypy on src/ (the rules are in
+# pyproject.toml; either failing fails the run), then pytest.
 #   bash scripts/test.sh [pytest args]
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 # PostgreSQL: the server's tests run against a real throwaway server as well as SQLite.
@@ -11,4 +12,8 @@ apt_install swtpm swtpm-tools libtss2-dev pkg-config gcc
 apt_install acl
 MLCAPSULE_WITH_TORCH=1 make_venv "sklearn,server,torch,test,tpm"
 cd "$ROOT"
+echo "[lint] ruff check src/" >&2
+"$VENV/bin/python" -m ruff check src/
+echo "[types] mypy src/" >&2
+"$VENV/bin/python" -m mypy src/
 exec "$VENV/bin/python" -m pytest "$@"
