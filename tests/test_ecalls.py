@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from provider_sim import Provider, b64
 
 from mlcapsule.enclave import ecalls
-from mlcapsule.enclave.host import EnclaveProcess
+from mlcapsule.host import EnclaveProcess
 from mlcapsule.errors import NotProvisionedError, ProtocolError
 
 EXAMPLE = {

@@ -24,7 +24,7 @@ from mlcapsule._util import b64d
 from mlcapsule.crypto.keys import ed25519_public_from_raw
 from mlcapsule.enclave.backends.software import SoftwareBackend
 from mlcapsule.enclave.core import EnclaveCore
-from mlcapsule.enclave.host import EnclaveProcess
+from mlcapsule.host import EnclaveProcess
 from mlcapsule.enclave.state import STATE_FILE
 from mlcapsule.errors import (BudgetExhaustedError, FormatError, IntegrityError, LicenseExpiredError,
                               NotProvisionedError, RollbackError)

@@ -269,7 +269,7 @@ def test_capsule_round_trip_passes_large_tensors_through_shared_memory(tmp_path:
 
 
 def test_without_shared_memory_tensors_travel_inline(tmp_path: Path, doubler: Packed) -> None:
-    from mlcapsule.enclave.host import EnclaveProcess
+    from mlcapsule.host import EnclaveProcess
 
     x = np.ones((2, 50_000), np.float32)
     with EnclaveProcess(doubler.path, state_dir=tmp_path / "s", dev_key=doubler.key_path, shared_memory=False) as e:

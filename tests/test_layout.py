@@ -144,3 +144,56 @@ def test_the_client_http_transport_is_outside_the_server_package() -> None:
             "if m.startswith('mlcapsule.server') or m in ('fastapi', 'sqlalchemy')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# -- the trust boundary ---------------------------------------------------------------------------
+def _all_imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports too), as absolute names."""
+    tree = ast.parse(path.read_text())
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    package = ".".join(rel.parts[:-1])
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)
+    return out
+
+
+def test_the_measurement_covers_exactly_the_trusted_code_and_it_imports_nothing_untrusted() -> None:
+    """Every file the measurement hashes, and only those, is trusted code; none of it imports a
+    module of ours outside the measured set, nor a third-party package that is not pinned into
+    the measurement (or the tpm backend's library)."""
+    import sys
+
+    from mlcapsule.enclave.measurement import PACKAGE_ROOT, PINNED, TCB, tcb_files
+
+    files = tcb_files()
+    measured = {f.relative_to(PACKAGE_ROOT).as_posix() for f in files}
+    expected = set()
+    for part in TCB:
+        p = PACKAGE_ROOT / part
+        expected |= {f.relative_to(PACKAGE_ROOT).as_posix() for f in (p.rglob("*.py") if p.is_dir() else [p])}
+    assert measured == expected  # no exclusion list: whole directories
+    assert "host.py" not in measured and not any(m.startswith(("server/", "cli/")) for m in measured)
+    ours = {("mlcapsule/" + m)[:-3].replace("/", ".").removesuffix(".__init__") for m in measured}
+    allowed_third_party = {d.replace("-", "_") for d in PINNED} | {"tpm2_pytss"}
+    stdlib = set(sys.stdlib_module_names)
+    bad = []
+    for f in files:
+        for mod in _all_imports(f):
+            top = mod.split(".")[0]
+            if top == "mlcapsule":
+                # a name imported from a module (``from .x import Y``) may be an attribute, not a module
+                if not any(mod == o or mod.startswith(o + ".") for o in ours) and mod not in {"mlcapsule"}:
+                    bad.append(f"{f.relative_to(PACKAGE_ROOT)} imports {mod}")
+            elif top not in stdlib and top not in allowed_third_party and top != "__future__":
+                bad.append(f"{f.relative_to(PACKAGE_ROOT)} imports third-party {top}")
+    assert not bad, "\n".join(sorted(set(bad)))

@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 import mlcapsule
 from mlcapsule.crypto.keys import ContentKey
 from mlcapsule.enclave import protocol
-from mlcapsule.enclave.host import EnclaveProcess
+from mlcapsule.host import EnclaveProcess
 from mlcapsule.errors import ProtocolError
 
 SECRET_NAMES = ["zq_hidden_projection_7f3a", "zq_gate_91b2", "zq_readout_c0ffee", "zq_secret_w1_d15ea5e",

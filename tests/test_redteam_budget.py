@@ -21,7 +21,7 @@ from provider_sim import Provider, b64
 
 from mlcapsule.enclave.backends.software import SoftwareBackend
 from mlcapsule.enclave.core import EnclaveCore
-from mlcapsule.enclave.host import EnclaveProcess
+from mlcapsule.host import EnclaveProcess
 from mlcapsule.enclave.state import STATE_FILE
 from mlcapsule.errors import BudgetExhaustedError, RollbackError
 from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401

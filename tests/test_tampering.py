@@ -43,7 +43,7 @@ from mlcapsule.crypto import chunks
 from mlcapsule.crypto.keys import ContentKey
 from mlcapsule.enclave.backends.software import SoftwareBackend
 from mlcapsule.enclave.core import EnclaveCore
-from mlcapsule.enclave.host import EnclaveProcess
+from mlcapsule.host import EnclaveProcess
 from mlcapsule.errors import (
     FormatError,
     IntegrityError,

@@ -35,7 +35,7 @@ from swtpm import other_swtpm, swtpm, tpm_ca, tpm_factory, tpm_policy  # noqa: F
 from mlcapsule._util import b64d
 from mlcapsule.attestation import AttestationPolicy
 from mlcapsule.attestation.tpm import credential_challenge, verify_tpm
-from mlcapsule.enclave.host import EnclaveProcess
+from mlcapsule.host import EnclaveProcess
 from mlcapsule.enclave.state import STATE_FILE
 from mlcapsule.errors import BudgetExhaustedError, IntegrityError
 from mlcapsule.protocol.setup import report_data

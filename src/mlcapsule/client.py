@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ._util import b64d, b64e, data_home
-from .enclave.host import EnclaveProcess
+from .host import EnclaveProcess
 from .enclave.state import STATE_FILE
 from .errors import InputError, UsageError
 from .format.container import CapsuleFile

@@ -171,7 +171,7 @@ def _request(sock: socket.socket, msg: dict[str, Any], fds: list[int]) -> tuple[
     if "error" in reply:
         for fd in got:
             os.close(fd)
-        from .enclave.host import EnclaveProcess
+        from .host import EnclaveProcess
 
         EnclaveProcess._raise_error(reply)
     return reply["ok"], got
@@ -309,7 +309,7 @@ class EnclaveService:
     def _open(self, conn: socket.socket, uid: int, msg: dict[str, Any], fds: list[int]) -> None:
         import stat
 
-        from .enclave.host import worker_argv, worker_env
+        from .host import worker_argv, worker_env
         from .format.container import CapsuleFile
         from .format.trust import UnsafeTrustManifestKey
 

@@ -1,7 +1,7 @@
 """The client's side of the provider API: :class:`ProviderClient` (httpx, synchronous).
 
 The client machine's HTTP transport: outside the enclave (it is untrusted host code, like
-:mod:`mlcapsule.enclave.host`) and outside the server package, which the client does not need.
+:mod:`mlcapsule.host`) and outside the server package, which the client does not need.
 
 Errors come back as the exception class the server named (``{"error": {"type": ...}}``), with
 the server's message and hint, and the HTTP status in ``exc.status_code``. A server that cannot

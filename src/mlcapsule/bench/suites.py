@@ -277,7 +277,7 @@ def _provision(packed: dict[str, Any], ws: Workspace, tag: str, *, lease_size: i
 
     from .._util import b64d, b64e
     from ..crypto.keys import ContentKey, load_provider_key
-    from ..enclave.host import EnclaveProcess
+    from ..host import EnclaveProcess
     from ..protocol.license import License
     from ..protocol.setup import seal_payload
 
@@ -461,7 +461,7 @@ def suite_tpm(ws: Workspace) -> dict[str, Any]:
     finally:
         sys.path.remove(str(tests))
     from ..attestation.tpm import credential_challenge
-    from ..enclave.host import EnclaveProcess
+    from ..host import EnclaveProcess
 
     ws.log("  tpm: manufacture a swtpm")
     tpm_state = manufacture(ws.root / "tpm-state", make_ca_config(ws.root / "tpm-ca"))

@@ -671,7 +671,7 @@ def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | Non
            tcti: str | None, as_json: bool, trust_file: str | None, unsafe_trust: bool) -> None:
     """What the enclave backend protects against, its hardening, and (with CAPSULE) the capsule's license."""
     from ..client import open_capsule
-    from ..enclave.host import EnclaveProcess
+    from ..host import EnclaveProcess
 
     if capsule:
         trust, pin = _client_trust(capsule, trust_file, unsafe_trust, state_dir, first_use=True)

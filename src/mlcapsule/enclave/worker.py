@@ -1,6 +1,6 @@
 """The enclave worker process: ``python -m mlcapsule.enclave.worker``.
 
-Started by :mod:`mlcapsule.enclave.host` with two inherited pipe descriptors. In order, it:
+Started by :mod:`mlcapsule.host` with two inherited pipe descriptors. In order, it:
 
 1. asks the kernel to kill it when the host dies (PR_SET_PDEATHSIG);
 2. imports everything it will ever need (ONNX Runtime, numpy, onnx, cryptography);

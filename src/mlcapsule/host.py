@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import errors
-from . import protocol
+from . import errors
+from .enclave import protocol
 
 _ERRORS: dict[str, type[errors.MlcapsuleError]] = {
     name: cls for name, cls in vars(errors).items()
@@ -45,7 +45,7 @@ def worker_argv(*, fd_in: int, fd_out: int, state_dir: Path, run_dir: str | Path
                 shm_fd: int | None = None) -> list[str]:
     """The worker's command line. ``python -I`` ignores every PYTHON* variable and the user's
     site-packages; the package is imported from where this one was (the measured files)."""
-    src = str(Path(__file__).resolve().parent.parent.parent)
+    src = str(Path(__file__).resolve().parent.parent)
     boot = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import runpy; "
             "runpy.run_module('mlcapsule.enclave.worker', run_name='__main__', alter_sys=True)")
     cmd = [sys.executable, "-I", "-c", boot, src,
@@ -134,7 +134,7 @@ class EnclaveProcess:
         self.proc: Any
         try:
             if service is not None:
-                from ..enclaved import connect
+                from .enclaved import connect
 
                 self.proc, self._to_worker, self._from_worker, self.service = connect(
                     Path(service), self.capsule, arena_fd=self._arena.fd if self._arena else None,
@@ -146,7 +146,7 @@ class EnclaveProcess:
                 self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
                 if platform_dir is None and backend == "software":
                     # Resolved here: the worker inherits no environment (no MLCAPSULE_HOME).
-                    from .._util import data_home
+                    from ._util import data_home
 
                     platform_dir = data_home() / "platform" / "software"
                 self._run = tempfile.TemporaryDirectory(prefix="run-", dir=self.state_dir)
