@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 from ._util import b64d, b64e, data_home
-from .host import EnclaveProcess
 from .enclave.state import STATE_FILE
 from .errors import InputError, UsageError
 from .format.container import CapsuleFile
 from .format.manifest import Manifest
 from .format.trust import Trust, TrustProviderKey, UnsafeTrustManifestKey, check_trust  # noqa: F401
+from .host import EnclaveProcess
 
 
 def default_state_dir(manifest: Manifest) -> Path:

@@ -309,9 +309,9 @@ class EnclaveService:
     def _open(self, conn: socket.socket, uid: int, msg: dict[str, Any], fds: list[int]) -> None:
         import stat
 
-        from .host import worker_argv, worker_env
         from .format.container import CapsuleFile
         from .format.trust import UnsafeTrustManifestKey
+        from .host import worker_argv, worker_env
 
         want_arena = bool(msg.get("arena"))
         if len(fds) != 1 + int(want_arena):

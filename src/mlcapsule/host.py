@@ -39,8 +39,9 @@ def worker_env() -> dict[str, str]:
 
 
 def worker_argv(*, fd_in: int, fd_out: int, state_dir: Path, run_dir: str | Path, backend: str,
-                capsule: Path | None = None, capsule_fd: int | None = None, platform_dir: str | Path | None = None,
-                dev_key: str | Path | None = None, tcti: str | None = None, threads: int | None = None,
+                capsule: Path | None = None, capsule_fd: int | None = None,
+                platform_dir: str | os.PathLike[str] | None = None,
+                dev_key: str | os.PathLike[str] | None = None, tcti: str | None = None, threads: int | None = None,
                 require_hardening: bool = False, memory_limit_mb: float | None = None,
                 shm_fd: int | None = None) -> list[str]:
     """The worker's command line. ``python -I`` ignores every PYTHON* variable and the user's
@@ -210,7 +211,8 @@ class EnclaveProcess:
             try:
                 prof = self.profile
                 t0 = time.perf_counter()
-                protocol.write_frame(self._to_worker, protocol.encode_tensors(protocol.TENSOR_REQUEST, arrays, self._arena))
+                frame = protocol.encode_tensors(protocol.TENSOR_REQUEST, arrays, self._arena)
+                protocol.write_frame(self._to_worker, frame)
                 t1 = time.perf_counter()
                 body = self._reader.read()
                 t2 = time.perf_counter()
@@ -234,7 +236,8 @@ class EnclaveProcess:
     def _raise_error(header: dict[str, Any]) -> None:
         if "error" in header:
             err = header["error"]
-            cls = _ERRORS.get(str(err.get("type")), errors.EnclaveError) if isinstance(err, dict) else errors.EnclaveError
+            cls = (_ERRORS.get(str(err.get("type")), errors.EnclaveError) if isinstance(err, dict)
+                   else errors.EnclaveError)
             raise cls(str(err.get("message") if isinstance(err, dict) else err),
                       hint=err.get("hint") if isinstance(err, dict) else None)
 
@@ -257,7 +260,8 @@ class EnclaveProcess:
         try:
             if self.proc.poll() is None:
                 with self._lock:
-                    protocol.write_frame(self._to_worker, protocol.encode(protocol.REQUEST, {"op": "shutdown", "args": {}}))
+                    bye = protocol.encode(protocol.REQUEST, {"op": "shutdown", "args": {}})
+                    protocol.write_frame(self._to_worker, bye)
                     self._reader.read()
                 self.proc.wait(timeout=10)
         except (EOFError, OSError, subprocess.TimeoutExpired, errors.MlcapsuleError):
@@ -279,7 +283,7 @@ class EnclaveProcess:
         if self._run is not None:
             self._run.cleanup()
 
-    def __enter__(self) -> "EnclaveProcess":
+    def __enter__(self) -> EnclaveProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

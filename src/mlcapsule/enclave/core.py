@@ -21,11 +21,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from .._util import b64e
 from ..crypto.chunks import SegmentCipher
 from ..crypto.keys import ContentKey, ed25519_public_from_raw
-from ..errors import (InputError, IntegrityError, MlcapsuleError, NotProvisionedError, ProtocolError,
-                      RollbackError)
+from ..errors import InputError, IntegrityError, MlcapsuleError, NotProvisionedError, ProtocolError, RollbackError
 from ..format.container import CapsuleFile
-from ..format.trust import UnsafeTrustManifestKey
 from ..format.manifest import Manifest, TensorSpec
+from ..format.trust import UnsafeTrustManifestKey
 from ..protocol.license import License, verify_license
 from ..protocol.receipts import verify_ack
 from ..protocol.setup import NONCE_LEN, open_payload, report_data
@@ -45,7 +44,7 @@ Clock = Callable[[], dt.datetime]
 
 
 def _utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class EnclaveCore:
@@ -182,7 +181,7 @@ class EnclaveCore:
             self._charge(n)  # before the model runs: no partial answer can leak
         outputs = self.model.run(feeds)
         self.queries += n
-        return {spec.name: out for spec, out in zip(self.manifest.outputs, outputs)}
+        return {spec.name: out for spec, out in zip(self.manifest.outputs, outputs, strict=True)}
 
     def infer_arrays(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """``infer`` on the fast path: inputs and outputs in the manifest's order."""
@@ -195,9 +194,9 @@ class EnclaveCore:
         # check_inputs, the same signature passes again, and so costs a tuple comparison.
         sig = tuple([(a.dtype.num, a.shape) for a in arrays])
         if sig == self._checked[0]:
-            feeds, n = dict(zip(self._input_names, arrays)), self._checked[1]
+            feeds, n = dict(zip(self._input_names, arrays, strict=True)), self._checked[1]
         else:
-            feeds, n = check_inputs(m.inputs, {spec.name: x for spec, x in zip(m.inputs, arrays)})
+            feeds, n = check_inputs(m.inputs, {spec.name: x for spec, x in zip(m.inputs, arrays, strict=True)})
             self._checked, self._input_names = (sig, n), [spec.name for spec in m.inputs]
         if self.ledger is not None:
             self._charge(n)  # before the model runs: no partial answer can leak
@@ -325,7 +324,7 @@ class EnclaveCore:
         t0 = time.perf_counter()
         try:
             weights = mapped_buffer(reader.plain_length)
-            reader.read_into(memoryview(weights), 0)
+            reader.read_into(weights.data, 0)
         finally:
             reader.close()
         t1 = time.perf_counter()
@@ -343,7 +342,8 @@ class EnclaveCore:
                 if hashlib.sha256(stored).hexdigest() != seg.sha256:
                     raise IntegrityError("the capsule failed its integrity check")
                 return bytearray(stored)
-            return SegmentCipher(key, m.capsule_id, m.version, seg.index, seg.chunk_size).decrypt(stored, seg.plain_length)
+            cipher = SegmentCipher(key, m.capsule_id, m.version, seg.index, seg.chunk_size)
+            return cipher.decrypt(stored, seg.plain_length)
         finally:
             stored.release()
 
@@ -366,7 +366,7 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, np.ndarray]) -
             raise InputError(f"input {s.name!r} must be {s.dtype}, got {x.dtype.name}")
         if x.ndim != len(s.shape):
             raise InputError(f"input {s.name!r} must have {len(s.shape)} dimensions, got shape {list(x.shape)}")
-        for want, got in zip(s.shape, x.shape):
+        for want, got in zip(s.shape, x.shape, strict=True):
             if isinstance(want, int) and want > 0 and want != got:
                 raise InputError(f"input {s.name!r} must have shape {list(s.shape)}, got {list(x.shape)}")
         if x.ndim:

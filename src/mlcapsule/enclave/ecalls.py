@@ -152,7 +152,7 @@ def _parse_setup_begin(a: dict[str, Any]) -> Request:
 def _no_args(cls: type) -> Any:
     def parse(a: dict[str, Any]) -> Request:
         _only(a)
-        return cls()  # type: ignore[no-any-return]
+        return cls()
     return parse
 
 

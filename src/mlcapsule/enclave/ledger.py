@@ -193,7 +193,7 @@ class Ledger:
 
     # -- events that start a session ----------------------------------------------------------------
     @classmethod
-    def open(cls, state: EnclaveState, counters: Counters) -> tuple["Ledger", tuple[Effect, ...]]:
+    def open(cls, state: EnclaveState, counters: Counters) -> tuple[Ledger, tuple[Effect, ...]]:
         """A sealed state loaded from disk: the newest one, or a restored older copy."""
         state, rollback = reconcile(state, counters)
         led = cls(state, counters)
@@ -213,7 +213,7 @@ class Ledger:
 
     @classmethod
     def setup(cls, state: EnclaveState, counters: Counters, now: dt.datetime,
-              measurement: str) -> tuple["Ledger", tuple[Effect, ...]]:
+              measurement: str) -> tuple[Ledger, tuple[Effect, ...]]:
         """A fresh license (its counters' bases recorded in ``state``)."""
         state, _, expired = observe_time(replace(state, counter=counters.main), now)
         if expired:

@@ -54,7 +54,8 @@ class Message:
     buffers: list[memoryview] = field(default_factory=list)
 
 
-def encode(kind: int, header: Mapping[str, Any], buffers: Sequence[memoryview | bytes] = ()) -> list[memoryview | bytes]:
+def encode(kind: int, header: Mapping[str, Any],
+           buffers: Sequence[memoryview | bytes] = ()) -> list[memoryview | bytes]:
     """The frame as a list of pieces for ``os.writev`` (tensor bytes are not copied)."""
     hdr = json.dumps(header, separators=(",", ":")).encode()
     if len(hdr) > MAX_HEADER or len(buffers) > MAX_BUFFERS:
@@ -195,7 +196,7 @@ _HEADS: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
 _HEADS_MAX = 64
 
 
-def encode_tensors(kind: int, arrays: Sequence[np.ndarray], arena: "SharedArena | None" = None,
+def encode_tensors(kind: int, arrays: Sequence[np.ndarray], arena: SharedArena | None = None,
                    *, inline_max: int = INLINE_MAX) -> list[memoryview | bytes]:
     """A tensor frame for ``os.writev``. Large tensors are copied into ``arena`` (from offset 0);
     small ones travel inline as views (not copied)."""
@@ -205,7 +206,7 @@ def encode_tensors(kind: int, arrays: Sequence[np.ndarray], arena: "SharedArena 
     except AttributeError:
         cached = None
     if cached is not None and all(a.flags.c_contiguous and a.dtype.isnative for a in arrays):
-        return [cached[0], cached[1], *[memoryview(a).cast("B") for a in arrays if a.nbytes]]
+        return [cached[0], cached[1], *[a.data.cast("B") for a in arrays if a.nbytes]]
     parts = _encode_tensors(kind, arrays, arena, inline_max=inline_max)
     if (len(_HEADS) < _HEADS_MAX and len(parts) == 2 + sum(1 for a in arrays if a.nbytes)
             and all(a.nbytes < inline_max and a.flags.c_contiguous and a.dtype.isnative for a in arrays)):
@@ -213,13 +214,13 @@ def encode_tensors(kind: int, arrays: Sequence[np.ndarray], arena: "SharedArena 
     return parts
 
 
-def _encode_tensors(kind: int, arrays: Sequence[np.ndarray], arena: "SharedArena | None" = None,
+def _encode_tensors(kind: int, arrays: Sequence[np.ndarray], arena: SharedArena | None = None,
                     *, inline_max: int = INLINE_MAX) -> list[memoryview | bytes]:
     if len(arrays) > MAX_TENSORS:
         raise ProtocolError("too many tensors")
     head = bytearray(_T_PREFIX.size + sum(_T_DESC.size + 8 * a.ndim for a in arrays))
     _T_PREFIX.pack_into(head, 0, b"MC", PROTOCOL_VERSION, kind, 0, len(arrays))
-    parts: list[memoryview | bytes] = [b"", head]
+    parts: list[memoryview | bytes] = [b"", memoryview(head)]
     big = arena is not None and any(a.nbytes >= inline_max for a in arrays)
     if big:
         assert arena is not None
@@ -242,7 +243,7 @@ def _encode_tensors(kind: int, arrays: Sequence[np.ndarray], arena: "SharedArena
         else:
             _T_DESC.pack_into(head, pos, code, a.ndim, 0, 0, 0, inline, n)
             if n:
-                parts.append(memoryview(a).cast("B"))
+                parts.append(a.data.cast("B"))
             inline += n
         pos += _T_DESC.size
         if a.ndim:
@@ -255,7 +256,7 @@ def _encode_tensors(kind: int, arrays: Sequence[np.ndarray], arena: "SharedArena
     return parts
 
 
-def decode_tensors(body: bytearray | memoryview, arena: "SharedArena | None" = None, *,
+def decode_tensors(body: bytearray | memoryview, arena: SharedArena | None = None, *,
                    copy: bool = False, reuse: list[np.ndarray | None] | None = None) -> tuple[int, list[np.ndarray]]:
     """(kind, tensors) of a tensor frame. Inline tensors are views of ``body`` unless ``copy``;
     tensors in shared memory are always copied out (the other side may change them), into the
@@ -279,7 +280,7 @@ def decode_tensors(body: bytearray | memoryview, arena: "SharedArena | None" = N
 _LAST_HEAD: tuple[bytes, int, int, list[tuple[np.dtype, tuple[int, ...], int, int]]] | None = None
 
 
-def _decode_tensors(view: memoryview, arena: "SharedArena | None" = None, *,
+def _decode_tensors(view: memoryview, arena: SharedArena | None = None, *,
                     copy: bool = False, reuse: list[np.ndarray | None] | None = None) -> tuple[int, list[np.ndarray]]:
     global _LAST_HEAD
     if len(view) < _T_PREFIX.size:
@@ -331,7 +332,7 @@ def _decode_tensors(view: memoryview, arena: "SharedArena | None" = None, *,
                 reuse[pos_i] = arr
             if nbytes:
                 try:
-                    arena.read_into(offset, memoryview(arr).cast("B"))
+                    arena.read_into(offset, arr.data.cast("B"))
                 except (OSError, ValueError, OverflowError) as e:  # e.g. mmap refused: the peer's fault
                     raise ProtocolError("a tensor in shared memory cannot be read") from e
             out.append(arr)
@@ -441,7 +442,7 @@ class SharedArena:
         self._retired: list[Any] = []
 
     @classmethod
-    def create(cls, name: str = "mlcapsule-io") -> "SharedArena":
+    def create(cls, name: str = "mlcapsule-io") -> SharedArena:
         import fcntl
 
         fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -449,7 +450,7 @@ class SharedArena:
         return cls(fd)
 
     @classmethod
-    def adopt(cls, fd: int, *, release: bool = False) -> "SharedArena":
+    def adopt(cls, fd: int, *, release: bool = False) -> SharedArena:
         """The enclave's side: use ``fd`` only if it is sealed against shrinking. ``release``
         (streaming mode) unmaps pages once copied, trading page faults for memory."""
         import fcntl
@@ -506,7 +507,7 @@ class SharedArena:
 
     def write(self, offset: int, arr: np.ndarray) -> None:
         if arr.nbytes:
-            self._copy(offset, memoryview(arr).cast("B"), to_arena=True)
+            self._copy(offset, arr.data.cast("B"), to_arena=True)
 
     def read_into(self, offset: int, out: memoryview) -> None:
         if len(out):

@@ -70,7 +70,7 @@ class EnclaveState:
         return json.dumps(d, separators=(",", ":")).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "EnclaveState":
+    def from_bytes(cls, data: bytes) -> EnclaveState:
         """Parse a state; anything malformed raises FormatError. Every field's JSON type is
         checked against this class's annotations before it is used: fields of the wrong type
         used to escape as AttributeError or TypeError (red team, issue 9)."""

@@ -579,7 +579,7 @@ def split_models(info: GraphInfo, sp: Split) -> tuple[bytes, bytes | None]:
         node = helper.make_node("Conv", ["A", "B"] + ([c_name] if c_name else []), ["Y"])
         node.attribute.extend(sp.node.attribute)
         return _model(info, [node], [a_in, b_in] + c_inputs, [y_out], consts), None
-    gemm = {"alpha": sp.alpha, "transA": sp.trans_a}
+    gemm: dict[str, Any] = {"alpha": sp.alpha, "transA": sp.trans_a}
     if sp.axis == "n":
         node = helper.make_node("Gemm", ["A", "B"] + ([c_name] if c_name else []), ["Y"], beta=sp.beta, transB=1,
                                 **gemm)

@@ -76,7 +76,8 @@ def placeholder_views(model: onnx.ModelProto, weights: np.ndarray) -> dict[str, 
     return views
 
 
-def session_options(cfg: RuntimeConfig, placeholder_dir: Path | None, *, threads: int | None = None) -> ort.SessionOptions:
+def session_options(cfg: RuntimeConfig, placeholder_dir: Path | None, *,
+                    threads: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = _LEVELS[cfg.optimization]
     if placeholder_dir is not None:
@@ -163,7 +164,7 @@ class ResidentModel:
 
     def close(self) -> None:
         """Drop the session and overwrite the plaintext weights (best effort)."""
-        self.session = None  # type: ignore[assignment]
+        self.session = None
         self._values = {}
         if self.weights is not None and not self._keep and self.weights.flags.writeable:
             self.weights.fill(0)

@@ -69,7 +69,8 @@ def split_model(model: onnx.ModelProto) -> SplitModel:
     m.CopyFrom(model)
     for t in _tensors(m.graph):
         if t.data_location == TensorProto.EXTERNAL:
-            raise ValueError(f"initializer {t.name!r} uses external data; load it with onnx.load(..., load_external_data=True) first")
+            raise ValueError(f"initializer {t.name!r} uses external data; "
+                             "load it with onnx.load(..., load_external_data=True) first")
     blob = bytearray()
     for t in _tensors(m.graph):
         if not _externalize(t):

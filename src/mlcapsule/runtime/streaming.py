@@ -93,6 +93,9 @@ def memory_status() -> dict[str, int]:
 
 
 # -- ONNX Runtime process setup -----------------------------------------------------------------
+#: How each split axis is combined, as ``describe`` names it.
+_AXIS_NAMES = {"k": "reduction (summed)", "n": "output (concatenated)", "c": "output channels (concatenated)"}
+
 _ORT_SETUP: dict[str, Any] | None = None
 
 
@@ -213,7 +216,7 @@ class StreamingModel:
         buf = aligned_empty(pinned_bytes)
         off = 0
         for t in pins:
-            self.reader.read_into(memoryview(buf)[off:off + t.length], t.offset)
+            self.reader.read_into(buf.data[off:off + t.length], t.offset)
             self._pinned[t.name] = buf[off:off + t.length].view(t.dtype).reshape(t.shape)
             off += t.aligned
 
@@ -242,7 +245,7 @@ class StreamingModel:
             if isinstance(step, Segment):
                 step.session = self._session(planner.segment_model(self._graph, step, self._pinned))
                 assert self._scratch is not None or not step.weights
-                for t, off in zip(step.weights, step.offsets):
+                for t, off in zip(step.weights, step.offsets, strict=True):
                     step.feeds[t.name] = self._scratch[off:off + t.length].view(t.dtype).reshape(t.shape)  # type: ignore[index]
             else:
                 first, rest = planner.split_models(self._graph, step)
@@ -295,7 +298,7 @@ class StreamingModel:
             part = self._run_once({k: v[i:i + sub] for k, v in feeds.items()})
             if not outputs:  # the whole batch's outputs, filled in place: no second copy
                 outputs = [np.empty((batch, *o.shape[1:]), dtype=o.dtype) for o in part]
-            for out, o in zip(outputs, part):
+            for out, o in zip(outputs, part, strict=True):
                 out[i:i + len(o)] = o
             del part
         return outputs
@@ -303,16 +306,16 @@ class StreamingModel:
     def _run_once(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         t0 = time.perf_counter()
         values: dict[str, Any] = dict(feeds)
-        scratch = memoryview(self._scratch) if self._scratch is not None else None
+        scratch = self._scratch.data if self._scratch is not None else None
         reader = self.reader
         for k, step in enumerate(self.steps):
             t_step, d_step = time.perf_counter(), reader.seconds
             if isinstance(step, Segment):
-                for t, off in zip(step.weights, step.offsets):
+                for t, off in zip(step.weights, step.offsets, strict=True):
                     reader.read_into(scratch[off:off + t.length], t.offset)  # type: ignore[index]
                 ins = {name: values[name] for name in step.act_inputs}
                 ins.update(step.feeds)
-                values.update(zip(step.outputs, step.session.run(step.outputs, ins)))
+                values.update(zip(step.outputs, step.session.run(step.outputs, ins), strict=True))
             else:
                 values[step.output] = self._run_split(step, values, scratch)
             for name in step.free:
@@ -390,7 +393,7 @@ class StreamingModel:
             "architecture": "public",
             "memory_limit": self.limit,
             "segments": len(segs),
-            "split_nodes": [{"op": s.node.op_type, "axis": {"k": "reduction (summed)", "n": "output (concatenated)", "c": "output channels (concatenated)"}[s.axis],
+            "split_nodes": [{"op": s.node.op_type, "axis": _AXIS_NAMES[s.axis],
                              "weight_bytes": s.weight.length, "blocks": len(s.blocks)} for s in splits],
             "scratch_bytes": self.scratch_bytes,
             "pinned_bytes": self.pinned_bytes,
@@ -405,7 +408,8 @@ class StreamingModel:
             "steps": [{"kind": "segment" if isinstance(s, Segment) else f"split {s.node.op_type}",
                        "nodes": len(s.nodes) if isinstance(s, Segment) else 1,
                        "weight_bytes": s.weight_bytes if isinstance(s, Segment) else s.weight.length,
-                       "decrypt_seconds": t[0], "seconds": t[1]} for s, t in zip(self.steps, self._step_seconds)],
+                       "decrypt_seconds": t[0], "seconds": t[1]}
+                      for s, t in zip(self.steps, self._step_seconds, strict=True)],
             "onnxruntime": dict(_ORT_SETUP or {}),
         }
 

@@ -89,7 +89,7 @@ class WeightReader:
         self._pool: Any = None
 
     def read_into(self, out: memoryview | np.ndarray, start: int) -> None:
-        out = memoryview(out).cast("B") if not isinstance(out, memoryview) else out
+        out = out.data.cast("B") if not isinstance(out, memoryview) else out
         n = len(out)
         stop = start + n
         if start < 0 or stop > self.plain_length:
@@ -110,10 +110,11 @@ class WeightReader:
                 if self._bounce is None:
                     self._bounce = mapped_buffer(cs)
                 self._bounce_index = -1
-                self._decrypt(i, memoryview(self._bounce)[:c_len])
+                self._decrypt(i, self._bounce.data[:c_len])
                 self._bounce_index = i
                 self.bytes_decrypted += c_len
-            out[a - start:b - start] = memoryview(self._bounce)[a - c_lo:b - c_lo]  # type: ignore[arg-type]
+            assert self._bounce is not None
+            out[a - start:b - start] = self._bounce.data[a - c_lo:b - c_lo]
         if len(whole) >= PARALLEL_CHUNKS and self.threads > 1:
             # AES-GCM releases the GIL: a second thread decrypts half of the chunks.
             if self._pool is None:

@@ -50,7 +50,7 @@ def _kdfe(hash_alg: int, z: bytes, use: bytes, party_u: bytes, party_v: bytes, b
 def _seed(ek: TpmPublic, label: bytes) -> tuple[bytes, bytes]:
     """(seed, encrypted seed) for the EK: RSA-OAEP, or ephemeral ECDH + KDFe (Part 1, Annex B/C)."""
     h = HASHES[ek.name_alg][1]
-    size = h.digest_size
+    size = h().digest_size
     key = ek.public_key()
     if isinstance(key, rsa.RSAPublicKey):
         seed = os.urandom(size)
@@ -72,13 +72,13 @@ def make_credential(ek: TpmPublic, object_name: bytes, credential: bytes) -> tup
     ``credential`` with TPM2_ActivateCredential.
     """
     check_ek(ek)
-    if not 0 < len(credential) <= HASHES[ek.name_alg][1].digest_size:
+    if not 0 < len(credential) <= HASHES[ek.name_alg][1]().digest_size:
         raise ValueError("the credential must be at most one digest long")
     seed, enc_seed = _seed(ek, b"IDENTITY\0")
     sym_key = _kdfa(ek.name_alg, seed, b"STORAGE", object_name, ek.symmetric[1])
     enc = Cipher(algorithms.AES(sym_key), CFB(bytes(16))).encryptor()
     enc_identity = enc.update(_tpm2b(credential)) + enc.finalize()
-    hmac_key = _kdfa(ek.name_alg, seed, b"INTEGRITY", b"", HASHES[ek.name_alg][1].digest_size * 8)
+    hmac_key = _kdfa(ek.name_alg, seed, b"INTEGRITY", b"", HASHES[ek.name_alg][1]().digest_size * 8)
     mac = crypto_hmac.HMAC(hmac_key, HASHES[ek.name_alg][1]())
     mac.update(enc_identity + object_name)
     id_object = _tpm2b(mac.finalize()) + enc_identity

@@ -176,6 +176,7 @@ def quote_extra_data(report_data: bytes, measurement: str) -> bytes:
 #: mutated EK certificates escaped as ValueError and UnsupportedAlgorithm).
 CERT_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion,
                                             x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+_VERIFY_ERRORS: tuple[type[Exception], ...] = (InvalidSignature, *CERT_ERRORS)
 
 
 def _utc(t: dt.datetime) -> dt.datetime:
@@ -185,7 +186,8 @@ def _utc(t: dt.datetime) -> dt.datetime:
 def _valid_at(cert: x509.Certificate, now: dt.datetime, what: str) -> None:
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise AttestationError(f"the {what} is not valid at {now.isoformat()} "
-                               f"(valid {cert.not_valid_before_utc.isoformat()} to {cert.not_valid_after_utc.isoformat()})")
+                               f"(valid {cert.not_valid_before_utc.isoformat()} "
+                               f"to {cert.not_valid_after_utc.isoformat()})")
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
@@ -226,7 +228,7 @@ def _ek_chain(cert: x509.Certificate, *, roots: Sequence[x509.Certificate],
         for issuer in issuers:
             try:
                 current.verify_directly_issued_by(issuer)
-            except (InvalidSignature, *CERT_ERRORS):
+            except _VERIFY_ERRORS:
                 continue
             if not _is_ca(issuer):
                 raise AttestationError("an EK certificate issuer is not a CA")
@@ -304,7 +306,8 @@ class TpmPolicy:
         object.__setattr__(self, "pcrs", _normalize_pcr_policy(self.pcrs))
 
     @classmethod
-    def from_files(cls, roots: Iterable[str | os.PathLike[str]], *, intermediates: Iterable[str | os.PathLike[str]] = (),
+    def from_files(cls, roots: Iterable[str | os.PathLike[str]], *,
+                   intermediates: Iterable[str | os.PathLike[str]] = (),
                    pcr_policy: str | os.PathLike[str] | Mapping[str, Any] | None = None,
                    allow_sha1: bool = False) -> TpmPolicy:
         """Roots and intermediates from PEM or DER files (or folders of them); the PCR policy from
@@ -365,7 +368,8 @@ def check_pcr_policy(pcrs: Mapping[str, Mapping[int, bytes]], policy: TpmPolicy)
         for index, allowed in entries.items():
             value = pcrs.get(bank, {}).get(index)
             if value is None:
-                raise AttestationError(f"the quote does not cover PCR {bank}:{index}, which the provider's policy checks")
+                raise AttestationError(f"the quote does not cover PCR {bank}:{index}, "
+                                       "which the provider's policy checks")
             if value.hex() not in allowed:
                 raise AttestationError(f"PCR {bank}:{index} holds a value the provider's policy does not accept",
                                        hint="the platform's firmware, boot chain or configuration differs from "
@@ -412,7 +416,8 @@ def check_tpm_evidence(evidence: Mapping[str, Any], *, expected_report_data: byt
     if sig.hash_alg == ALG_SHA1 and not tpm_policy.allow_sha1:
         raise AttestationError("the TPM quote is signed with SHA-1, which this server does not accept")
     if not hmac.compare_digest(attest.extra_data, quote_extra_data(expected_report_data, measurement)):
-        raise AttestationError("the evidence does not bind this challenge and these keys (the quote's extraData differs)",
+        raise AttestationError("the evidence does not bind this challenge and these keys "
+                               "(the quote's extraData differs)",
                                hint="the evidence was made for another nonce or other keys; run setup again")
     check_pcr_policy(pcrs, tpm_policy)
     check_ek(ek)
@@ -432,7 +437,8 @@ def verify_tpm(evidence: Mapping[str, Any], *, expected_report_data: bytes, poli
     """
     tp = tpm_policy or getattr(policy, "tpm", None)
     if not isinstance(tp, TpmPolicy):
-        raise AttestationError("this server does not accept evidence from the 'tpm' backend: no TPM EK roots are configured",
+        raise AttestationError("this server does not accept evidence from the 'tpm' backend: "
+                               "no TPM EK roots are configured",
                                hint="the provider must configure the EK CA roots (and PCR policy) it accepts")
     parsed = check_tpm_evidence(evidence, expected_report_data=expected_report_data, tpm_policy=tp)
     policy.check_measurement(parsed.measurement)
@@ -447,4 +453,5 @@ class TpmVerifier:
 
     def __call__(self, evidence: Mapping[str, Any], *, expected_report_data: bytes,
                  policy: AttestationPolicy) -> VerifiedEvidence:
-        return verify_tpm(evidence, expected_report_data=expected_report_data, policy=policy, tpm_policy=self.tpm_policy)
+        return verify_tpm(evidence, expected_report_data=expected_report_data, policy=policy,
+                          tpm_policy=self.tpm_policy)

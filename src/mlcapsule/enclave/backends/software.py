@@ -127,7 +127,8 @@ class SoftwareBackend(Backend):
         except InvalidTag as e:
             raise IntegrityError("sealed state cannot be opened on this installation",
                                  hint="sealed state only opens on the installation that sealed it (states sealed "
-                                      "by mlcapsule 0.1.0 were also bound to its exact version); run setup again") from e
+                                      "by mlcapsule 0.1.0 were also bound to its exact version); "
+                                      "run setup again") from e
 
     def _counter_path(self, name: str) -> Path:
         if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 128:
