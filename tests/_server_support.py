@@ -23,11 +23,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from mlcapsule._util import b64d, b64e
-from mlcapsule.crypto.keys import generate_provider_key, load_provider_key, raw_public
+from mlcapsule.enclave._util import b64d, b64e
+from mlcapsule.enclave.crypto.keys import generate_provider_key, load_provider_key, raw_public
 from mlcapsule.enclave.backends.software import SoftwareBackend
-from mlcapsule.protocol.receipts import GENESIS, entry_hash, make_entry
-from mlcapsule.protocol.setup import report_data
+from mlcapsule.enclave.messages.receipts import GENESIS, entry_hash, make_entry
+from mlcapsule.enclave.messages.setup import report_data
 
 from pg import pg_server, pg_url  # noqa: F401  (fixtures)
 
@@ -122,7 +122,7 @@ def _tiny_model() -> Any:
 @pytest.fixture(scope="session")
 def provider_files(tmp_path_factory: pytest.TempPathFactory) -> ProviderFiles:
     import mlcapsule
-    from mlcapsule.format.manifest import Policy
+    from mlcapsule.enclave.format.manifest import Policy
 
     d = tmp_path_factory.mktemp("provider")
     key = d / "provider-key.pem"

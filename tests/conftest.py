@@ -36,7 +36,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import settings
 
-from mlcapsule.crypto.keys import generate_provider_key, load_provider_key, raw_public
+from mlcapsule.enclave.crypto.keys import generate_provider_key, load_provider_key, raw_public
 
 # -- hypothesis profiles ------------------------------------------------------------------------
 # "ci" (the default, and always when CI=true): derandomized, so every run tries the same examples
@@ -136,7 +136,7 @@ class Packed:
     def open(self, base: Path, tag: str = "", **kwargs: Any) -> Any:
         import mlcapsule
 
-        from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey
+        from mlcapsule.enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey
 
         kwargs.setdefault("unsafe_dev_key", self.key_path)
         # The key the packer signed with (a pin taken at pack time, not from the file opened).
@@ -307,8 +307,8 @@ def resign(
     The provider key the manifest names is *not* changed: edit ``manifest["provider"]["key"]``
     in ``change`` for a fully re-keyed capsule. Writes to ``out`` (default: in place).
     """
-    from mlcapsule._util import canonical_json
-    from mlcapsule.format import container as ct
+    from mlcapsule.enclave._util import canonical_json
+    from mlcapsule.enclave.format import container as ct
 
     capsule_path = Path(capsule_path)
     blob = capsule_path.read_bytes()

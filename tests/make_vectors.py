@@ -24,7 +24,7 @@ OUT = Path(__file__).parent / "vectors"
 def v1_1() -> None:
     """Format 1.1: a capsule that uses ``runtime.initializers`` ("copy"), so the packer writes 1.1."""
     import mlcapsule.packer as packer
-    from mlcapsule.format.manifest import RuntimeConfig
+    from mlcapsule.enclave.format.manifest import RuntimeConfig
 
     p = Provider(OUT / "_provider")
     packer.RUNTIME_CANDIDATES = (RuntimeConfig("extended", False, "copy"),)  # the one this vector needs

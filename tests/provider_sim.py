@@ -18,11 +18,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
 import mlcapsule
-from mlcapsule._util import b64d, b64e
-from mlcapsule.crypto.keys import ContentKey, generate_provider_key, load_provider_key
-from mlcapsule.protocol.license import License
-from mlcapsule.protocol.setup import seal_payload
-from mlcapsule.protocol.voucher import Voucher
+from mlcapsule.enclave._util import b64d, b64e
+from mlcapsule.enclave.crypto.keys import ContentKey, generate_provider_key, load_provider_key
+from mlcapsule.enclave.messages.license import License
+from mlcapsule.enclave.messages.setup import seal_payload
+from mlcapsule.enclave.messages.voucher import Voucher
 
 
 def tiny_model(seed: int = 0, n_in: int = 8, n_out: int = 3) -> onnx.ModelProto:

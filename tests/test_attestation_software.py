@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mlcapsule.attestation as attestation
-from mlcapsule._util import b64d, b64e, canonical_json
+from mlcapsule.enclave._util import b64d, b64e, canonical_json
 from mlcapsule.attestation import AttestationPolicy, VerifiedEvidence, verify_evidence
 from mlcapsule.enclave.backends.software import SoftwareBackend
-from mlcapsule.errors import AttestationError
-from mlcapsule.protocol.setup import report_data
+from mlcapsule.enclave.errors import AttestationError
+from mlcapsule.enclave.messages.setup import report_data
 
 from _server_support import raw
 

@@ -19,8 +19,8 @@ import onnx
 import pytest
 from conftest import assert_matches_reference, assert_one_line_error, flip_byte, layout, plain_ort
 
-from mlcapsule.format import CapsuleFile
-from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
+from mlcapsule.enclave.format import CapsuleFile
+from mlcapsule.enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 RunCli = Callable[..., Any]
 CLASSES = ["zero", "one", "two", "three", "four"]

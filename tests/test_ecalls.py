@@ -19,7 +19,7 @@ from provider_sim import Provider, b64
 
 from mlcapsule.enclave import ecalls
 from mlcapsule.host import EnclaveProcess
-from mlcapsule.errors import NotProvisionedError, ProtocolError
+from mlcapsule.enclave.errors import NotProvisionedError, ProtocolError
 
 EXAMPLE = {
     ecalls.Hello: ecalls.Hello(), ecalls.Status: ecalls.Status(), ecalls.Load: ecalls.Load(None),

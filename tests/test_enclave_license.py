@@ -20,16 +20,16 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from mlcapsule._util import b64d
-from mlcapsule.crypto.keys import ed25519_public_from_raw
+from mlcapsule.enclave._util import b64d
+from mlcapsule.enclave.crypto.keys import ed25519_public_from_raw
 from mlcapsule.enclave.backends.software import SoftwareBackend
 from mlcapsule.enclave.core import EnclaveCore
 from mlcapsule.host import EnclaveProcess
 from mlcapsule.enclave.state import STATE_FILE
-from mlcapsule.errors import (BudgetExhaustedError, FormatError, IntegrityError, LicenseExpiredError,
+from mlcapsule.enclave.errors import (BudgetExhaustedError, FormatError, IntegrityError, LicenseExpiredError,
                               NotProvisionedError, RollbackError)
-from mlcapsule.protocol.receipts import GENESIS, ChainHead, verify_chain
-from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
+from mlcapsule.enclave.messages.receipts import GENESIS, ChainHead, verify_chain
+from mlcapsule.enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 from provider_sim import Provider, b64
 
@@ -130,7 +130,7 @@ def test_license_signed_by_another_key_refused(env, provider):
 def test_license_for_another_capsule_or_version_refused(env, provider):
     cap, ckey = provider.pack()
     other, _ = provider.pack("other")
-    from mlcapsule.format.container import CapsuleFile
+    from mlcapsule.enclave.format.container import CapsuleFile
 
     other_id = CapsuleFile(other, trust=UnsafeTrustManifestKey()).manifest.capsule_id
     with enclave(cap, env) as e, pytest.raises(IntegrityError, match="another capsule"):
@@ -179,7 +179,7 @@ def test_content_key_of_another_capsule_refused(env, provider):
 
 
 def _capsule_id(cap: Path):  # type: ignore[no-untyped-def]
-    from mlcapsule.format.container import CapsuleFile
+    from mlcapsule.enclave.format.container import CapsuleFile
 
     with CapsuleFile(cap, trust=UnsafeTrustManifestKey()) as cf:
         return cf.manifest.capsule_id

@@ -144,7 +144,7 @@ SESSION = """
 import json, sys
 import numpy as np
 import mlcapsule
-from mlcapsule.format.trust import UnsafeTrustManifestKey
+from mlcapsule.enclave.format.trust import UnsafeTrustManifestKey
 with mlcapsule.open_capsule({cap!r}, trust=UnsafeTrustManifestKey()) as c:
     if not c.is_set_up:
         c.setup(token={token!r}, server={url!r})
@@ -282,7 +282,7 @@ def test_ld_preload_and_pythonpath_do_not_reach_the_service_worker(deployment, p
     (evil / "sitecustomize.py").write_text(f"open({str(markers / 'sitecustomize')!r} + str(__import__('os').getpid()), 'w')\n")
     r = deployment.as_client(f"""
         import json, numpy as np, mlcapsule
-        from mlcapsule.format.trust import UnsafeTrustManifestKey
+        from mlcapsule.enclave.format.trust import UnsafeTrustManifestKey
         with mlcapsule.open_capsule({str(cap)!r}, trust=UnsafeTrustManifestKey()) as c:
             if not c.is_set_up:
                 c.setup(token={token!r}, server={url!r})
@@ -301,7 +301,7 @@ def test_each_callers_licenses_are_kept_apart(deployment, provider_server):
     url, token, cap = provider_server
     import mlcapsule
 
-    from mlcapsule.format.trust import UnsafeTrustManifestKey
+    from mlcapsule.enclave.format.trust import UnsafeTrustManifestKey
 
     with mlcapsule.open_capsule(cap, trust=UnsafeTrustManifestKey(), service=deployment.socket) as c:
         assert not c.is_set_up
@@ -330,7 +330,7 @@ def test_per_user_mode_is_exposed_to_the_clients_own_user(tmp_path, provider_ser
     url, token, cap = provider_server
     r = deployment.as_client(f"""
         import os, numpy as np, mlcapsule
-        from mlcapsule.format.trust import UnsafeTrustManifestKey
+        from mlcapsule.enclave.format.trust import UnsafeTrustManifestKey
         with mlcapsule.open_capsule({str(cap)!r}, trust=UnsafeTrustManifestKey(), service=False) as c:
             c.setup(token={token!r}, server={url!r})
             print(c.status()["mode"]["mode"])
@@ -379,7 +379,7 @@ def test_tpm_service_predicts_and_the_client_user_cannot_reach_the_tpm(deploymen
                 os.chown(cap, deployment.client.pw_uid, deployment.client.pw_gid)
                 r = deployment.as_client(f"""
                     import json, numpy as np, mlcapsule
-                    from mlcapsule.format.trust import UnsafeTrustManifestKey
+                    from mlcapsule.enclave.format.trust import UnsafeTrustManifestKey
                     with mlcapsule.open_capsule({str(cap)!r}, trust=UnsafeTrustManifestKey()) as c:
                         c.setup(token={h.token!r}, server={url!r})
                         out = c.predict(np.ones((2, 4), np.float32))

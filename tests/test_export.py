@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from mlcapsule import export
-from mlcapsule.errors import UsageError
+from mlcapsule.enclave.errors import UsageError
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives import serialization
 
 from mlcapsule.enclave.backends.software import SoftwareBackend
 from mlcapsule.enclave.core import EnclaveCore
-from mlcapsule.errors import SignatureError
-from mlcapsule.format.container import CapsuleFile
-from mlcapsule.format.trust import TrustProviderKey
+from mlcapsule.enclave.errors import SignatureError
+from mlcapsule.enclave.format.container import CapsuleFile
+from mlcapsule.enclave.format.trust import TrustProviderKey
 
 VEC = Path(__file__).parent / "vectors"
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import mlcapsule
-from mlcapsule.errors import FormatError, UnsupportedVersionError
-from mlcapsule.format import CapsuleFile, TrustProviderKey, verify_capsule
-from mlcapsule.format import trust as T
+from mlcapsule.enclave.errors import FormatError, UnsupportedVersionError
+from mlcapsule.enclave.format import CapsuleFile, TrustProviderKey, verify_capsule
+from mlcapsule.enclave.format import trust as T
 
 from conftest import resign
 
@@ -89,7 +89,7 @@ def test_a_1_1_field_unknown_to_the_schema_is_still_refused_in_any_header(capsul
 
 def test_the_packer_writes_1_1_only_for_capsules_that_use_runtime_initializers(tmp_path, provider_key, monkeypatch):
     import mlcapsule.packer as packer
-    from mlcapsule.format.manifest import RuntimeConfig
+    from mlcapsule.enclave.format.manifest import RuntimeConfig
 
     from provider_sim import tiny_model
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from mlcapsule.enclave import hardening
-from mlcapsule.errors import EnclaveError
+from mlcapsule.enclave.errors import EnclaveError
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the software enclave backend is Linux-only")
 
@@ -393,12 +393,14 @@ def test_code_swap_outside_the_measured_files_is_impossible() -> None:
     import sys
 
     from mlcapsule.enclave.measurement import PACKAGE_ROOT, tcb_files
+    from mlcapsule.host import BOOT_PRELUDE
 
-    code = ("import sys, mlcapsule.enclave.worker, mlcapsule.enclave.backends.software, "
+    code = (BOOT_PRELUDE + "; import mlcapsule.enclave.worker, mlcapsule.enclave.backends.software, "
             "mlcapsule.enclave.backends.tpm\n"
-            "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.startswith('mlcapsule')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            "print('\\n'.join(m.__file__ for n, m in sys.modules.items() "
+            "if n.startswith('mlcapsule') and getattr(m, '__file__', None)))")
+    out = subprocess.run([sys.executable, "-I", "-c", code, str(PACKAGE_ROOT.parent)],
+                         capture_output=True, text=True, check=True).stdout
     imported = {Path(p).resolve() for p in out.split()}
     measured = {f.resolve() for f in tcb_files()}
-    host = (PACKAGE_ROOT / "enclave" / "host.py").resolve()
-    assert imported - {host} <= measured, sorted(str(p) for p in imported - measured)
+    assert imported and imported <= measured, sorted(str(p) for p in imported - measured)

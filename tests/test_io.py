@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mlcapsule.errors import FormatError, InputError, MlcapsuleError, UsageError
+from mlcapsule.enclave.errors import FormatError, InputError, MlcapsuleError, UsageError
 from mlcapsule.io import Preprocessing, format_outputs, load_inputs, write_outputs
 
 TENSOR = Preprocessing()

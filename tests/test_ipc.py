@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from mlcapsule.enclave import protocol as P
-from mlcapsule.errors import InputError, ProtocolError
+from mlcapsule.enclave.errors import InputError, ProtocolError
 
 DTYPES = ["float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlcapsule._cleanup import LOCK_NAME, clean_stale_run_dirs, hold_run_dir
 from mlcapsule.enclave.measurement import measurement
-from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
+from mlcapsule.enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 
 def test_status_prints_the_whole_measurement(capsys):
@@ -56,13 +56,13 @@ def test_a_killed_predict_leaves_no_run_dir_after_the_next_start(tmp_path):
     from conftest import copy_packed  # noqa: F401
 
     from _server_support import _tiny_model
-    from mlcapsule.crypto.keys import generate_provider_key
+    from mlcapsule.enclave.crypto.keys import generate_provider_key
 
     generate_provider_key(tmp_path / "k.pem")
     res = mlcapsule.pack(_tiny_model(), tmp_path / "t.capsule", provider_key=tmp_path / "k.pem", tune_runtime=False)
     state = tmp_path / "state"
     code = ("import os, signal, numpy as np, mlcapsule\n"
-            "from mlcapsule.format.trust import UnsafeTrustManifestKey\n"
+            "from mlcapsule.enclave.format.trust import UnsafeTrustManifestKey\n"
             f"cap = mlcapsule.open_capsule({str(res.capsule_path)!r}, trust=UnsafeTrustManifestKey(), unsafe_dev_key={str(res.key_path)!r}, "
             f"state_dir={str(state)!r})\n"
             "cap.predict(np.ones((1, 4), np.float32))\n"

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from mlcapsule.cli.main import main
-from mlcapsule.crypto.keys import generate_provider_key
+from mlcapsule.enclave.crypto.keys import generate_provider_key
 
 from conftest import assert_one_line_error
 
@@ -33,7 +33,7 @@ def _err(capsys) -> str:
 
 # -- item 12 ------------------------------------------------------------------------------------
 def test_fake_png_error_names_the_cause_without_a_python_repr(tmp_path, capsys):
-    from mlcapsule.errors import InputError
+    from mlcapsule.enclave.errors import InputError
     from mlcapsule.io import Preprocessing, load_inputs
 
     (tmp_path / "fake.png").write_text("this is not an image\n")

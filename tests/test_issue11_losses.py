@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import mlcapsule
-from mlcapsule.errors import IntegrityError, UsageError
-from mlcapsule.format.container import CapsuleFile
-from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
+from mlcapsule.enclave.errors import IntegrityError, UsageError
+from mlcapsule.enclave.format.container import CapsuleFile
+from mlcapsule.enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 from _server_support import (db_url, harness, pg_server, pg_url, platform, provider_files,  # noqa: F401
                              serve_in_thread)
@@ -56,7 +56,7 @@ def test_second_setup_does_not_silently_replace_the_license(tmp_path, provider_f
                 try:
                     cap.predict(X)
                     answered += 1
-                except mlcapsule.errors.BudgetExhaustedError:
+                except mlcapsule.enclave.errors.BudgetExhaustedError:
                     break
             assert answered == 60  # exactly its own budget: no leaked rest of the old lease
         rows = {r["license_id"]: r for r in h.service.usage()}
@@ -121,7 +121,7 @@ def test_admin_capsule_add_checks_every_chunk_tag(tmp_path, provider_files):  # 
     """A capsule re-signed over a changed chunk passes the hashes but not the tags."""
     from conftest import resign  # noqa: F401
     from mlcapsule.server.service import _check_all_chunks
-    from mlcapsule.crypto.keys import ContentKey
+    from mlcapsule.enclave.crypto.keys import ContentKey
 
     with CapsuleFile(provider_files.capsule_path, trust=UnsafeTrustManifestKey()) as cf:
         _check_all_chunks(cf, ContentKey.load(provider_files.content_key_path).key)

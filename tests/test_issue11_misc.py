@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlcapsule.errors import InputError
+from mlcapsule.enclave.errors import InputError
 from mlcapsule.io import Preprocessing, load_inputs
 
 

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import mlcapsule
-from mlcapsule.errors import MlcapsuleError, UsageError
-from mlcapsule.format.container import CapsuleFile
+from mlcapsule.enclave.errors import MlcapsuleError, UsageError
+from mlcapsule.enclave.format.container import CapsuleFile
 from mlcapsule.io import Preprocessing, format_outputs, load_inputs
-from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
+from mlcapsule.enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 
 def _cnn_like(dynamic_classes: bool = False) -> onnx.ModelProto:
@@ -33,7 +33,7 @@ def _cnn_like(dynamic_classes: bool = False) -> onnx.ModelProto:
 
 @pytest.fixture(scope="module")
 def key(tmp_path_factory) -> Path:
-    from mlcapsule.crypto.keys import generate_provider_key
+    from mlcapsule.enclave.crypto.keys import generate_provider_key
 
     k = tmp_path_factory.mktemp("k") / "provider-key.pem"
     generate_provider_key(k)

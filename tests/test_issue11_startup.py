@@ -13,14 +13,14 @@ import time
 
 import pytest
 
-from mlcapsule.errors import TransportError
+from mlcapsule.enclave.errors import TransportError
 
 from conftest import cli_env, mlcapsule_exe
 
 
 # -- item 6 ----------------------------------------------------------------------------------------
 def test_serve_on_a_busy_port_prints_one_line_and_exits_with_the_network_code(tmp_path):
-    from mlcapsule.crypto.keys import generate_provider_key
+    from mlcapsule.enclave.crypto.keys import generate_provider_key
 
     generate_provider_key(tmp_path / "k.pem")
     with socket.socket() as busy:
@@ -41,7 +41,7 @@ def test_serve_on_a_busy_port_prints_one_line_and_exits_with_the_network_code(tm
 
 def test_serve_prints_serving_on_once_the_port_is_bound(tmp_path):
     """`serving on` comes with the real port (here --port 0), and a connection to it is accepted."""
-    from mlcapsule.crypto.keys import generate_provider_key
+    from mlcapsule.enclave.crypto.keys import generate_provider_key
 
     generate_provider_key(tmp_path / "k.pem")
     proc = subprocess.Popen([mlcapsule_exe(), "serve", "--port", "0", "--allow-measurement", "local",

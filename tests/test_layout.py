@@ -124,8 +124,8 @@ def test_the_cycle_finder_finds_cycles() -> None:
 
 def test_the_import_graph_sees_relative_and_absolute_imports() -> None:
     graph = import_graph()
-    assert "mlcapsule.runtime.planner" in graph["mlcapsule.runtime.streaming"]  # from . import planner
-    assert "mlcapsule.errors" in graph["mlcapsule.runtime.planner"]  # from ..errors import ...
+    assert "mlcapsule.enclave.runtime.planner" in graph["mlcapsule.enclave.runtime.streaming"]  # from . import planner
+    assert "mlcapsule.enclave.errors" in graph["mlcapsule.enclave.runtime.planner"]  # from ..errors import ...
     assert "mlcapsule.attestation.tpm.marshal" in graph["mlcapsule.attestation.tpm.verify"]
     assert "mlcapsule.client" not in graph["mlcapsule"]  # imported lazily, in __getattr__
 
@@ -167,23 +167,20 @@ def _all_imports(path: Path) -> set[str]:
     return out
 
 
-def test_the_measurement_covers_exactly_the_trusted_code_and_it_imports_nothing_untrusted() -> None:
-    """Every file the measurement hashes, and only those, is trusted code; none of it imports a
-    module of ours outside the measured set, nor a third-party package that is not pinned into
-    the measurement (or the tpm backend's library)."""
+def test_the_measurement_covers_exactly_the_trusted_package_and_it_imports_nothing_untrusted() -> None:
+    """The measurement hashes exactly one package directory, ``mlcapsule/enclave/``, every file in
+    it and nothing else; none of it imports a module of ours outside that directory, nor a
+    third-party package that is not pinned into the measurement (or the tpm backend's library)."""
     import sys
 
-    from mlcapsule.enclave.measurement import PACKAGE_ROOT, PINNED, TCB, tcb_files
+    from mlcapsule.enclave.measurement import PACKAGE_ROOT, PINNED, TRUSTED_ROOT, tcb_files
 
+    assert TRUSTED_ROOT == PACKAGE_ROOT / "enclave"
     files = tcb_files()
     measured = {f.relative_to(PACKAGE_ROOT).as_posix() for f in files}
-    expected = set()
-    for part in TCB:
-        p = PACKAGE_ROOT / part
-        expected |= {f.relative_to(PACKAGE_ROOT).as_posix() for f in (p.rglob("*.py") if p.is_dir() else [p])}
-    assert measured == expected  # no exclusion list: whole directories
-    assert "host.py" not in measured and not any(m.startswith(("server/", "cli/")) for m in measured)
-    ours = {("mlcapsule/" + m)[:-3].replace("/", ".").removesuffix(".__init__") for m in measured}
+    on_disk = {f.relative_to(PACKAGE_ROOT).as_posix() for f in PACKAGE_ROOT.rglob("*.py")}
+    assert measured == {m for m in on_disk if m.startswith("enclave/")}  # the whole directory, no exclusions
+    assert "host.py" not in measured and "__init__.py" not in measured
     allowed_third_party = {d.replace("-", "_") for d in PINNED} | {"tpm2_pytss"}
     stdlib = set(sys.stdlib_module_names)
     bad = []
@@ -191,9 +188,27 @@ def test_the_measurement_covers_exactly_the_trusted_code_and_it_imports_nothing_
         for mod in _all_imports(f):
             top = mod.split(".")[0]
             if top == "mlcapsule":
-                # a name imported from a module (``from .x import Y``) may be an attribute, not a module
-                if not any(mod == o or mod.startswith(o + ".") for o in ours) and mod not in {"mlcapsule"}:
+                if not (mod == "mlcapsule.enclave" or mod.startswith("mlcapsule.enclave.")):
                     bad.append(f"{f.relative_to(PACKAGE_ROOT)} imports {mod}")
             elif top not in stdlib and top not in allowed_third_party and top != "__future__":
                 bad.append(f"{f.relative_to(PACKAGE_ROOT)} imports third-party {top}")
     assert not bad, "\n".join(sorted(set(bad)))
+
+
+def test_the_worker_runs_no_mlcapsule_code_outside_the_trusted_package() -> None:
+    """Booted as the host boots it, the worker (with both backends) imports only modules of the
+    trusted package: not even ``mlcapsule/__init__.py`` runs in the enclave."""
+    from mlcapsule.enclave.measurement import TRUSTED_ROOT
+    from mlcapsule.host import BOOT_PRELUDE
+
+    code = (BOOT_PRELUDE + "; import mlcapsule.enclave.worker, mlcapsule.enclave.backends.software, "
+            "mlcapsule.enclave.backends.tpm; "
+            "print('\\n'.join(f'{n} {getattr(m, \"__file__\", None)}' for n, m in sorted(sys.modules.items()) "
+            "if n.split('.')[0] == 'mlcapsule'))")
+    out = subprocess.run([sys.executable, "-I", "-c", code, str(TRUSTED_ROOT.parents[1])],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split(" ", 1) for line in out.stdout.split("\n") if line]
+    assert ["mlcapsule", "None"] in rows  # the bare namespace: __init__.py did not run
+    outside = [r for r in rows if r[0] != "mlcapsule" and not Path(r[1]).resolve().is_relative_to(TRUSTED_ROOT)]
+    assert len(rows) > 20 and not outside, outside

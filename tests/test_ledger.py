@@ -30,10 +30,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from mlcapsule.enclave.ledger import Ledger, Persist, Refuse
 from mlcapsule.enclave.state import EnclaveState, SealedStore
-from mlcapsule.errors import (BudgetExhaustedError, FormatError, IntegrityError, LicenseExpiredError, RollbackError,
+from mlcapsule.enclave.errors import (BudgetExhaustedError, FormatError, IntegrityError, LicenseExpiredError, RollbackError,
                               SignatureError)
-from mlcapsule.protocol.receipts import Ack, entry_hash
-from mlcapsule.protocol.voucher import Voucher
+from mlcapsule.enclave.messages.receipts import Ack, entry_hash
+from mlcapsule.enclave.messages.voucher import Voucher
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 BUDGET, LEASE = 12, 4

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 from mlcapsule.demo import models
-from mlcapsule.errors import UsageError
+from mlcapsule.enclave.errors import UsageError
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:

@@ -29,10 +29,10 @@ from conftest import Packed, ProviderKey, assert_matches_reference, pack_model, 
 from onnx import TensorProto, helper, numpy_helper
 
 import mlcapsule
-from mlcapsule.crypto.keys import ContentKey
+from mlcapsule.enclave.crypto.keys import ContentKey
 from mlcapsule.enclave import protocol
 from mlcapsule.host import EnclaveProcess
-from mlcapsule.errors import ProtocolError
+from mlcapsule.enclave.errors import ProtocolError
 
 SECRET_NAMES = ["zq_hidden_projection_7f3a", "zq_gate_91b2", "zq_readout_c0ffee", "zq_secret_w1_d15ea5e",
                 "zq_secret_w2_badc0de", "zq_graph_name_5ca1ab1e"]
@@ -197,7 +197,7 @@ HOST_SCRIPT = r"""
 import json, sys
 import numpy as np
 import mlcapsule
-from mlcapsule.format.trust import UnsafeTrustManifestKey
+from mlcapsule.enclave.format.trust import UnsafeTrustManifestKey
 cfg = json.loads(sys.argv[1])
 cap = mlcapsule.open_capsule(cfg["capsule"], trust=UnsafeTrustManifestKey(), unsafe_dev_key=cfg["key"], state_dir=cfg["state"],
                              platform_dir=cfg["platform"])

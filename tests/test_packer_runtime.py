@@ -9,7 +9,7 @@ import pytest
 
 from mlcapsule import packer
 from mlcapsule.demo import models
-from mlcapsule.runtime.split import split_model
+from mlcapsule.enclave.runtime.split import split_model
 
 
 def _choose(monkeypatch: pytest.MonkeyPatch, seconds: dict[tuple[str, str, bool], float] | None = None

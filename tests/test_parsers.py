@@ -27,12 +27,12 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
-from mlcapsule._util import canonical_json  # noqa: E402
+from mlcapsule.enclave._util import canonical_json  # noqa: E402
 from mlcapsule.enclave import protocol  # noqa: E402
-from mlcapsule.errors import FormatError, MlcapsuleError, ProtocolError  # noqa: E402
-from mlcapsule.format import CapsuleFile, Manifest  # noqa: E402
-from mlcapsule.format.container import MAGIC, MAX_MANIFEST  # noqa: E402
-from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
+from mlcapsule.enclave.errors import FormatError, MlcapsuleError, ProtocolError  # noqa: E402
+from mlcapsule.enclave.format import CapsuleFile, Manifest  # noqa: E402
+from mlcapsule.enclave.format.container import MAGIC, MAX_MANIFEST  # noqa: E402
+from mlcapsule.enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

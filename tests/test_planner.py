@@ -1,6 +1,6 @@
 """The streaming planner on ONNX graphs alone: no capsule, no worker, no ONNX Runtime session.
 
-``mlcapsule.runtime.planner`` decides how a model runs within a memory limit (segments, split
+``mlcapsule.enclave.runtime.planner`` decides how a model runs within a memory limit (segments, split
 nodes, pinned tensors, scratch, reserve, batches) from the graph with its weight placeholders;
 ``runtime.streaming`` only runs what it decides (tests/test_streaming.py runs real capsules).
 """
@@ -17,10 +17,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mlcapsule.errors import FormatError, UsageError
-from mlcapsule.runtime import planner
-from mlcapsule.runtime.planner import MiB, Segment, Split
-from mlcapsule.runtime.split import split_model
+from mlcapsule.enclave.errors import FormatError, UsageError
+from mlcapsule.enclave.runtime import planner
+from mlcapsule.enclave.runtime.planner import MiB, Segment, Split
+from mlcapsule.enclave.runtime.split import split_model
 
 CHUNK = 1 * MiB
 RNG = np.random.default_rng(11)
@@ -177,7 +177,7 @@ def test_the_sub_models_take_activations_and_streamed_weights_as_inputs(mlp: tup
 
 
 def test_the_planner_does_not_import_onnxruntime() -> None:
-    code = ("import sys; import mlcapsule.runtime.planner, mlcapsule.runtime.split; "
+    code = ("import sys; import mlcapsule.enclave.runtime.planner, mlcapsule.enclave.runtime.split; "
             "assert 'onnxruntime' not in sys.modules, 'onnxruntime imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

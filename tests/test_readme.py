@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mlcapsule.crypto.keys import load_provider_key, raw_public
+from mlcapsule.enclave.crypto.keys import load_provider_key, raw_public
 from mlcapsule.enclave.measurement import measurement
 
 from conftest import REPO, cli_env

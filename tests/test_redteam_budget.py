@@ -23,8 +23,8 @@ from mlcapsule.enclave.backends.software import SoftwareBackend
 from mlcapsule.enclave.core import EnclaveCore
 from mlcapsule.host import EnclaveProcess
 from mlcapsule.enclave.state import STATE_FILE
-from mlcapsule.errors import BudgetExhaustedError, RollbackError
-from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
+from mlcapsule.enclave.errors import BudgetExhaustedError, RollbackError
+from mlcapsule.enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 from swtpm import swtpm, tpm_ca, tpm_factory, tpm_policy  # noqa: F401  (fixtures)
 
@@ -141,7 +141,7 @@ def test_rollback_and_voucher_replay_are_seen_by_the_provider_through_the_real_s
     (`admin usage`) count the rollback, also when the client had synced in between (the chain
     then forks from the one the server holds, and the fork is recorded, not refused)."""
     import mlcapsule
-    from mlcapsule.protocol.voucher import verify_voucher  # noqa: F401  (the real voucher path)
+    from mlcapsule.enclave.messages.voucher import verify_voucher  # noqa: F401  (the real voucher path)
 
     with harness(db_url, provider_files, platform, budget=60) as h, serve_in_thread(h.app) as url:
         state = tmp_path / "state"

@@ -24,7 +24,7 @@ import pytest
 from conftest import Packed, ProviderKey, pack_model
 from onnx import TensorProto, helper, numpy_helper
 
-from mlcapsule.errors import InputError, MlcapsuleError, UsageError
+from mlcapsule.enclave.errors import InputError, MlcapsuleError, UsageError
 
 MiB = 1 << 20
 RNG = np.random.default_rng(11)

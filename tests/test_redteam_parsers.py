@@ -39,10 +39,10 @@ from swtpm import swtpm, tpm_ca, tpm_factory, tpm_policy  # noqa: F401  (fixture
 
 from mlcapsule.enclave import protocol as P
 from mlcapsule.enclave.state import EnclaveState
-from mlcapsule.errors import FormatError, InputError, IntegrityError, ProtocolError
-from mlcapsule.protocol.license import License
-from mlcapsule.protocol.receipts import GENESIS, ChainHead, entry_hash, make_entry, verify_chain
-from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
+from mlcapsule.enclave.errors import FormatError, InputError, IntegrityError, ProtocolError
+from mlcapsule.enclave.messages.license import License
+from mlcapsule.enclave.messages.receipts import GENESIS, ChainHead, entry_hash, make_entry, verify_chain
+from mlcapsule.enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 FIXED = settings(max_examples=300, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -94,9 +94,9 @@ def test_receipt_signature_that_is_a_number_null_or_list_is_refused_with_4xx_not
     """Through the real app (SQLite): the upload is refused as a FormatError (422), and the
     stored chain does not move."""
     import mlcapsule
-    from mlcapsule.crypto.keys import generate_provider_key
+    from mlcapsule.enclave.crypto.keys import generate_provider_key
     from mlcapsule.enclave.backends.software import SoftwareBackend
-    from mlcapsule.format.manifest import Policy
+    from mlcapsule.enclave.format.manifest import Policy
 
     key = tmp_path / "provider-key.pem"
     generate_provider_key(key)
@@ -151,11 +151,11 @@ def _ek_mutations(der: bytes) -> list[bytes]:
 def test_mutated_ek_certificate_raises_only_attestation_error(swtpm: Any, tpm_policy: Any) -> None:
     """Mutations of the EK certificate (and of an intermediate the client sends): the verifier
     refuses each with AttestationError, never ValueError or UnsupportedAlgorithm."""
-    from mlcapsule._util import b64d, b64e
+    from mlcapsule.enclave._util import b64d, b64e
     from mlcapsule.attestation import AttestationPolicy
     from mlcapsule.attestation import tpm as T
-    from mlcapsule.errors import AttestationError
-    from mlcapsule.protocol.setup import report_data
+    from mlcapsule.enclave.errors import AttestationError
+    from mlcapsule.enclave.messages.setup import report_data
 
     with swtpm.backend() as b:
         rd = report_data(os.urandom(32), os.urandom(32), os.urandom(32))

@@ -14,9 +14,9 @@ import pytest
 from conftest import Packed, ProviderKey, assert_matches_reference, pack_model, plain_ort
 
 import mlcapsule
-from mlcapsule.errors import InputError, UsageError
-from mlcapsule.format import CapsuleFile
-from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
+from mlcapsule.enclave.errors import InputError, UsageError
+from mlcapsule.enclave.format import CapsuleFile
+from mlcapsule.enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 RNG_SEED = 1234
 

@@ -24,13 +24,13 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from mlcapsule import errors as E
-from mlcapsule._util import b64d, b64e
+from mlcapsule.enclave._util import b64d, b64e
 from mlcapsule.cli.main import cli
-from mlcapsule.crypto.keys import ContentKey, load_provider_key
-from mlcapsule.protocol.license import verify_license
-from mlcapsule.protocol.receipts import GENESIS, entry_hash, verify_ack
-from mlcapsule.protocol.setup import open_payload
-from mlcapsule.protocol.voucher import verify_voucher
+from mlcapsule.enclave.crypto.keys import ContentKey, load_provider_key
+from mlcapsule.enclave.messages.license import verify_license
+from mlcapsule.enclave.messages.receipts import GENESIS, entry_hash, verify_ack
+from mlcapsule.enclave.messages.setup import open_payload
+from mlcapsule.enclave.messages.voucher import verify_voucher
 from mlcapsule.provider_client import ProviderClient
 from mlcapsule.server.db import Account, Device, Nonce
 from mlcapsule.server.settings import ServerSettings
@@ -261,7 +261,7 @@ def test_tpm_payload_opens_only_after_credential_activation(provider_files: Prov
     require_swtpm()
     swtpm, tpm_policy = request.getfixturevalue("swtpm"), request.getfixturevalue("tpm_policy")
     from mlcapsule.enclave.measurement import measurement
-    from mlcapsule.protocol.setup import report_data
+    from mlcapsule.enclave.messages.setup import report_data
 
     with harness(f"sqlite:///{tmp_path / 'tpm.db'}", provider_files, platform, allow_software=False,
                  measurements=frozenset([measurement().hex()]), tpm_policy=tpm_policy) as h, swtpm.backend() as b:
@@ -537,7 +537,7 @@ def test_admin_capsule_add_refuses_a_key_for_another_capsule(provider_files: Pro
     for key in (wrong_id, wrong_key):
         r = run_cli("admin", "capsule", "add", str(provider_files.capsule_path), "--key", str(key), *db)
         assert isinstance(r.exception, E.UsageError), r.output
-    from mlcapsule.crypto.keys import generate_provider_key
+    from mlcapsule.enclave.crypto.keys import generate_provider_key
 
     other = tmp_path / "other-provider.pem"
     generate_provider_key(other)

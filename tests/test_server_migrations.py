@@ -12,7 +12,7 @@ from sqlalchemy import select, text
 
 from _server_support import db_url  # noqa: F401  (fixture)
 from pg import pg_server, pg_url  # noqa: F401  (fixtures)
-from mlcapsule.errors import UsageError
+from mlcapsule.enclave.errors import UsageError
 from mlcapsule.server.db import (LEGACY_REVISION, Account, Base, make_engine, migrate, schema_revisions,
                                  session_factory)
 

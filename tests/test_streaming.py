@@ -18,7 +18,7 @@ from conftest import Packed, ProviderKey, assert_matches_reference, pack_model, 
 from onnx import TensorProto, helper, numpy_helper
 
 from mlcapsule.demo import models
-from mlcapsule.errors import InputError, UsageError
+from mlcapsule.enclave.errors import InputError, UsageError
 
 MiB = 1 << 20
 RNG = np.random.default_rng(7)

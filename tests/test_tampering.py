@@ -39,12 +39,12 @@ from conftest import (
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import mlcapsule
-from mlcapsule.crypto import chunks
-from mlcapsule.crypto.keys import ContentKey
+from mlcapsule.enclave.crypto import chunks
+from mlcapsule.enclave.crypto.keys import ContentKey
 from mlcapsule.enclave.backends.software import SoftwareBackend
 from mlcapsule.enclave.core import EnclaveCore
 from mlcapsule.host import EnclaveProcess
-from mlcapsule.errors import (
+from mlcapsule.enclave.errors import (
     FormatError,
     IntegrityError,
     KeyFileError,
@@ -52,9 +52,9 @@ from mlcapsule.errors import (
     SignatureError,
     UnsupportedVersionError,
 )
-from mlcapsule.format import CapsuleFile
-from mlcapsule.format.container import MAX_MANIFEST
-from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey
+from mlcapsule.enclave.format import CapsuleFile
+from mlcapsule.enclave.format.container import MAX_MANIFEST
+from mlcapsule.enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey
 
 REFUSED = (FormatError, IntegrityError)
 X = np.random.default_rng(7).standard_normal((3, 16)).astype(np.float32)

@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from swtpm import other_swtpm, require_swtpm, swtpm, tpm_ca, tpm_factory, tpm_policy  # noqa: F401  (fixtures)
 
-from mlcapsule._util import b64d, b64e
+from mlcapsule.enclave._util import b64d, b64e
 from mlcapsule.attestation import AttestationPolicy, EvidenceVerifier, verify_evidence
 from mlcapsule.attestation import tpm as T
-from mlcapsule.errors import AttestationError, IntegrityError
-from mlcapsule.protocol.setup import report_data
+from mlcapsule.enclave.errors import AttestationError, IntegrityError
+from mlcapsule.enclave.messages.setup import report_data
 
 pytestmark = pytest.mark.tpm
 

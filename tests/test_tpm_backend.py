@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from swtpm import other_swtpm, require_swtpm, swtpm, tpm_ca, tpm_factory  # noqa: F401  (fixtures)
 
-from mlcapsule.errors import EnclaveError, IntegrityError, UsageError
+from mlcapsule.enclave.errors import EnclaveError, IntegrityError, UsageError
 
 pytestmark = pytest.mark.tpm
 

@@ -32,14 +32,14 @@ from hypothesis.stateful import (
 from provider_sim import Provider, b64
 from swtpm import other_swtpm, swtpm, tpm_ca, tpm_factory, tpm_policy  # noqa: F401  (fixtures)
 
-from mlcapsule._util import b64d
+from mlcapsule.enclave._util import b64d
 from mlcapsule.attestation import AttestationPolicy
 from mlcapsule.attestation.tpm import credential_challenge, verify_tpm
 from mlcapsule.host import EnclaveProcess
 from mlcapsule.enclave.state import STATE_FILE
-from mlcapsule.errors import BudgetExhaustedError, IntegrityError
-from mlcapsule.protocol.setup import report_data
-from mlcapsule.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
+from mlcapsule.enclave.errors import BudgetExhaustedError, IntegrityError
+from mlcapsule.enclave.messages.setup import report_data
+from mlcapsule.enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey  # noqa: F401
 
 pytestmark = pytest.mark.tpm
 
@@ -75,7 +75,7 @@ def query(e: EnclaveProcess, n: int = 1) -> np.ndarray:
 
 
 def counter_name(cap: Path) -> str:
-    from mlcapsule.format.container import CapsuleFile
+    from mlcapsule.enclave.format.container import CapsuleFile
 
     with CapsuleFile(cap, trust=UnsafeTrustManifestKey()) as cf:
         return f"c-{cf.manifest.capsule_id}-v{cf.manifest.version}"
@@ -122,9 +122,9 @@ def test_setup_against_the_real_server_then_offline_predictions(tmp_path, provid
     from _server_support import serve_in_thread
 
     import mlcapsule
-    from mlcapsule.crypto.keys import raw_public
-    from mlcapsule.format.container import CapsuleFile
-    from mlcapsule.format.manifest import Policy
+    from mlcapsule.enclave.crypto.keys import raw_public
+    from mlcapsule.enclave.format.container import CapsuleFile
+    from mlcapsule.enclave.format.manifest import Policy
     from mlcapsule.server.app import create_app
     from mlcapsule.server.settings import ServerSettings
 

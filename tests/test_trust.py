@@ -20,9 +20,9 @@ import pytest
 import mlcapsule
 from mlcapsule.cli.main import PIN_FILE, main
 from mlcapsule.client import default_state_dir
-from mlcapsule.errors import FormatError, SignatureError, UsageError
-from mlcapsule.format import CapsuleFile, TrustProviderKey, UnsafeTrustManifestKey, verify_capsule
-from mlcapsule.format.trust import HEADER_LEN, SIG_LEN, UntrustedProviderKey
+from mlcapsule.enclave.errors import FormatError, SignatureError, UsageError
+from mlcapsule.enclave.format import CapsuleFile, TrustProviderKey, UnsafeTrustManifestKey, verify_capsule
+from mlcapsule.enclave.format.trust import HEADER_LEN, SIG_LEN, UntrustedProviderKey
 
 from conftest import assert_one_line_error, layout, resign
 
@@ -125,7 +125,7 @@ def device(tmp_path, provider_files, platform, mlcapsule_home):  # noqa: F811
 
 def test_first_setup_pins_the_provider_key_and_a_rekeyed_capsule_is_then_refused(device, tmp_path, capsys,
                                                                                    other_provider_key):
-    from mlcapsule.crypto.keys import load_provider_key, raw_public
+    from mlcapsule.enclave.crypto.keys import load_provider_key, raw_public
 
     cap: Path = device["capsule"]
     with CapsuleFile(cap, trust=UnsafeTrustManifestKey()) as cf:
@@ -165,8 +165,8 @@ def test_setup_with_the_wrong_trust_key_is_refused_before_the_server_is_asked(tm
 # -- the server's evidence verifier --------------------------------------------------------------
 def test_two_apps_with_different_settings_verify_evidence_independently(tmp_path, provider_files, platform):  # noqa: F811
     """No global registry or configuration: the second app's settings change nothing for the first."""
-    from mlcapsule.errors import AttestationError
-    from mlcapsule.protocol.setup import report_data
+    from mlcapsule.enclave.errors import AttestationError
+    from mlcapsule.enclave.messages.setup import report_data
     from mlcapsule.server.app import create_app
     from mlcapsule.server.settings import ServerSettings
 
@@ -204,7 +204,7 @@ def test_the_attestation_package_has_no_global_registry_or_configuration():
 
 # -- declared limits: enforced or gone -----------------------------------------------------------
 def test_oversized_signed_envelope_is_refused_before_its_signature_is_checked(provider_key):
-    from mlcapsule.protocol import signed
+    from mlcapsule.enclave.messages import signed
 
     body = {"pad": "x" * signed.MAX_ENVELOPE}
     with pytest.raises(FormatError, match="too large"):

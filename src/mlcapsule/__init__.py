@@ -14,12 +14,15 @@ TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "pack", "open_capsule", "Capsule"]
+__all__ = ["__version__", "pack", "open_capsule", "Capsule", "TrustProviderKey", "UnsafeTrustManifestKey",
+           "generate_provider_key"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any
 
     from .client import Capsule, open_capsule
+    from .enclave.crypto.keys import generate_provider_key
+    from .enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey
     from .packer import pack
 
 
@@ -33,4 +36,12 @@ def __getattr__(name: str) -> Any:
         from . import client
 
         return getattr(client, name)
+    if name in ("TrustProviderKey", "UnsafeTrustManifestKey"):
+        from .enclave.format import trust
+
+        return getattr(trust, name)
+    if name == "generate_provider_key":
+        from .enclave.crypto.keys import generate_provider_key
+
+        return generate_provider_key
     raise AttributeError(name)

@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from ._util import b64d, b64e, data_home
+from .enclave._util import b64d, b64e, data_home
+from .enclave.errors import InputError, UsageError
+from .enclave.format.container import CapsuleFile
+from .enclave.format.manifest import Manifest
+from .enclave.format.trust import Trust, TrustProviderKey, UnsafeTrustManifestKey, check_trust  # noqa: F401
 from .enclave.state import STATE_FILE
-from .errors import InputError, UsageError
-from .format.container import CapsuleFile
-from .format.manifest import Manifest
-from .format.trust import Trust, TrustProviderKey, UnsafeTrustManifestKey, check_trust  # noqa: F401
 from .host import EnclaveProcess
 
 
@@ -38,7 +38,7 @@ class Capsule:
 
     ``trust`` is required (no default): ``TrustProviderKey(provider_public_key)`` pins the
     provider; ``UnsafeTrustManifestKey()`` trusts the key the manifest names (integrity only).
-    See :mod:`mlcapsule.format.trust`. The enclave itself accepts the capsule only with a
+    See :mod:`mlcapsule.enclave.format.trust`. The enclave itself accepts the capsule only with a
     license signed by the manifest's key (docs/design.md, "Trust decisions").
     """
 
@@ -155,7 +155,7 @@ class Capsule:
     def _check_capsule_bytes(self) -> None:
         """Every segment against its SHA-256 in the signed manifest (the hashes cover the stored
         ciphertext, so this catches any changed byte, tags included, without the key)."""
-        from .errors import IntegrityError
+        from .enclave.errors import IntegrityError
 
         with CapsuleFile(self.path, trust=self.trust) as cf:
             if cf.manifest.segments != self.manifest.segments:
@@ -171,8 +171,8 @@ class Capsule:
     def _retire(self, old: dict[str, Any], *, token: str, url: str,
                 export_receipts: str | os.PathLike[str] | None) -> None:
         """Before a deliberate replacement: the old license's receipts reach the provider (or a file)."""
-        from ._util import atomic_write
-        from .errors import MlcapsuleError
+        from .enclave._util import atomic_write
+        from .enclave.errors import MlcapsuleError
 
         if not old.get("receipts_pending"):
             return
@@ -285,7 +285,7 @@ def _read_backend_choice(state_dir: Path) -> dict[str, Any]:
 
 
 def _write_backend_choice(state_dir: Path, backend: str, tcti: str | None, *, server: str | None = None) -> None:
-    from ._util import atomic_write
+    from .enclave._util import atomic_write
 
     choice = {"backend": backend, **({"tcti": tcti} if tcti else {}), **({"server": server} if server else {})}
     atomic_write(state_dir / BACKEND_FILE, json.dumps(choice).encode(), mode=0o600)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import EnclaveError, MlcapsuleError, UsageError
+from .enclave.errors import EnclaveError, MlcapsuleError, UsageError
 
 DEFAULT_SOCKET = "/run/mlcapsule/enclaved.sock"
 DEFAULT_BASE = "/var/lib/mlcapsule"
@@ -309,8 +309,8 @@ class EnclaveService:
     def _open(self, conn: socket.socket, uid: int, msg: dict[str, Any], fds: list[int]) -> None:
         import stat
 
-        from .format.container import CapsuleFile
-        from .format.trust import UnsafeTrustManifestKey
+        from .enclave.format.container import CapsuleFile
+        from .enclave.format.trust import UnsafeTrustManifestKey
         from .host import worker_argv, worker_env
 
         want_arena = bool(msg.get("arena"))

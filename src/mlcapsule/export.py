@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from .errors import UsageError
+from .enclave.errors import UsageError
 
 __all__ = ["torch_to_onnx", "sklearn_to_onnx", "keep_outputs"]
 

@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import errors
-from .enclave import protocol
+from .enclave import errors, protocol
 
 _ERRORS: dict[str, type[errors.MlcapsuleError]] = {
     name: cls for name, cls in vars(errors).items()
@@ -38,6 +37,22 @@ def worker_env() -> dict[str, str]:
             "MKL_NUM_THREADS": "1", "ORT_DISABLE_TELEMETRY": "1"}
 
 
+#: The worker's first lines: the directory holding the package goes first on ``sys.path``, and
+#: ``mlcapsule`` itself becomes a bare namespace, so that the package's ``__init__.py`` (the
+#: untrusted client API) never runs in the enclave: the only mlcapsule code it imports is the
+#: trusted package, ``mlcapsule/enclave/``, which is exactly what the measurement hashes.
+BOOT_PRELUDE = ("import sys, types; src = sys.argv.pop(1); sys.path.insert(0, src); "
+                "pkg = types.ModuleType('mlcapsule'); pkg.__path__ = [src + '/mlcapsule']; "
+                "sys.modules['mlcapsule'] = pkg")
+BOOT = BOOT_PRELUDE + "; import runpy; runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"
+
+
+def boot_argv(module: str) -> list[str]:
+    """``python -I`` running ``module`` of the trusted package as the worker runs it."""
+    src = str(Path(__file__).resolve().parent.parent)
+    return [sys.executable, "-I", "-c", BOOT, src, module]
+
+
 def worker_argv(*, fd_in: int, fd_out: int, state_dir: Path, run_dir: str | Path, backend: str,
                 capsule: Path | None = None, capsule_fd: int | None = None,
                 platform_dir: str | os.PathLike[str] | None = None,
@@ -46,10 +61,7 @@ def worker_argv(*, fd_in: int, fd_out: int, state_dir: Path, run_dir: str | Path
                 shm_fd: int | None = None) -> list[str]:
     """The worker's command line. ``python -I`` ignores every PYTHON* variable and the user's
     site-packages; the package is imported from where this one was (the measured files)."""
-    src = str(Path(__file__).resolve().parent.parent)
-    boot = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import runpy; "
-            "runpy.run_module('mlcapsule.enclave.worker', run_name='__main__', alter_sys=True)")
-    cmd = [sys.executable, "-I", "-c", boot, src,
+    cmd = [*boot_argv("mlcapsule.enclave.worker"),
            "--fd-in", str(fd_in), "--fd-out", str(fd_out), "--state-dir", str(state_dir),
            "--run-dir", str(run_dir), "--backend", backend]
     cmd += ["--capsule", str(capsule)] if capsule is not None else ["--capsule-fd", str(capsule_fd)]
@@ -147,7 +159,7 @@ class EnclaveProcess:
                 self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
                 if platform_dir is None and backend == "software":
                     # Resolved here: the worker inherits no environment (no MLCAPSULE_HOME).
-                    from ._util import data_home
+                    from .enclave._util import data_home
 
                     platform_dir = data_home() / "platform" / "software"
                 self._run = tempfile.TemporaryDirectory(prefix="run-", dir=self.state_dir)

@@ -2,9 +2,9 @@
 
 This code runs in the untrusted host process, never in the enclave: it turns the user's files
 into one float32 batch for the model's input, and the model's output into something a person
-can read. Every failure is an :class:`~mlcapsule.errors.InputError` (a file that cannot be read
-or does not fit the model), a :class:`~mlcapsule.errors.FormatError` (a bad preprocessing
-description in a manifest) or a :class:`~mlcapsule.errors.UsageError` (a bad argument): the
+can read. Every failure is an :class:`~mlcapsule.enclave.errors.InputError` (a file that cannot be read
+or does not fit the model), a :class:`~mlcapsule.enclave.errors.FormatError` (a bad preprocessing
+description in a manifest) or a :class:`~mlcapsule.enclave.errors.UsageError` (a bad argument): the
 parsers never let another exception escape, whatever bytes a file holds.
 
 Public API:
@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import FormatError, InputError, MlcapsuleError, UsageError
+from .enclave.errors import FormatError, InputError, MlcapsuleError, UsageError
 
 __all__ = [
     "Preprocessing",
@@ -700,7 +700,7 @@ def write_outputs(outputs: np.ndarray | Sequence[Mapping[str, Any]], path: str |
     back with :func:`load_inputs`), or the list of dicts from :func:`format_outputs` as is.
     The file is replaced atomically.
     """
-    from ._util import atomic_write
+    from .enclave._util import atomic_write
 
     path = Path(path)
     suffix = path.suffix.lower()

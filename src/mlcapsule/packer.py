@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .crypto.chunks import MAX_CHUNK_SIZE, SegmentCipher
-from .crypto.keys import ContentKey, load_provider_key, raw_public
-from .errors import FormatError, UsageError
-from .format.container import SegmentWriter
-from .format.manifest import Manifest, Policy, RuntimeConfig, TensorSpec
-from .runtime.resident import ResidentModel, aligned_empty, plain_session
-from .runtime.split import SplitModel, split_model
+from .enclave.crypto.chunks import MAX_CHUNK_SIZE, SegmentCipher
+from .enclave.crypto.keys import ContentKey, load_provider_key, raw_public
+from .enclave.errors import FormatError, UsageError
+from .enclave.format.container import SegmentWriter
+from .enclave.format.manifest import Manifest, Policy, RuntimeConfig, TensorSpec
+from .enclave.runtime.resident import ResidentModel, aligned_empty, plain_session
+from .enclave.runtime.split import SplitModel, split_model
 
 Progress = Callable[[str, int, int], None]
 

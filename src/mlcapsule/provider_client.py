@@ -5,7 +5,7 @@ The client machine's HTTP transport: outside the enclave (it is untrusted host c
 
 Errors come back as the exception class the server named (``{"error": {"type": ...}}``), with
 the server's message and hint, and the HTTP status in ``exc.status_code``. A server that cannot
-be reached raises :class:`~mlcapsule.errors.TransportError` naming the URL.
+be reached raises :class:`~mlcapsule.enclave.errors.TransportError` naming the URL.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Any
 
 import httpx
 
-from . import __version__, errors as E
-from ._util import b64d, b64e
-from .protocol.receipts import USAGE_PROTOCOL
+from . import __version__
+from .enclave import errors as E
+from .enclave._util import b64d, b64e
+from .enclave.messages.receipts import USAGE_PROTOCOL
 
 API = "/v1"
 

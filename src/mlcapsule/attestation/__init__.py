@@ -1,7 +1,7 @@
 """Attestation: does this evidence come from an enclave the provider trusts? Pure code, no I/O.
 
 The trust decision follows python-tuf's rule: functions take parsed evidence and either return
-what they vouch for or raise :class:`~mlcapsule.errors.AttestationError`. Anything malformed is
+what they vouch for or raise :class:`~mlcapsule.enclave.errors.AttestationError`. Anything malformed is
 a refusal too. Evidence is dispatched on its ``"type"`` field by an :class:`EvidenceVerifier`,
 an object that holds the provider's :class:`AttestationPolicy` and its table of verifiers
 (``software`` and ``tpm`` by default; verifiers for SGX/TDX/SNP reports are passed in). There is
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from ..errors import AttestationError
+from ..enclave.errors import AttestationError
 from .policy import (
     SOFTWARE_OPTION,
     AttestationPolicy,

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import AttestationError
+from ..enclave.errors import AttestationError
 
 #: The server option that turns on ``allow_software``, named in refusals so an operator knows it.
 SOFTWARE_OPTION = "--UNSAFE-allow-software-evidence (MLCAPSULE_SERVER_ALLOW_SOFTWARE_EVIDENCE=1)"

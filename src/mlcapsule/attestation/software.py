@@ -27,8 +27,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .._util import b64d, canonical_json
-from ..errors import AttestationError
+from ..enclave._util import b64d, canonical_json
+from ..enclave.errors import AttestationError
 from .policy import SOFTWARE_OPTION, AttestationPolicy, VerifiedEvidence, check_evidence_header, normalize_measurement
 
 EVIDENCE_TYPE = "software"

@@ -124,7 +124,7 @@ class Workspace:
     provider_key: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        from ..crypto.keys import generate_provider_key
+        from ..enclave.crypto.keys import generate_provider_key
 
         self.root.mkdir(parents=True, exist_ok=True)
         self.provider_key = self.root / "provider-key.pem"
@@ -162,8 +162,8 @@ def plain_session(path: Path, threads: int) -> Any:
 
 def workspace_trust(ws: Workspace) -> Any:
     """The trust decision for the workspace's capsules: its own provider key, pinned."""
-    from ..crypto.keys import load_provider_key, raw_public
-    from ..format.trust import TrustProviderKey
+    from ..enclave.crypto.keys import load_provider_key, raw_public
+    from ..enclave.format.trust import TrustProviderKey
 
     return TrustProviderKey(raw_public(load_provider_key(ws.provider_key).public_key()))
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..demo import models
-from ..errors import UsageError
+from ..enclave.errors import UsageError
 from . import paper
 from ._common import (
     MiB,
@@ -275,11 +275,11 @@ def _provision(packed: dict[str, Any], ws: Workspace, tag: str, *, lease_size: i
     signed with the provider key, the HPKE payload."""
     import datetime as dt
 
-    from .._util import b64d, b64e
-    from ..crypto.keys import ContentKey, load_provider_key
+    from ..enclave._util import b64d, b64e
+    from ..enclave.crypto.keys import ContentKey, load_provider_key
+    from ..enclave.messages.license import License
+    from ..enclave.messages.setup import seal_payload
     from ..host import EnclaveProcess
-    from ..protocol.license import License
-    from ..protocol.setup import seal_payload
 
     ckey = ContentKey.load(packed["key"])
     with EnclaveProcess(packed["capsule"], state_dir=ws.state(tag), platform_dir=ws.root / "platform") as e:
@@ -386,7 +386,7 @@ def _breakdown(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
     from ..enclave import protocol as P
     from ..enclave.core import check_inputs
-    from ..format.manifest import TensorSpec
+    from ..enclave.format.manifest import TensorSpec
 
     def med(f: Callable[[], Any], n: int = 20000) -> float:
         for _ in range(500):
@@ -441,7 +441,7 @@ def suite_tpm(ws: Workspace) -> dict[str, Any]:
     import sys
     from pathlib import Path
 
-    from .._util import b64e
+    from ..enclave._util import b64e
 
     title = "TPM backend: NV counter increments per query (swtpm)"
     tests = Path(__file__).resolve().parents[3] / "tests"

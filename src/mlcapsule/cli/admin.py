@@ -15,8 +15,8 @@ from typing import Any
 import click
 from rich.table import Table
 
-from .._util import atomic_write
-from ..errors import UsageError
+from ..enclave._util import atomic_write
+from ..enclave.errors import UsageError
 from ._console import CliConsole
 
 console = CliConsole(highlight=False)
@@ -50,8 +50,8 @@ SERVER_PASSPHRASE_SOURCES = ("--passphrase-file FILE, MLCAPSULE_SERVER_PASSPHRAS
 def load_server_key(settings: Any) -> Any:
     """The provider's signing key, as ``serve`` and ``admin`` read it: every hint names the
     passphrase sources these commands really read (issue 11, item 7)."""
-    from ..crypto.keys import load_provider_key
-    from ..errors import KeyFileError
+    from ..enclave.crypto.keys import load_provider_key
+    from ..enclave.errors import KeyFileError
 
     try:
         return load_provider_key(settings.provider_key_path, passphrase=settings.passphrase)
@@ -76,7 +76,7 @@ def _provider_public(settings: Any) -> bytes | None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from ..crypto.keys import raw_public
+    from ..enclave.crypto.keys import raw_public
 
     pub_path = Path(str(settings.provider_key_path) + ".pub")
     if pub_path.is_file():
@@ -188,7 +188,7 @@ def listen_socket(host: str, port: int) -> Any:
     import errno
     import socket
 
-    from ..errors import TransportError
+    from ..enclave.errors import TransportError
 
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)

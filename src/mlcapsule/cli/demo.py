@@ -53,7 +53,7 @@ def running_server(app: Any, port: int) -> Iterator[str]:
 
 
 def run_demo(workdir: Path | None, console: Console) -> None:
-    from ..errors import BudgetExhaustedError, UsageError
+    from ..enclave.errors import BudgetExhaustedError, UsageError
 
     try:
         import fastapi  # noqa: F401
@@ -90,11 +90,11 @@ def _demo(workdir: Path, console: Console, BudgetExhaustedError: type[Exception]
 
     import mlcapsule
 
-    from ..crypto.keys import generate_provider_key
     from ..demo.models import digits_classifier
+    from ..enclave.crypto.keys import generate_provider_key
+    from ..enclave.errors import TransportError
+    from ..enclave.format.manifest import Policy
     from ..enclave.measurement import measurement
-    from ..errors import TransportError
-    from ..format.manifest import Policy
     from ..provider_client import ProviderClient
     from ..server.app import create_app
     from ..server.settings import ServerSettings
@@ -135,8 +135,8 @@ def _demo(workdir: Path, console: Console, BudgetExhaustedError: type[Exception]
     console.print(f"   account 'hospital-a' created; grant: {BUDGET} queries, 1 device, lease {LEASE}")
 
     # The client pins the provider's public key (it would receive provider-key.pem.pub with the capsule).
-    from ..crypto.keys import load_provider_key, raw_public
-    from ..format.trust import TrustProviderKey
+    from ..enclave.crypto.keys import load_provider_key, raw_public
+    from ..enclave.format.trust import TrustProviderKey
 
     pinned = TrustProviderKey(raw_public(load_provider_key(key_path).public_key()))
     with mlcapsule.open_capsule(capsule, trust=pinned) as cap:

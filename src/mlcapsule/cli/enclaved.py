@@ -37,8 +37,8 @@ def run_cmd(socket_path: Path, state_dir: Path, backend: str, tcti: str | None, 
     """Serve enclaves (run it as the service's user: systemd does, see `enclaved install`)."""
     import os
 
+    from ..enclave.errors import UsageError
     from ..enclaved import ServiceConfig, run_service
-    from ..errors import UsageError
 
     if os.geteuid() == 0:
         raise UsageError("the enclave service must not run as root",

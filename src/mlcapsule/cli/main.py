@@ -13,8 +13,8 @@ import click
 from rich.table import Table
 
 from .. import __version__
-from .._util import data_home
-from ..errors import EXIT_CODES, MlcapsuleError, UsageError
+from ..enclave._util import data_home
+from ..enclave.errors import EXIT_CODES, MlcapsuleError, UsageError
 from ._console import CliConsole
 
 console = CliConsole(stderr=False, highlight=False)
@@ -58,7 +58,7 @@ def provider() -> None:
               help="Replace an existing key (capsules signed with it can no longer be re-signed).")
 def provider_init(key_path: str | None, passphrase_file: str | None, force: bool) -> None:
     """Create the provider's signing key (mode 0600)."""
-    from ..crypto.keys import generate_provider_key, key_id
+    from ..enclave.crypto.keys import generate_provider_key, key_id
 
     path = Path(key_path) if key_path else default_provider_key()
     pub = generate_provider_key(path, passphrase=_passphrase(passphrase_file), overwrite=force)
@@ -135,7 +135,7 @@ def pack(model: str, output: str, key_path: str | None, passphrase_file: str | N
     """Pack an ONNX MODEL into an encrypted, signed capsule."""
     from rich.progress import BarColumn, Progress, TextColumn
 
-    from ..format.manifest import Policy
+    from ..enclave.format.manifest import Policy
     from ..packer import pack as do_pack
     from .admin import parse_expires
 
@@ -218,8 +218,8 @@ def _pin_path(capsule: str, state_dir: str | None) -> tuple[Path, Any]:
     """Where the pin for CAPSULE lives, and its manifest. The manifest is read under its own key
     here only to find the capsule's state folder; the capsule is opened again under the pin."""
     from ..client import default_state_dir
-    from ..format.container import CapsuleFile
-    from ..format.trust import UnsafeTrustManifestKey
+    from ..enclave.format.container import CapsuleFile
+    from ..enclave.format.trust import UnsafeTrustManifestKey
 
     with CapsuleFile(capsule, trust=UnsafeTrustManifestKey()) as cf:
         m = cf.manifest
@@ -235,8 +235,8 @@ def _client_trust(capsule: str, trust_file: str | None, unsafe: bool, state_dir:
     first use: the key the capsule names, remembered only after the enclave accepted a license
     signed by it. ``--unsafe-trust-manifest-key`` trusts the manifest's key, with a warning.
     """
-    from ..crypto.keys import ed25519_public_from_raw, key_id
-    from ..format.trust import TrustProviderKey, UnsafeTrustManifestKey
+    from ..enclave.crypto.keys import ed25519_public_from_raw, key_id
+    from ..enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey
 
     if trust_file and unsafe:
         raise UsageError("--trust and --unsafe-trust-manifest-key exclude each other")
@@ -265,8 +265,8 @@ def _client_trust(capsule: str, trust_file: str | None, unsafe: bool, state_dir:
 
 def _remember_pin(pin: Path | None, trust: Any) -> None:
     """Write the pin (mode 0644, beside the state) once a license signed by the key was accepted."""
-    from .._util import atomic_write
-    from ..crypto.keys import ed25519_public_from_raw, public_key_pem
+    from ..enclave._util import atomic_write
+    from ..enclave.crypto.keys import ed25519_public_from_raw, public_key_pem
 
     if pin is None or not pin.parent.is_dir():
         return
@@ -280,8 +280,8 @@ def _remember_pin(pin: Path | None, trust: Any) -> None:
 @_unsafe_trust_option
 def inspect(capsule: str, as_json: bool, trust_file: str | None, unsafe_trust: bool) -> None:
     """Show a capsule's public manifest (checks its signature under the pinned provider key; needs no content key)."""
-    from ..crypto.keys import ed25519_public_from_raw, key_id
-    from ..format.container import CapsuleFile
+    from ..enclave.crypto.keys import ed25519_public_from_raw, key_id
+    from ..enclave.format.container import CapsuleFile
 
     trust, _ = _client_trust(capsule, trust_file, unsafe_trust, None, first_use=False)
     with CapsuleFile(capsule, trust=trust) as cf:
@@ -322,7 +322,7 @@ def inspect(capsule: str, as_json: bool, trust_file: str | None, unsafe_trust: b
 @_unsafe_trust_option
 def verify(capsule: str, trust_file: str | None, unsafe_trust: bool) -> None:
     """Check a capsule's signature, structure and segment hashes, without the content key."""
-    from ..format.container import CapsuleFile
+    from ..enclave.format.container import CapsuleFile
 
     trust, _ = _client_trust(capsule, trust_file, unsafe_trust, None, first_use=False)
     with CapsuleFile(capsule, trust=trust) as cf:
@@ -473,7 +473,7 @@ def run(capsule: str, inputs: tuple[str, ...], unsafe_dev_key: str, output: str 
         state_dir: str | None, memory_limit: float | None, trust_file: str | None) -> None:
     """Run CAPSULE on INPUTS with the provider's key file (development only)."""
     from ..client import open_capsule
-    from ..format.trust import TrustProviderKey, UnsafeTrustManifestKey
+    from ..enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey
     from ..io import check_output_path
 
     if output:
@@ -586,7 +586,7 @@ def predict(capsule: str, inputs: tuple[str, ...], output: str | None, top_k: in
     writes what was answered and loses at most the sub-batch in flight.
     """
     from ..client import open_capsule
-    from ..errors import NotProvisionedError
+    from ..enclave.errors import NotProvisionedError
     from ..io import check_output_path
 
     if output:
@@ -609,7 +609,7 @@ def predict(capsule: str, inputs: tuple[str, ...], output: str | None, top_k: in
 def topup(capsule: str, voucher: str, state_dir: str | None, trust_file: str | None, unsafe_trust: bool) -> None:
     """Redeem a provider's VOUCHER file for CAPSULE, offline."""
     from ..client import open_capsule
-    from ..errors import NotProvisionedError
+    from ..enclave.errors import NotProvisionedError
 
     try:
         envelope = json.loads(Path(voucher).read_text())
@@ -647,7 +647,7 @@ def sync(capsule: str, token: str, server: str | None, state_dir: str | None, tr
          unsafe_trust: bool) -> None:
     """Upload the enclave's signed usage receipts to the provider (online)."""
     from ..client import open_capsule
-    from ..errors import NotProvisionedError
+    from ..enclave.errors import NotProvisionedError
 
     trust, pin = _client_trust(capsule, trust_file, unsafe_trust, state_dir, first_use=True)
     with open_capsule(capsule, trust=trust, state_dir=state_dir) as cap:
@@ -785,7 +785,7 @@ def _safe_next_step(e: MlcapsuleError) -> None:
     """Hints that name the real cause and a step that costs nothing. The backends say "run setup
     again" when a sealed state does not open; but a new setup uses one of the grant's device slots,
     and the usual cause on a device that was set up is a damaged or truncated state.sealed."""
-    from ..errors import IntegrityError
+    from ..enclave.errors import IntegrityError
 
     if isinstance(e, IntegrityError) and e.message.startswith("sealed state"):
         e.message = (f"{e.message}: the sealed license state (state.sealed under {data_home() / 'state'}, or "

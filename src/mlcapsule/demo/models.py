@@ -159,7 +159,7 @@ class _Graph:
 
 
 def _check_positive(**values: int) -> None:
-    from ..errors import UsageError
+    from ..enclave.errors import UsageError
 
     for k, v in values.items():
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
@@ -286,7 +286,7 @@ def vgg16(*, num_classes: int = 1000, image_size: int = 224, seed: int = 0) -> o
     """
     _check_positive(num_classes=num_classes, image_size=image_size)
     if image_size % 32:
-        from ..errors import UsageError
+        from ..enclave.errors import UsageError
 
         raise UsageError(f"vgg16 image_size must be a multiple of 32, got {image_size}")
     g = _Graph(seed)
@@ -375,7 +375,7 @@ def digits_classifier(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, Any]]:
 
     Needs the ``sklearn`` extra (``pip install 'mlcapsule[sklearn]'``).
     """
-    from ..errors import UsageError
+    from ..enclave.errors import UsageError
     from ..export import sklearn_to_onnx
     from ..io import Preprocessing
 

@@ -18,22 +18,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from .._util import b64e
-from ..crypto.chunks import SegmentCipher
-from ..crypto.keys import ContentKey, ed25519_public_from_raw
-from ..errors import InputError, IntegrityError, MlcapsuleError, NotProvisionedError, ProtocolError, RollbackError
-from ..format.container import CapsuleFile
-from ..format.manifest import Manifest, TensorSpec
-from ..format.trust import UnsafeTrustManifestKey
-from ..protocol.license import License, verify_license
-from ..protocol.receipts import verify_ack
-from ..protocol.setup import NONCE_LEN, open_payload, report_data
-from ..protocol.voucher import verify_voucher
-from ..runtime.resident import ResidentModel, mapped_buffer
-from ..runtime.streaming import MiB, StreamingModel, WeightReader, memory_status
+from ._util import b64e
 from .backends.base import Backend
+from .crypto.chunks import SegmentCipher
+from .crypto.keys import ContentKey, ed25519_public_from_raw
+from .errors import InputError, IntegrityError, MlcapsuleError, NotProvisionedError, ProtocolError, RollbackError
+from .format.container import CapsuleFile
+from .format.manifest import Manifest, TensorSpec
+from .format.trust import UnsafeTrustManifestKey
 from .ledger import Effect, Ledger, Refuse
+from .messages.license import License, verify_license
+from .messages.receipts import verify_ack
+from .messages.setup import NONCE_LEN, open_payload, report_data
+from .messages.voucher import verify_voucher
 from .protocol import PROTOCOL_VERSION
+from .runtime.resident import ResidentModel, mapped_buffer
+from .runtime.streaming import MiB, StreamingModel, WeightReader, memory_status
 from .state import EnclaveState, SealedStore
 
 Model = ResidentModel | StreamingModel

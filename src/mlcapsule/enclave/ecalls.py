@@ -29,8 +29,8 @@ import binascii
 from dataclasses import dataclass
 from typing import Any
 
-from .._util import b64d
-from ..errors import NotProvisionedError, ProtocolError
+from ._util import b64d
+from .errors import NotProvisionedError, ProtocolError
 
 #: The most bytes a base64 argument may decode to (HPKE payloads carry a license and a key).
 MAX_BLOB = 1024 * 1024

@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import EnclaveError
+from .errors import EnclaveError
 
 __all__ = [
     "DENIED_SYSCALLS",

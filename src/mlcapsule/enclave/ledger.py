@@ -46,9 +46,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..errors import BudgetExhaustedError, IntegrityError, LicenseExpiredError, MlcapsuleError, RollbackError
-from ..protocol.receipts import Ack, entry_hash, make_entry
-from ..protocol.voucher import Voucher
+from .errors import BudgetExhaustedError, IntegrityError, LicenseExpiredError, MlcapsuleError, RollbackError
+from .messages.receipts import Ack, entry_hash, make_entry
+from .messages.voucher import Voucher
 from .state import Counters, EnclaveState
 
 

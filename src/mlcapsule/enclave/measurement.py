@@ -12,19 +12,17 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-#: The trusted computing base, relative to the package root: every file below these, with no
-#: exclusion (the untrusted host proxy lives outside, in mlcapsule/host.py).
-TCB = ("__init__.py", "enclave", "runtime", "format", "crypto", "protocol", "errors.py", "_util.py")
+#: The trusted package: this directory, ``mlcapsule/enclave/``. The measurement hashes every
+#: file below it, with no exclusion list; nothing outside it runs in the enclave (the worker boots
+#: with ``mlcapsule`` as a bare namespace, so not even the package's ``__init__.py`` runs there).
+TRUSTED_ROOT = Path(__file__).resolve().parent
+PACKAGE_ROOT = TRUSTED_ROOT.parent
 PINNED = ("onnxruntime", "onnx", "numpy", "cryptography")
 
 
 def tcb_files() -> list[Path]:
-    files: list[Path] = []
-    for part in TCB:
-        p = PACKAGE_ROOT / part
-        files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
-    return files
+    """Every Python file of the trusted package, sorted."""
+    return sorted(TRUSTED_ROOT.rglob("*.py"))
 
 
 def runtime_versions() -> dict[str, str]:

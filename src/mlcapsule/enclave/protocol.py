@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .._util import munlock
-from ..errors import ProtocolError
+from ._util import munlock
+from .errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 2 * 1024 * 1024 * 1024 - 1

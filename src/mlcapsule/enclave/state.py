@@ -22,9 +22,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .._util import atomic_write, b64d, b64e
-from ..errors import FormatError, NotProvisionedError, RollbackError
+from ._util import atomic_write, b64d, b64e
 from .backends.base import Backend
+from .errors import FormatError, NotProvisionedError, RollbackError
 
 STATE_FORMAT = "mlcapsule-enclave-state/v1"
 STATE_FILE = "state.sealed"

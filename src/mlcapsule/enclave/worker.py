@@ -29,8 +29,7 @@ import numpy as np  # noqa: F401
 import onnx  # noqa: F401
 import onnxruntime  # noqa: F401
 
-from .. import errors
-from . import ecalls, protocol
+from . import ecalls, errors, protocol
 from .backends import get_backend
 from .core import EnclaveCore
 from .hardening import harden, python_read_paths
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(a.run_dir)
     if a.memory_limit_mb:
         # Streaming mode: ORT's shared arena and one-time initialization, before the baseline.
-        from ..runtime.streaming import configure_onnxruntime
+        from .runtime.streaming import configure_onnxruntime
 
         configure_onnxruntime()
     arena = None

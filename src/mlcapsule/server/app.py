@@ -9,7 +9,7 @@ Endpoints (JSON; bytes in standard base64; ``Authorization: Bearer <account toke
     POST /v1/usage       {license_id, device_id, receipts} -> {seq, charged, answered}
 
 Errors are ``{"error": {"type", "message", "hint"}}`` where ``type`` names a class of
-:mod:`mlcapsule.errors`: 401 bad token, 403 attestation / grant / device limit / revoked /
+:mod:`mlcapsule.enclave.errors`: 401 bad token, 403 attestation / grant / device limit / revoked /
 unknown nonce, 404 unknown capsule or license, 409 nonce already used or receipts that do not
 continue the chain, 410 nonce expired, 413 body too large, 422 malformed request, 503 database
 unavailable. The OpenAPI description is served at ``/openapi.json``. Vouchers are not issued
@@ -31,9 +31,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from .._util import b64d, b64e
-from ..crypto.keys import load_provider_key
-from ..errors import MlcapsuleError
+from ..enclave._util import b64d, b64e
+from ..enclave.crypto.keys import load_provider_key
+from ..enclave.errors import MlcapsuleError
 from .db import create_schema, make_engine, session_factory
 from .errors import UsageProtocolTooOld, status_for, wire_type
 from .schemas import (

@@ -51,7 +51,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
-from ..errors import TransportError, UsageError
+from ..enclave.errors import TransportError, UsageError
 
 UTC = dt.UTC
 

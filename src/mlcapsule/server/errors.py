@@ -1,14 +1,14 @@
 """Server-side refusals, each with its HTTP status.
 
-Every class derives from a public class in :mod:`mlcapsule.errors`. On the wire the error's
+Every class derives from a public class in :mod:`mlcapsule.enclave.errors`. On the wire the error's
 ``type`` is that public ancestor's name (``ProtocolError``, ``PolicyError``, ...), so a client
-that knows only :mod:`mlcapsule.errors` can raise the same class again; the HTTP status carries
+that knows only :mod:`mlcapsule.enclave.errors` can raise the same class again; the HTTP status carries
 the finer distinction (409 nonce used, 410 nonce expired, ...).
 """
 
 from __future__ import annotations
 
-from .. import errors as E
+from ..enclave import errors as E
 
 #: HTTP status for each public error class (the first match along the class's MRO wins).
 DEFAULT_STATUS: tuple[tuple[type[E.MlcapsuleError], int], ...] = (
@@ -105,7 +105,7 @@ def status_for(exc: E.MlcapsuleError) -> int:
 
 
 def wire_type(exc: E.MlcapsuleError) -> str:
-    """The name of the nearest public ancestor in :mod:`mlcapsule.errors`."""
+    """The name of the nearest public ancestor in :mod:`mlcapsule.enclave.errors`."""
     for cls in type(exc).__mro__:
         if cls.__module__ == E.__name__ and issubclass(cls, E.MlcapsuleError):
             return cls.__name__

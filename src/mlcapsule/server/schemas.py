@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from .._util import b64d
-from ..protocol.receipts import MAX_UPLOAD, USAGE_PROTOCOL  # noqa: F401  (re-exported)
+from ..enclave._util import b64d
+from ..enclave.messages.receipts import MAX_UPLOAD, USAGE_PROTOCOL  # noqa: F401  (re-exported)
 
 MAX_EVIDENCE_FIELDS = 64
 
@@ -94,7 +94,7 @@ class UsageResponse(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    type: str = Field(description="name of the mlcapsule.errors class, e.g. AttestationError")
+    type: str = Field(description="name of the mlcapsule.enclave.errors class, e.g. AttestationError")
     message: str
     hint: str
 

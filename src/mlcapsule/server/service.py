@@ -3,7 +3,7 @@
 :class:`ProviderService` holds the rules; :mod:`.app` only maps HTTP to these methods and
 :mod:`mlcapsule.cli.admin` calls the administrative ones. Time is injected (``clock``) so tests
 can expire nonces and grants without sleeping. Trust decisions on evidence and receipts are the
-pure functions of :mod:`mlcapsule.attestation` and :mod:`mlcapsule.protocol.receipts`.
+pure functions of :mod:`mlcapsule.attestation` and :mod:`mlcapsule.enclave.messages.receipts`.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from sqlalchemy import CursorResult, delete, exc as sa_exc, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from .._util import b64d
 from ..attestation import AttestationPolicy, EvidenceVerifier
-from ..crypto.keys import ContentKey, ed25519_public_from_raw, raw_public
-from ..errors import FormatError, IntegrityError, SignatureError, UsageError
-from ..protocol.license import License
-from ..protocol.receipts import GENESIS, ChainHead, entry_hash, verify_chain
-from ..protocol.setup import NONCE_LEN, report_data, seal_payload
-from ..protocol.voucher import Voucher as VoucherMsg
+from ..enclave._util import b64d
+from ..enclave.crypto.keys import ContentKey, ed25519_public_from_raw, raw_public
+from ..enclave.errors import FormatError, IntegrityError, SignatureError, UsageError
+from ..enclave.messages.license import License
+from ..enclave.messages.receipts import GENESIS, ChainHead, entry_hash, verify_chain
+from ..enclave.messages.setup import NONCE_LEN, report_data, seal_payload
+from ..enclave.messages.voucher import Voucher as VoucherMsg
 from .db import Account, Capsule, Device, Grant, Nonce, Voucher
 from .errors import (
     ChainConflict,
@@ -381,7 +381,7 @@ class ProviderService:
     def sign_ack(self, license_id: str, device_id: str, head: ChainHead) -> dict[str, Any]:
         """The provider-signed acknowledgement of the chain head stored for this device: the
         enclave forgets receipts only on this (usage protocol 2)."""
-        from ..protocol.receipts import Ack
+        from ..enclave.messages.receipts import Ack
 
         return Ack(license_id, device_id, head.seq, head.hash).sign(self._key())
 
@@ -423,9 +423,9 @@ class ProviderService:
         warns) falls back to the manifest's own key; provisioning then still refuses a capsule
         whose key is not the one licenses are signed with.
         """
-        from ..crypto.chunks import TAG_LEN, SegmentCipher, n_chunks
-        from ..format.container import CapsuleFile
-        from ..format.trust import TrustProviderKey, UnsafeTrustManifestKey, UntrustedProviderKey
+        from ..enclave.crypto.chunks import TAG_LEN, SegmentCipher, n_chunks
+        from ..enclave.format.container import CapsuleFile
+        from ..enclave.format.trust import TrustProviderKey, UnsafeTrustManifestKey, UntrustedProviderKey
 
         pinned = provider_public if provider_public is not None else (
             raw_public(self.provider_key.public_key()) if self.provider_key is not None else None)
@@ -488,8 +488,8 @@ class ProviderService:
         """CAPSULE as a capsule file path, ``UUID`` (latest registered version) or ``UUID:VERSION``."""
         version: int | None
         if Path(ref).is_file():
-            from ..format.container import CapsuleFile
-            from ..format.trust import UnsafeTrustManifestKey
+            from ..enclave.format.container import CapsuleFile
+            from ..enclave.format.trust import UnsafeTrustManifestKey
 
             # The file only names an id and version (the decision is the registered row, which
             # was pinned at registration): its manifest's own key is enough for that.
@@ -649,7 +649,7 @@ class ProviderService:
 def _check_all_chunks(cf: Any, key: bytes) -> None:
     """Authenticate every chunk of every encrypted segment of ``cf`` with ``key`` (about a second
     per GB), wiping each plaintext chunk as soon as it is checked."""
-    from ..crypto.chunks import TAG_LEN, SegmentCipher, n_chunks
+    from ..enclave.crypto.chunks import TAG_LEN, SegmentCipher, n_chunks
 
     m = cf.manifest
     for seg in m.segments:

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .._util import data_home
-from ..errors import UsageError
+from ..enclave._util import data_home
+from ..enclave.errors import UsageError
 
 ENV_PREFIX = "MLCAPSULE_SERVER_"
 DEFAULT_PORT = 8700
@@ -138,7 +138,7 @@ class ServerSettings:
 
 def _measurement(m: str) -> str:
     from ..attestation import normalize_measurement
-    from ..errors import AttestationError
+    from ..enclave.errors import AttestationError
 
     if m == "local":  # development convenience: the enclave measurement of this installation
         from ..enclave.measurement import measurement

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.kdf.kbkdf import KBKDFHMAC, CounterLocation, Mode
 
-from ..._util import b64d, b64e
-from ...errors import AttestationError
+from ...enclave._util import b64d, b64e
+from ...enclave.errors import AttestationError
 from .marshal import HASHES, TpmPublic, _tpm2b, parse_public
 from .verify import check_ek
 

@@ -15,7 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ...errors import AttestationError
+from ...enclave.errors import AttestationError
 
 MAX_STRUCT = 8192  # no TPM structure we read is larger (TPM2 buffers are at most 4 KiB)
 

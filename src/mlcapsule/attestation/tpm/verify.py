@@ -51,8 +51,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ..._util import b64d
-from ...errors import AttestationError
+from ...enclave._util import b64d
+from ...enclave.errors import AttestationError
 from ..policy import AttestationPolicy, VerifiedEvidence, check_evidence_header, normalize_measurement
 from .marshal import (
     ALG_AES,

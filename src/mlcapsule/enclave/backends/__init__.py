@@ -8,7 +8,7 @@ BACKENDS = ("software", "tpm")
 
 
 def get_backend(name: str, **kwargs: object) -> Backend:
-    from ...errors import UsageError
+    from ..errors import UsageError
 
     if name == "software":
         from .software import SoftwareBackend

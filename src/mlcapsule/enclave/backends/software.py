@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..._util import atomic_write, b64e, canonical_json, data_home
-from ...errors import EnclaveError, IntegrityError
+from .._util import atomic_write, b64e, canonical_json, data_home
+from ..errors import EnclaveError, IntegrityError
 from ..measurement import measurement
 from .base import Backend, ThreatModel
 

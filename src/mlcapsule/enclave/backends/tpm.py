@@ -75,8 +75,8 @@ from tpm2_pytss.types import (
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
-from ..._util import b64d, b64e
-from ...errors import EnclaveError, IntegrityError, ProtocolError, UsageError
+from .._util import b64d, b64e
+from ..errors import EnclaveError, IntegrityError, ProtocolError, UsageError
 from ..measurement import measurement
 from .base import Backend, ThreatModel
 

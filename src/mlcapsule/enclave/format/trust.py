@@ -9,7 +9,7 @@ Every open of a capsule names who it trusts to have signed the manifest:
   only where another check pins the key (the enclave: the provider-signed license) or where the
   user asked for it explicitly (the CLI's ``--unsafe-trust-manifest-key``, which warns).
 
-There is no default: :func:`verify_capsule` and :class:`~mlcapsule.format.container.CapsuleFile`
+There is no default: :func:`verify_capsule` and :class:`~mlcapsule.enclave.format.container.CapsuleFile`
 raise :class:`TypeError` without a decision. docs/design.md, "Trust decisions", lists the
 decision of every caller.
 """

@@ -15,7 +15,7 @@ The signature covers ``"mlcapsule-manifest-signature/v1\\0" || header || manifes
 header field is signed too. The reader checks, in this order: magic, version, the fixed
 fields, every length against its cap and against the file size, the JSON, the trust decision,
 the signature, the manifest's schema, and that the segments tile the data region exactly (the
-checks after the file size are the pure :func:`~mlcapsule.format.trust.verify_capsule`). Only
+checks after the file size are the pure :func:`~mlcapsule.enclave.format.trust.verify_capsule`). Only
 then does anything look at segment bytes, through a read-only mmap: the file is never read whole.
 """
 
@@ -70,8 +70,8 @@ def parse_header(header: bytes, file_size: int) -> tuple[int, int, int]:
 class CapsuleFile:
     """A capsule opened for reading. Parses and verifies the header and manifest at open.
 
-    ``trust`` is required: :class:`~mlcapsule.format.trust.TrustProviderKey` pins the provider;
-    :class:`~mlcapsule.format.trust.UnsafeTrustManifestKey` checks the manifest against the key
+    ``trust`` is required: :class:`~mlcapsule.enclave.format.trust.TrustProviderKey` pins the provider;
+    :class:`~mlcapsule.enclave.format.trust.UnsafeTrustManifestKey` checks the manifest against the key
     it names itself, which proves integrity but not origin.
     """
 

@@ -1,7 +1,7 @@
 """The public, signed manifest of a capsule.
 
 Pure code: dict <-> dataclasses with strict validation. Anything that does not validate raises
-:class:`~mlcapsule.errors.FormatError`, because a manifest that fails to parse is not trusted.
+:class:`~mlcapsule.enclave.errors.FormatError`, because a manifest that fails to parse is not trusted.
 The manifest never names or shapes the model's tensors: that would reveal the architecture,
 which is encrypted by default. It describes only what a client needs to call the model.
 """
