@@ -1,0 +1,61 @@
+"""Black-box attacks against any oracle: a plain ONNX model, a capsule opened with the dev key,
+or a licensed capsule that charges its budget (client-side research code, never run in the
+enclave).
+
+Importing this package is cheap (numpy only): torch is imported by the attacks that train a
+substitute, when they run, and onnxruntime by :class:`OnnxOracle`.
+
+* Oracles (:mod:`.oracle`): :class:`Oracle`, :class:`OnnxOracle`, :class:`CapsuleOracle`,
+  :class:`CallableOracle`, :class:`QueryBudgetExhausted`, :func:`rounding`,
+  :func:`labels_only`, :func:`top_k`.
+* Results (:mod:`.results`): :class:`AttackResult`, :class:`Trace`, :class:`FidelityEvaluator`.
+* Metrics (:mod:`.metrics`): :func:`agreement`, :func:`roc_auc`, :func:`best_auc`,
+  :func:`tpr_at_fpr`, :func:`jensen_shannon`.
+* Tramèr et al. (:mod:`.equation_solving`): :func:`extract_logistic`, :func:`extract_softmax`,
+  :func:`extract_mlp`.
+* Retraining (:mod:`.extraction`): :func:`jbda`, :func:`knockoff`, :func:`uniform_retraining`,
+  :func:`retraining`.
+* Membership inference (:mod:`.membership`): :func:`membership_scores`,
+  :func:`membership_report`, :func:`membership_inference`, :class:`ThresholdAttack`.
+
+See ``docs/attacks.md`` for each attack's threat model, parameters and paper.
+"""
+
+from __future__ import annotations
+
+# Every module imported here needs numpy only; torch, onnxruntime and scikit-learn are imported
+# inside the functions that use them (torch through .substitute).
+from .equation_solving import extract_logistic, extract_mlp, extract_softmax
+from .extraction import jbda, knockoff, retraining, uniform_retraining
+from .membership import (
+    MembershipReport,
+    ThresholdAttack,
+    membership_inference,
+    membership_report,
+    membership_scores,
+)
+from .metrics import agreement, best_auc, entropy, jensen_shannon, roc_auc, roc_curve, tpr_at_fpr
+from .models import NumpyMLP, SoftmaxRegression, TorchPredictor
+from .oracle import (
+    BaseOracle,
+    CallableOracle,
+    CapsuleOracle,
+    OnnxOracle,
+    Oracle,
+    QueryBudgetExhausted,
+    QueryLog,
+    as_labels,
+    labels_only,
+    rounding,
+    top_k,
+)
+from .results import AttackResult, FidelityEvaluator, Predictor, Trace
+
+__all__ = [
+    "AttackResult", "BaseOracle", "CallableOracle", "CapsuleOracle", "FidelityEvaluator", "MembershipReport",
+    "NumpyMLP", "OnnxOracle", "Oracle", "Predictor", "QueryBudgetExhausted", "QueryLog", "SoftmaxRegression",
+    "ThresholdAttack", "TorchPredictor", "Trace", "agreement", "as_labels", "best_auc", "entropy",
+    "extract_logistic", "extract_mlp", "extract_softmax", "jbda", "jensen_shannon", "knockoff", "labels_only",
+    "membership_inference", "membership_report", "membership_scores", "retraining", "roc_auc", "roc_curve",
+    "rounding", "top_k", "tpr_at_fpr", "uniform_retraining",
+]
