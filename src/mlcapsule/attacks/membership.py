@@ -30,7 +30,7 @@ from ..errors import UsageError
 from ._run import spend
 from .metrics import best_auc, entropy, roc_auc, roc_curve, tpr_at_fpr
 from .oracle import Oracle, as_labels, is_label_output
-from .results import AttackResult
+from .results import STOP_DONE, AttackResult
 
 __all__ = ["SCORES", "membership_scores", "membership_report", "MembershipReport", "ThresholdAttack",
            "membership_inference"]
@@ -129,10 +129,11 @@ class ThresholdAttack:
 def membership_inference(oracle: Oracle, members: np.ndarray, non_members: np.ndarray, *,
                          kinds: tuple[str, ...] = ("entropy", "max_posterior"),
                          member_labels: np.ndarray | None = None,
-                         non_member_labels: np.ndarray | None = None) -> AttackResult:
-    """Query the oracle on candidate members and non-members (each row is charged), score them
-    with each of ``kinds`` and report. Labels are needed for ``modified_entropy``, ``loss`` and
-    ``gap``. If a budget ends the queries, the candidates answered so far are scored."""
+                         non_member_labels: np.ndarray | None = None, batch_size: int = 100) -> AttackResult:
+    """Query the oracle on candidate members and non-members (each row is charged), in batches
+    of ``batch_size``, score them with each of ``kinds`` and report. Labels are needed for
+    ``modified_entropy``, ``loss`` and ``gap``. If a budget ends the queries, the candidates
+    answered so far are scored."""
     x = np.concatenate([np.asarray(members), np.asarray(non_members)])
     truth = np.concatenate([np.ones(len(members), bool), np.zeros(len(non_members), bool)])
     labels: np.ndarray | None = None
@@ -140,12 +141,20 @@ def membership_inference(oracle: Oracle, members: np.ndarray, non_members: np.nd
         labels = np.concatenate([np.asarray(member_labels), np.asarray(non_member_labels)])
     # Interleave members and non-members so that a budget that runs out leaves both kinds.
     order = np.random.default_rng(0).permutation(len(x))
-    ax, ay, stopped = spend(oracle, x[order])
-    k = len(ax)
+    answers: list[np.ndarray] = []
+    stopped = STOP_DONE
+    for start in range(0, len(order), max(1, batch_size)):
+        _, ay, stopped = spend(oracle, x[order[start:start + batch_size]])
+        if len(ay):
+            answers.append(np.asarray(ay))
+        if stopped != STOP_DONE:
+            break
+    k = sum(len(a) for a in answers)
+    ay = np.concatenate(answers) if answers else np.empty((0,))
     idx, truth_k = order[:k], truth[order[:k]]
     metrics: dict[str, float] = {}
     scores: dict[str, Any] = {}
-    for kind in kinds:
+    for kind in kinds if k else ():
         s = membership_scores(ay, kind, None if labels is None else labels[idx])
         scores[kind] = s
         if truth_k.any() and not truth_k.all():

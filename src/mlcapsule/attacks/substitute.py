@@ -55,6 +55,8 @@ class Standardize(nn.Module):
 
     def __init__(self, mean: float, std: float) -> None:
         super().__init__()
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std) if std > 0 else 1.0))
 
