@@ -6,7 +6,7 @@ torch thread; measured when the test was written):
 
 * uniform queries, labels only (Tramèr's uniform retraining, the label-only baseline): ~0.24;
 * uniform queries with posteriors: ~0.33;
-* Knockoff Nets (Fashion-MNIST images turned into 8x8 digits format, posteriors): ~0.62;
+* Knockoff Nets (2,000 Fashion-MNIST images turned into 8x8 digits format, posteriors): ~0.64;
 * JbDA (30 seeds, 4 rounds, λ = 4 of 16): ~0.74 after the seeds alone, ~0.80 after 480 queries.
 """
 
