@@ -314,6 +314,21 @@ def _fixed(res: dict[str, Any]) -> list[str]:
         out += ["", f"Sum of the steps: {total:.0f} µs; the budget lease adds "
                 f"{us['capsule_licensed']['median'] - us['capsule']['median']:.0f} µs at the median (a clock read and "
                 "two comparisons per query; one sealed write, with fsync, per lease — that is the max)."]
+    wk = res.get("wakeups_us")
+    if wk:
+        base = wk["pipe"]["median_us"]
+        out += ["", "Cheaper wake-ups? One-byte round trips between two Python processes, each mechanism in the same "
+                "interleaved rounds (`python -m mlcapsule.bench.wakeups` runs it alone):", ""]
+        out += _table(["mechanism", "median µs", "mean µs", "p99 µs", "min µs", "median ÷ pipe"],
+                      [[k, f"{v['median_us']:.1f}", f"{v['mean_us']:.1f}", f"{v['p99_us']:.1f}", f"{v['min_us']:.1f}",
+                        f"{v['median_us'] / base:.2f}×"] for k, v in wk.items()])
+        best = min(wk, key=lambda k: wk[k]["median_us"])
+        out += ["", f"Kept: pipes. The fastest here is `{best}`, "
+                f"{base - wk[best]['median_us']:.1f} µs a round trip below the pipe at the median"
+                if best != "pipe" else "Kept: pipes, the fastest here"]
+        out[-1] += ("; an eventfd carries no bytes, so using it would move every frame into shared memory for "
+                    "that gain. Spinning on shared memory before sleeping (the futex-with-spin pattern) loses on "
+                    "2 CPUs: the spinner takes the CPU the other process needs to answer.")
     return out + [""]
 
 

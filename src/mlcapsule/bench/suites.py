@@ -330,6 +330,10 @@ def suite_fixed(ws: Workspace) -> dict[str, Any]:
     finally:
         dev.close()
         lic.close()
+    from . import wakeups
+
+    ws.log("  wake-up mechanisms: pipe, seqpacket, eventfd, spin")
+    wake = wakeups.run(*((3, 200) if ws.quick else (10, 500)))
     s = {k: stats(v, unit=1e6) for k, v in samples.items()}
     fixed = {k: {"median_us": s[k]["median"] - s["plain"]["median"], "mean_us": s[k]["mean"] - s["plain"]["mean"],
                  "p99_us": s[k]["p99"] - s["plain"]["p99"]}
@@ -340,7 +344,7 @@ def suite_fixed(ws: Workspace) -> dict[str, Any]:
             for k in fixed}
     return {"suite": "fixed", "title": "Fixed cost per query: digits MLP (64-64-10), batch 1, 1 thread",
             "us": s, "fixed_cost": fixed, "vs_bare_round_trip": goal, "lease_size": lease, "max_rel_diff": diffs,
-            "license_status": license_status, "breakdown_us": _breakdown(x, ref),
+            "license_status": license_status, "breakdown_us": _breakdown(x, ref), "wakeups_us": wake,
             "load_average_after": load_average()}
 
 
