@@ -13,6 +13,7 @@ substitute, when they run, and onnxruntime by :class:`OnnxOracle`.
   :func:`tpr_at_fpr`, :func:`jensen_shannon`.
 * Tramèr et al. (:mod:`.equation_solving`): :func:`extract_logistic`, :func:`extract_softmax`,
   :func:`extract_mlp`.
+* Path finding on decision trees (:mod:`.path_finding`): :func:`extract_tree`.
 * Retraining (:mod:`.extraction`): :func:`jbda`, :func:`knockoff`, :func:`uniform_retraining`,
   :func:`retraining`.
 * Membership inference (:mod:`.membership`): :func:`membership_scores`,
@@ -49,13 +50,15 @@ from .oracle import (
     rounding,
     top_k,
 )
+from .path_finding import BoxTree, extract_tree
 from .results import AttackResult, FidelityEvaluator, Predictor, Trace
 
 __all__ = [
-    "AttackResult", "BaseOracle", "CallableOracle", "CapsuleOracle", "FidelityEvaluator", "MembershipReport",
+    "AttackResult", "BaseOracle", "BoxTree", "CallableOracle", "CapsuleOracle", "FidelityEvaluator", "MembershipReport",
     "NumpyMLP", "OnnxOracle", "Oracle", "Predictor", "QueryBudgetExhausted", "QueryLog", "SoftmaxRegression",
     "ThresholdAttack", "TorchPredictor", "Trace", "agreement", "as_labels", "best_auc", "entropy",
-    "extract_logistic", "extract_mlp", "extract_softmax", "jbda", "jensen_shannon", "knockoff", "labels_only",
+    "extract_logistic", "extract_mlp", "extract_softmax", "extract_tree", "jbda", "jensen_shannon", "knockoff",
+    "labels_only",
     "membership_inference", "membership_report", "membership_scores", "retraining", "roc_auc", "roc_curve",
     "rounding", "top_k", "tpr_at_fpr", "uniform_retraining",
 ]
