@@ -168,3 +168,14 @@ def test_refusals_carry_no_model_output() -> None:
     text = r.refusal.diagnostics() + repr(r.alarms)
     for value in P.ravel():
         assert f"{value:.4f}" not in text
+
+
+def test_empty_batches_and_image_shaped_inputs() -> None:
+    policy = DefensePolicy.from_specs(["prada", "kennen", "mi-noise:c=0.5", "top-k:2"])
+    state = DefenseState.new(policy)
+    r = apply(policy, state, np.zeros((0, 1, 2, 2), np.float32), np.zeros((0, 4), np.float32),
+              kennen_scores=np.zeros(0))
+    assert r.answer is not None and r.answer.shape == (0, 4) and r.alarms == [] and r.state.queries == 0
+    r = apply(policy, r.state, X[:, :4].reshape(8, 1, 2, 2), P, kennen_scores=BENIGN)
+    assert r.answer is not None and r.answer.shape == (8, 4) and r.state.prada is not None
+    assert r.state.prada.dim == 4

@@ -191,7 +191,8 @@ def unlock(state: DefenseState, voucher_seq: int, *, reset_detectors: bool = Fal
     :class:`RollbackError` and changes nothing. The lock and the degradation are lifted. The
     detectors keep their state (so an attack that goes on is not restarted from zero) and their
     verdicts (so a detector still flagged raises no new alarm until it clears), unless
-    ``reset_detectors``, which empties PRADA's sets and the OOD window.
+    ``reset_detectors``, which empties PRADA's sets and the OOD window. A voucher applied while
+    unlocked only advances the sequence.
     """
     if isinstance(voucher_seq, bool) or not isinstance(voucher_seq, int):
         raise DefenseSpecError("an unlock voucher number must be an integer")
@@ -218,7 +219,7 @@ def _rows(inputs: npt.ArrayLike, n: int) -> npt.NDArray[np.float32]:
     x = np.asarray(inputs, dtype=np.float32)
     if x.ndim == 0 or x.shape[0] != n:
         raise DefenseSpecError(f"the defenses got {x.shape[0] if x.ndim else 0} inputs for {n} outputs")
-    return x.reshape(n, -1)
+    return x.reshape(n, int(np.prod(x.shape[1:])))
 
 
 def apply(policy: DefensePolicy, state: DefenseState, inputs: npt.ArrayLike, posteriors: npt.ArrayLike, *,
