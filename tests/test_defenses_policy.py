@@ -153,3 +153,9 @@ def test_check_model_refuses_a_policy_the_model_cannot_run() -> None:
         DefensePolicy.from_specs(["top-k:3"]).check_model(n_classes=2, input_size=4)
     with pytest.raises(DefenseSpecError, match="lower max_queries"):
         DefensePolicy.from_specs(["prada:max_queries=1000000"]).check_model(n_classes=10, input_size=3 * 224 * 224)
+
+
+def test_the_canonical_form_is_unique() -> None:
+    one = DefensePolicy.from_dict({"version": 1, "defenses": {"mi-noise": {"c": 1}}})
+    assert one.to_dict() == DefensePolicy.from_specs(["mi-noise:c=1"]).to_dict()
+    assert json.dumps(one.to_dict()) == '{"version": 1, "defenses": {"mi-noise": {"c": 1.0, "prior": null}}}'

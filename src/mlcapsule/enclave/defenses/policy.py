@@ -256,6 +256,9 @@ def _convert(name: str, key: str, spec: _Param, text: str) -> Any:
 
 
 def _build(cls: type[_Defense], values: Mapping[str, Any]) -> Defense:
+    # an integer given for a float parameter becomes a float, so the canonical form is unique
+    values = {k: float(v) if k in cls.PARAMS and cls.PARAMS[k].kind == "float" and type(v) is int else v
+              for k, v in values.items()}
     try:
         defense = cls(**values)
     except TypeError as exc:  # a missing or unexpected keyword
