@@ -138,6 +138,35 @@ class ServerError(MlcapsuleError):
     default_hint = "see the server's reason above"
 
 
+# -- defenses (issue 12) -------------------------------------------------------------------------
+class DefenseSpecError(UsageError):
+    """A defense spec or policy that is not valid: unknown defense, bad or missing parameter.
+    Raised at pack time on the provider's command line, and again at load if a signed manifest
+    carries one."""
+
+    default_hint = "see docs/defenses.md for the defenses and their parameters, e.g. --defense prada:delta=0.9"
+
+
+class DefenseGrantError(PolicyError):
+    """A license grant that would loosen the capsule's defense policy."""
+
+    default_hint = "a grant may only tighten the capsule's defenses; ask the provider for a corrected license"
+
+
+class DefenseError(MlcapsuleError):
+    """A defense refused the query (the query was charged: the budget is charged before inference)."""
+
+    exit_code = 12
+    default_hint = ("the capsule's defenses flagged this query stream as an attack; "
+                    "the provider sees the alarm after the next `mlcapsule sync`")
+
+
+class DefenseLockedError(DefenseError):
+    """A defense locked the license: every query is refused until the provider's unlock voucher."""
+
+    default_hint = "ask the provider for an unlock voucher and apply it with `mlcapsule topup CAPSULE VOUCHER`"
+
+
 #: Documented CLI exit codes, for the README and `mlcapsule --help`.
 EXIT_CODES: dict[int, str] = {
     0: "success",
@@ -152,4 +181,5 @@ EXIT_CODES: dict[int, str] = {
     9: "enclave could not start or died",
     10: "server unreachable",
     11: "server refused the request",
+    12: "defense: a query refused by the capsule's defenses, or the license locked by them",
 }
