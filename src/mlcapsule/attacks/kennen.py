@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "KENNEN_ATTRIBUTES", "NetConfig", "ZooSettings", "KennenSettings", "KennenModel", "KennenResult",
     "CraftedInputs", "DetectorData", "sample_zoo_configs", "build_zoo", "split_zoo", "train_kennen",
-    "infer_attributes", "craft_kennen_inputs", "kennen_detector_data", "default_cache_dir",
+    "infer_attributes", "zoo_answers", "craft_kennen_inputs", "kennen_detector_data", "default_cache_dir",
 ]
 
 #: The attributes the zoo varies and kennen predicts, with their values (the paper's MNIST-NETS
@@ -213,7 +213,7 @@ class KennenModel:
     def features(self, posteriors: np.ndarray) -> np.ndarray:
         """The meta-classifier's input from the answers to the queries: log-probabilities
         ``[n, classes]`` (floored at :data:`LOG_FLOOR`), flattened (or ``[B, n, classes]`` -> ``[B, n * classes]``)."""
-        p = np.asarray(posteriors, dtype=np.float64)
+        p = np.nan_to_num(np.asarray(posteriors, dtype=np.float64), nan=0.0)
         return np.maximum(np.log(np.maximum(p, 0.0) + 1e-300), LOG_FLOOR).reshape(*p.shape[:-2], -1).astype(
             np.float32)
 

@@ -55,7 +55,7 @@ class MetaClassifier(nn.Module):
 def zoo_log_probs(nets: Sequence[nn.Module], queries: torch.Tensor) -> torch.Tensor:
     """``[nets, n * 10]``: each net's log-probabilities on the queries, floored, flattened."""
     rows = [torch.clamp(torch.log_softmax(net(queries), dim=1), min=LOG_FLOOR).reshape(-1) for net in nets]
-    return torch.stack(rows)
+    return torch.nan_to_num(torch.stack(rows), nan=LOG_FLOOR)
 
 
 def zoo_posteriors(zoo: ModelZoo, queries: np.ndarray) -> np.ndarray:
