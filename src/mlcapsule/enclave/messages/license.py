@@ -20,6 +20,25 @@ _OPT_STR = (str, type(None))
 _FIELDS: dict[str, type | tuple[type, ...]] = {
     "license_id": str, "capsule_id": str, "version": int, "device_id": str, "account": str, "receipt_key": str,
     "budget": (int, type(None)), "expires": _OPT_STR, "issued": _OPT_STR, "lease_size": int}
+#: ``policy["defenses"]``: the grant's defense specs (``admin grant --defense``), which tighten the
+#: capsule's signed policy (issue 12); at most this many, each at most this long.
+MAX_GRANT_DEFENSES = 32
+MAX_DEFENSE_SPEC = 256
+
+
+def check_policy(policy: Any) -> dict[str, Any]:
+    """``policy`` if it is a license policy: an object whose ``defenses``, when present, is a list
+    of at most 32 defense specs (strings of at most 256 characters). Other keys are the backends'
+    (e.g. ``tpm.seal_pcrs``) and are checked where they are used. FormatError otherwise."""
+    if not isinstance(policy, dict):
+        raise FormatError("the license is malformed (its policy is not an object)")
+    if "defenses" in policy:
+        specs = policy["defenses"]
+        if (not isinstance(specs, list) or len(specs) > MAX_GRANT_DEFENSES
+                or not all(isinstance(x, str) and 0 < len(x) <= MAX_DEFENSE_SPEC for x in specs)):
+            raise FormatError(f"the license is malformed (policy.defenses must be a list of at most "
+                              f"{MAX_GRANT_DEFENSES} defense specs of at most {MAX_DEFENSE_SPEC} characters)")
+    return policy
 
 
 def _is(value: Any, types: type | tuple[type, ...]) -> bool:
@@ -38,7 +57,17 @@ class License:
     expires: dt.datetime | None
     issued: dt.datetime
     lease_size: int = 100
-    policy: dict[str, Any] = field(default_factory=dict)  # defenses, later
+    #: {} or {"defenses": [spec, ...]}: the grant's tightening of the capsule's defense policy
+    #: (:func:`check_policy`); the TPM backend also reads ``tpm.seal_pcrs`` from here.
+    policy: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_policy(self.policy)
+
+    @property
+    def defenses(self) -> list[str]:
+        """The grant's defense specs (empty when the grant has none)."""
+        return list(self.policy.get("defenses") or [])
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -5,11 +5,21 @@ Entry ``n`` is ``{"body": {...}, "signature": b64}`` where body has ``seq = n`` 
 ``charged`` (queries paid for by leases) and ``answered`` (queries answered). The hash of an
 entry is SHA-256 of its canonical JSON. The server keeps the last (seq, hash) it accepted per
 device, so an upload must continue the chain exactly: a gap, a reordering or an edit breaks it.
+
+Two kinds carry the defenses' reports (issue 12); :func:`alarm_records` and :func:`gap_record`
+check their ``data`` (both sides use them: the enclave writes, the server stores):
+
+* ``alarm``: ``{"alarms": [{"detector", "query", "statistic", "threshold", "action"}, ...],
+  "defense": {summary counters}}``, one entry per batch that raised alarms (``statistic`` and
+  ``threshold`` are numbers, or null when not finite);
+* ``defense-gap``: ``{"queries": N, "reason": "crash" | "rollback"}``, queries answered whose
+  defense-state updates were lost.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +30,7 @@ from ..crypto.keys import verify_ed25519
 from ..errors import FormatError, IntegrityError
 
 GENESIS = "0" * 64
-KINDS = ("setup", "lease", "voucher", "report", "detection", "rollback")
+KINDS = ("setup", "lease", "voucher", "report", "detection", "rollback", "alarm", "defense-gap")
 _CONTEXT = b"mlcapsule/receipt/v1\0"
 MAX_UPLOAD = 100_000
 
@@ -90,12 +100,75 @@ def verify_chain(entries: Any, receipt_key: Ed25519PublicKey, *, license_id: str
     return cur
 
 
+# -- the defenses' entries (issue 12) ----------------------------------------------------------------
+#: At most this many alarms in one ``alarm`` entry, and this long a detector name.
+MAX_ALARMS_PER_ENTRY = 1000
+MAX_DETECTOR_NAME = 64
+ALARM_ACTIONS = ("record", "degrade", "refuse", "lock")
+GAP_REASONS = ("crash", "rollback")
+_ALARM_FIELDS = ("detector", "query", "statistic", "threshold", "action")
+_MAX_INT = 2**63 - 1
+
+
+#: The most queries one ``defense-gap`` entry may report.
+MAX_GAP_QUERIES = 10**12
+
+
+def _number_or_null(v: Any) -> bool:
+    if type(v) is int:
+        return -_MAX_INT <= v <= _MAX_INT
+    return v is None or (type(v) is float and math.isfinite(v))
+
+
+def _count(v: Any, top: int = _MAX_INT) -> bool:
+    return type(v) is int and 0 <= v <= top
+
+
+def alarm_records(data: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(the alarms, the defense summary) of an ``alarm`` entry's ``data``; FormatError saying what
+    is wrong if it is malformed. Each alarm has exactly the keys of ``_ALARM_FIELDS`` (others are
+    ignored): a detector name, a query index, the statistic and the threshold (numbers or null),
+    the action taken."""
+    if not isinstance(data, dict) or not isinstance(data.get("alarms"), list) or not data["alarms"]:
+        raise FormatError("its data has no list of alarms")
+    if len(data["alarms"]) > MAX_ALARMS_PER_ENTRY:
+        raise FormatError(f"it has {len(data['alarms'])} alarms (at most {MAX_ALARMS_PER_ENTRY})")
+    summary = data.get("defense", {})
+    if not isinstance(summary, dict):
+        raise FormatError("its defense summary is not an object")
+    out = []
+    for i, a in enumerate(data["alarms"]):
+        if not isinstance(a, dict) or not all(k in a for k in _ALARM_FIELDS):
+            raise FormatError(f"alarm {i} is not an object with {', '.join(_ALARM_FIELDS)}")
+        det, query, action = a["detector"], a["query"], a["action"]
+        if not isinstance(det, str) or not 0 < len(det) <= MAX_DETECTOR_NAME:
+            raise FormatError(f"alarm {i}: the detector must be a name of 1 to {MAX_DETECTOR_NAME} characters")
+        if not _count(query):
+            raise FormatError(f"alarm {i}: the query must be a non-negative integer")
+        if not _number_or_null(a["statistic"]) or not _number_or_null(a["threshold"]):
+            raise FormatError(f"alarm {i}: the statistic and the threshold must be finite numbers or null")
+        if action not in ALARM_ACTIONS:
+            raise FormatError(f"alarm {i}: the action must be one of {', '.join(ALARM_ACTIONS)}")
+        out.append({k: a[k] for k in _ALARM_FIELDS})
+    return out, summary
+
+
+def gap_record(data: Any) -> tuple[int, str]:
+    """(queries, reason) of a ``defense-gap`` entry's ``data``; FormatError if it is malformed."""
+    if (not isinstance(data, dict) or not _count(data.get("queries"), MAX_GAP_QUERIES)
+            or data.get("reason") not in GAP_REASONS):
+        raise FormatError(f"its data must be {{\"queries\": an integer from 0 to 10^12, \"reason\": "
+                          f"{' or '.join(chr(34) + r + chr(34) for r in GAP_REASONS)}}}")
+    return data["queries"], data["reason"]
+
+
 # -- the server's signed acknowledgement --------------------------------------------------------------
 ACK_KIND = "usage-ack/v1"
 #: Usage protocol 2: the server answers an upload with a signed acknowledgement of the chain head
 #: it stored, which the enclave verifies before it forgets any receipt. A request without
 #: ``protocol`` comes from a client of protocol 1 (unsigned acknowledgements): refused with 426.
 USAGE_PROTOCOL = 2
+_ACK_FIELDS = {"license_id": str, "device_id": str, "seq": int, "hash": str}
 
 
 @dataclass(frozen=True)
@@ -122,14 +195,6 @@ def verify_ack(envelope: Any, provider_key: Ed25519PublicKey, *, license_id: str
     """The acknowledgement in ``envelope`` if the provider signed it for this license and device."""
     from . import signed
 
-    body = signed.verify(ACK_KIND, envelope, provider_key)
-    if set(body) != {"license_id", "device_id", "seq", "hash"}:
-        raise FormatError("the usage acknowledgement is malformed")
-    seq, h = body["seq"], body["hash"]
-    if (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1 or not isinstance(h, str) or len(h) != 64
-            or not isinstance(body["license_id"], str) or not isinstance(body["device_id"], str)):
-        raise FormatError("the usage acknowledgement is malformed")
-    ack = Ack(body["license_id"], body["device_id"], seq, h)
-    if ack.license_id != license_id or ack.device_id != device_id:
-        raise IntegrityError("the usage acknowledgement is for another license or device")
-    return ack
+    body = signed.verify_bound(ACK_KIND, envelope, provider_key, fields=_ACK_FIELDS, what="usage acknowledgement",
+                               license_id=license_id, device_id=device_id, valid=lambda b: len(b["hash"]) == 64)
+    return Ack(body["license_id"], body["device_id"], body["seq"], body["hash"])

@@ -2,18 +2,21 @@
 
 The signature is Ed25519 over ``"mlcapsule/" T "\\0" || canonical_json(body)``, so a signature
 made for one type (a voucher) can never be replayed as another (a license). A failure to parse
-is a failure of trust: everything malformed raises IntegrityError or FormatError.
+is a failure of trust: everything malformed raises IntegrityError or FormatError. Messages
+bound to one license and device (vouchers, unlock vouchers, usage acknowledgements) are checked
+by :func:`verify_bound`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .._util import b64d, b64e, canonical_json
 from ..crypto.keys import verify_ed25519
-from ..errors import FormatError
+from ..errors import FormatError, IntegrityError
 
 #: The largest signed message (type and canonical body) and signature text either side makes
 #: or accepts. A license, voucher or acknowledgement is well under 1 KiB; this bounds what a host
@@ -53,4 +56,20 @@ def verify(kind: str, envelope: Any, key: Ed25519PublicKey) -> dict[str, Any]:
     except ValueError as e:
         raise FormatError(f"{kind} signature is not base64") from e
     verify_ed25519(key, sig, message, what=kind)
+    return body
+
+
+def verify_bound(kind: str, envelope: Any, key: Ed25519PublicKey, *, fields: dict[str, type], what: str,
+                 license_id: str, device_id: str, valid: Callable[[dict[str, Any]], bool] | None = None
+                 ) -> dict[str, Any]:
+    """The body of a signed message bound to one license and device (a voucher, an unlock, a
+    usage acknowledgement): signed by ``key``; exactly ``fields``, each of exactly its JSON type
+    (bool is not an int); ``seq`` at least 1 and ``valid(body)`` (FormatError otherwise); for
+    ``license_id`` and ``device_id`` (IntegrityError otherwise)."""
+    body = verify(kind, envelope, key)
+    if (set(body) != set(fields) or not all(type(body[k]) is t for k, t in fields.items())
+            or body["seq"] < 1 or (valid is not None and not valid(body))):
+        raise FormatError(f"the {what} is malformed")
+    if body["license_id"] != license_id or body["device_id"] != device_id:
+        raise IntegrityError(f"the {what} is for another license or device")
     return body

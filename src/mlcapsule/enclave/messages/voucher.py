@@ -12,10 +12,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ..errors import FormatError, IntegrityError
 from . import signed
 
 KIND = "voucher/v1"
+_FIELDS = {"license_id": str, "device_id": str, "seq": int, "queries": int}
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,6 @@ class Voucher:
 
 
 def verify_voucher(envelope: Any, provider_key: Ed25519PublicKey, *, license_id: str, device_id: str) -> Voucher:
-    body = signed.verify(KIND, envelope, provider_key)
-    try:
-        v = Voucher(str(body["license_id"]), str(body["device_id"]), int(body["seq"]), int(body["queries"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError("the voucher is malformed") from e
-    if v.license_id != license_id or v.device_id != device_id:
-        raise IntegrityError("the voucher is for another license or device")
-    if v.seq < 1 or not 0 < v.queries <= 10**12:
-        raise FormatError("the voucher is malformed")
-    return v
+    body = signed.verify_bound(KIND, envelope, provider_key, fields=_FIELDS, what="voucher", license_id=license_id,
+                               device_id=device_id, valid=lambda b: 0 < b["queries"] <= 10**12)
+    return Voucher(body["license_id"], body["device_id"], body["seq"], body["queries"])
