@@ -57,11 +57,12 @@ class Provider:
 
     def license(self, ckey: ContentKey, receipt_pub: bytes, *, budget: int | None = 10, lease_size: int = 4,
                 expires: dt.datetime | None = None, capsule_id: uuid.UUID | None = None, version: int | None = None,
-                key: Ed25519PrivateKey | None = None) -> dict[str, Any]:
+                key: Ed25519PrivateKey | None = None, defenses: list[str] | None = None) -> dict[str, Any]:
         lic = License(license_id=str(uuid.uuid4()), capsule_id=capsule_id or ckey.capsule_id,
                       version=ckey.version if version is None else version, device_id=str(uuid.uuid4()),
                       account="alice", receipt_key=receipt_pub, budget=budget, expires=expires,
-                      issued=dt.datetime.now(dt.timezone.utc), lease_size=lease_size)
+                      issued=dt.datetime.now(dt.timezone.utc), lease_size=lease_size,
+                      policy={"defenses": list(defenses)} if defenses else {})
         return lic.sign(key or self.key)
 
     def answer(self, begin: dict[str, Any], nonce: bytes, ckey: ContentKey, **kw: Any) -> tuple[bytes, dict[str, Any]]:
@@ -72,6 +73,13 @@ class Provider:
     def voucher(self, license_env: dict[str, Any], seq: int, queries: int) -> dict[str, Any]:
         body = license_env["body"]
         return Voucher(body["license_id"], body["device_id"], seq, queries).sign(self.key)
+
+    def unlock(self, license_env: dict[str, Any], seq: int, reset: bool = False) -> dict[str, Any]:
+        """An unlock voucher: numbered in the device's voucher sequence, like top-ups."""
+        from mlcapsule.enclave.messages.unlock import Unlock
+
+        body = license_env["body"]
+        return Unlock(body["license_id"], body["device_id"], seq, reset).sign(self.key)
 
 
 def b64(x: bytes) -> str:

@@ -14,7 +14,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ import onnx
 
 from .enclave.crypto.chunks import MAX_CHUNK_SIZE, SegmentCipher
 from .enclave.crypto.keys import ContentKey, load_provider_key, raw_public
+from .enclave.defenses.ood import fit_ood_stats
+from .enclave.defenses.policy import DefensePolicy
 from .enclave.errors import FormatError, UsageError
 from .enclave.format.container import SegmentWriter
 from .enclave.format.manifest import Manifest, Policy, RuntimeConfig, TensorSpec
@@ -311,6 +313,9 @@ def pack(
     progress: Progress | None = None,
     tune_runtime: bool = True,
     force: bool = False,
+    defenses: Sequence[str] | DefensePolicy | None = None,
+    defense_data: np.ndarray | None = None,
+    kennen_detector: str | os.PathLike[str] | bytes | onnx.ModelProto | None = None,
 ) -> PackResult:
     """Pack ``model`` (a path or an ``onnx.ModelProto``) into the capsule file ``output``.
 
@@ -322,6 +327,13 @@ def pack(
 
     An existing capsule or key file is replaced only with ``force=True``: losing a capsule's key
     orphans every client set up with it.
+
+    ``defenses``: the defense policy the enclave enforces (``--defense`` specs such as
+    ``"prada:delta=0.9"``, ``"mi-noise:c=0.5"``, ``"top-k:3"``; docs/defenses.md), signed into the
+    manifest (format 1.2). The ``ood`` detector needs ``defense_data``, a sample of the training
+    inputs from which its statistics are computed here (the statistics travel encrypted in the
+    capsule, never the data); ``kennen`` needs ``kennen_detector``, the ONNX detector model
+    (:func:`mlcapsule.defense_training.train_kennen_detector`), also encrypted in the capsule.
     """
     key_target = Path(key_output) if key_output else Path(output).with_name(Path(output).name + ".key")
     if not force:
@@ -353,6 +365,9 @@ def pack(
             f"this model keeps {split.attribute_params} bytes of parameters in node attributes (tree ensembles do); "
             "with --public-architecture they would be readable by anyone",
             hint="pack it without --public-architecture, so the graph is encrypted too")
+    policy_obj, extra_segments = _defense_segments(defenses, defense_data, kennen_detector, inputs, outputs)
+    if policy_obj is not None:
+        policy = replace(policy or Policy(), defenses=policy_obj.to_dict())
     if progress:
         progress("verify", 0, 1)
     trials: list[dict[str, Any]] = []
@@ -367,9 +382,12 @@ def pack(
         raise UsageError(f"output folder {output.parent} does not exist")
     writer = SegmentWriter(tmpdir=output.parent)
     graph = split.graph_bytes
-    total = len(graph) + len(split.blob)
+    total = len(graph) + len(split.blob) + sum(len(d) for _, d in extra_segments)
     done = 0
-    for seg_name, data, encrypt in (("graph", graph, not public_architecture), ("weights", split.blob, True)):
+    parts: list[tuple[str, bytes | bytearray, bool]] = [
+        ("graph", graph, not public_architecture), ("weights", split.blob, True),
+        *((n, d, True) for n, d in extra_segments)]
+    for seg_name, data, encrypt in parts:
         start, h = writer.begin()
         view = memoryview(data)
         if encrypt:
@@ -395,6 +413,82 @@ def pack(
     key_path = Path(key_output) if key_output else output.with_name(output.name + ".key")
     ckey.save(key_path)
     return PackResult(output, key_path, manifest, tuple(trials))
+
+
+def _defense_segments(defenses: Sequence[str] | DefensePolicy | None, data: np.ndarray | None,
+                      kennen: str | os.PathLike[str] | bytes | onnx.ModelProto | None,
+                      inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                      ) -> tuple[DefensePolicy | None, list[tuple[str, bytes]]]:
+    """The policy (checked against the model) and the encrypted segments it needs."""
+    if defenses is None or (not isinstance(defenses, DefensePolicy) and not defenses):
+        if data is not None or kennen is not None:
+            raise UsageError("defense data or a kennen detector was given without a defense that uses it",
+                             hint="add --defense ood:... or --defense kennen:...")
+        return None, []
+    policy = defenses if isinstance(defenses, DefensePolicy) else DefensePolicy.from_specs(list(defenses))
+    if policy.empty:
+        return None, []
+    if len(outputs) != 1 or len(inputs) != 1:
+        raise UsageError("defenses need a model with one input and one output (the class posteriors)",
+                         hint="export the classifier with a single probability output")
+    out_shape, in_shape = outputs[0].shape, inputs[0].shape
+    n_classes = out_shape[-1] if len(out_shape) == 2 and isinstance(out_shape[-1], int) else 0
+    if n_classes < 2:
+        raise UsageError(f"defenses need class posteriors of shape (batch, classes); the output has shape "
+                         f"{list(out_shape)}")
+    dims = [d for d in in_shape[1:] if isinstance(d, int) and d > 0]
+    if len(dims) != len(in_shape) - 1:
+        raise UsageError("defenses need an input of fixed size besides the batch dimension")
+    input_size = int(np.prod(dims)) if dims else 1
+    policy.check_model(n_classes=n_classes, input_size=input_size)
+    segments: list[tuple[str, bytes]] = []
+    if policy.ood is not None:
+        if data is None:
+            raise UsageError("the ood defense needs a sample of the training inputs",
+                             hint="pass --defense-data FILE.npy (Python: defense_data=array), e.g. 1,000 inputs")
+        x = np.asarray(data, dtype=np.float32)
+        if x.ndim < 1 or x.size // max(len(x), 1) != input_size:
+            raise UsageError(f"the defense data must be rows of {input_size} values (the model's input), "
+                             f"got shape {list(x.shape)}")
+        segments.append(("defense.ood", fit_ood_stats(x.reshape(len(x), input_size)).to_bytes()))
+    elif data is not None:
+        raise UsageError("defense data was given without the ood defense", hint="add --defense ood")
+    if policy.kennen is not None:
+        if kennen is None:
+            raise UsageError("the kennen defense needs its detector model",
+                             hint="pass --kennen-detector detector.onnx (see docs/defense-training.md)")
+        segments.append(("defense.kennen", _kennen_bytes(kennen, input_size)))
+    elif kennen is not None:
+        raise UsageError("a kennen detector was given without the kennen defense", hint="add --defense kennen")
+    return policy, segments
+
+
+def _kennen_bytes(kennen: str | os.PathLike[str] | bytes | onnx.ModelProto, input_size: int) -> bytes:
+    """The detector as ONNX bytes, checked: it loads, and maps a batch of inputs to two classes."""
+    if isinstance(kennen, onnx.ModelProto):
+        blob = kennen.SerializeToString()
+    elif isinstance(kennen, bytes):
+        blob = kennen
+    else:
+        try:
+            blob = Path(kennen).read_bytes()
+        except OSError as e:
+            raise UsageError(f"cannot read the kennen detector: {e}") from e
+    try:
+        sess = plain_session(blob, threads=1)
+        inp = sess.get_inputs()[0]
+        shape = [2, *[d if isinstance(d, int) else 1 for d in inp.shape[1:]]]
+        if int(np.prod(shape[1:])) != input_size:
+            raise UsageError(f"the kennen detector takes inputs of {int(np.prod(shape[1:]))} values, the model "
+                             f"{input_size}")
+        out = sess.run(None, {inp.name: np.zeros(shape, np.float32)})[0]
+    except UsageError:
+        raise
+    except Exception as e:  # ORT's own exception types
+        raise UsageError(f"the kennen detector is not a model this build can run: {e}") from e
+    if np.asarray(out).shape != (2, 2):
+        raise UsageError("the kennen detector must answer two class probabilities (benign, probe) per input")
+    return blob
 
 
 class _HashingWriter:

@@ -127,11 +127,19 @@ def _class_names(spec: str | None) -> list[str] | None:
 @click.option("--no-tune", is_flag=True,
               help="Take the first ONNX Runtime configuration that reproduces the plain model's outputs, "
                    "without timing the others (packs large models faster; may run slower).")
+@click.option("--defense", "defenses", multiple=True, metavar="SPEC",
+              help="A defense the enclave enforces, e.g. prada:delta=0.9,action=lock, ood, mi-noise:c=0.5, "
+                   "top-k:3, round:2, label-only, kennen:threshold=0.5 (repeatable; docs/defenses.md).")
+@click.option("--defense-data", type=click.Path(exists=True, dir_okay=False), metavar="FILE.npy",
+              help="Training inputs for the ood defense's statistics (only statistics go in the capsule).")
+@click.option("--kennen-detector", type=click.Path(exists=True, dir_okay=False), metavar="FILE.onnx",
+              help="The kennen-io detector model for the kennen defense (docs/defense-training.md).")
 def pack(model: str, output: str, key_path: str | None, passphrase_file: str | None, name: str | None,
          capsule_id: str | None, cversion: int, description: str, provider_name: str, server_url: str | None,
          image_size: str | None, channels: str, layout: str, scale: float | None, mean: str | None, std: str | None,
          class_names: str | None, budget: int | None, expires: str | None, lease_size: int,
-         public_architecture: bool, key_output: str | None, no_tune: bool, force: bool) -> None:
+         public_architecture: bool, key_output: str | None, no_tune: bool, force: bool,
+         defenses: tuple[str, ...], defense_data: str | None, kennen_detector: str | None) -> None:
     """Pack an ONNX MODEL into an encrypted, signed capsule."""
     from rich.progress import BarColumn, Progress, TextColumn
 
@@ -157,7 +165,9 @@ def pack(model: str, output: str, key_path: str | None, passphrase_file: str | N
                       preprocessing=_preprocessing(image_size, int(channels), layout, scale, mean, std),
                       class_names=_class_names(class_names), policy=policy,
                       public_architecture=public_architecture, key_output=key_output, progress=progress,
-                      tune_runtime=not no_tune, force=force)
+                      tune_runtime=not no_tune, force=force, defenses=list(defenses) or None,
+                      defense_data=_load_npy(defense_data) if defense_data else None,
+                      kennen_detector=kennen_detector)
     m = res.manifest
     rt = m.runtime
     console.print(f"packed {res.capsule_path} (capsule {m.capsule_id} v{m.version}; ONNX Runtime: initializers "
@@ -166,6 +176,26 @@ def pack(model: str, output: str, key_path: str | None, passphrase_file: str | N
                   f"{'fastest correct' if not no_tune else 'first correct'} configuration, verified against plain "
                   "ONNX Runtime)")
     console.print(f"content key: {res.key_path} (mode 0600; keep it at the provider, never ship it)")
+    for line in _defense_lines(m):
+        console.print(f"defense: {line}")
+
+
+def _load_npy(path: str) -> Any:
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is not a .npy array file: {e}") from e
+
+
+def _defense_lines(m: Any) -> list[str]:
+    """The capsule's defense policy in words (what a client should know about its answers)."""
+    if not m.policy.defenses:
+        return []
+    from ..enclave.defenses.policy import DefensePolicy
+
+    return DefensePolicy.from_dict(m.policy.defenses).describe()
 
 
 def _progress_detail(stage: str, done: int, total: int) -> str:
@@ -310,6 +340,8 @@ def inspect(capsule: str, as_json: bool, trust_file: str | None, unsafe_trust: b
               f"expires {p.expires.isoformat() if p.expires else 'never'}, lease {p.lease_size}")
     t.add_row("runtime", f"optimization {m.runtime.optimization}, "
               f"prepacking {'on' if m.runtime.prepacking else 'off'}, initializers {m.runtime.initializers}")
+    for line in _defense_lines(m) or ["none: answers are the model's own outputs"]:
+        t.add_row("defenses", line)
     for seg in m.segments:
         t.add_row(f"segment {seg.index}",
                   f"{seg.name}: {seg.length} bytes, {'encrypted' if seg.encrypted else 'plaintext'}")
@@ -718,6 +750,17 @@ def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | Non
         console.print(t)
         if not lic["rollback_protected"]:
             console.print("[yellow]note:[/] on this backend, restoring an old copy of the sealed state is NOT detected")
+    d = info.get("defenses")
+    if d:
+        console.print("[bold]defenses[/] (enforced in the enclave; a license may tighten them):")
+        for line in d["policy"]:
+            console.print(f"  * {line}", soft_wrap=True)
+        st = d.get("state")
+        if st:
+            alarms = ", ".join(f"{k} {v}" for k, v in st["alarms"].items() if v) or "none"
+            console.print(f"  state: {st['queries']} queries seen, {st['refused']} refused, alarms: {alarms}"
+                          + (", LOCKED (apply the provider's unlock voucher with `mlcapsule topup`)"
+                             if st["locked"] else "") + (", answering labels only" if st["degraded"] else ""))
     elif capsule and not info.get("loaded"):
         console.print("[yellow]not set up:[/] run `mlcapsule setup CAPSULE --token TOKEN`")
 

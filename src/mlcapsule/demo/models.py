@@ -367,7 +367,7 @@ def digits_classifier(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, Any]]:
     * ``model`` has one input ``"input"`` float32 ``[N, 64]`` (pixel values 0..16, as
       ``load_digits`` gives them, row-major 8x8) and **one** output ``"probabilities"`` float32
       ``[N, 10]``: skl2onnx's ``"label"`` output is pruned (it is the argmax of these).
-    * ``info`` has ``x_test`` (float32 ``[n, 64]``), ``y_test`` (int64 ``[n]``), ``accuracy``
+    * ``info`` has ``x_test`` (float32 ``[n, 64]``), ``y_test`` (int64 ``[n]``), ``x_train``, ``accuracy``
       (of the ONNX model on the test split), ``class_names`` (``"0"`` .. ``"9"``) and
       ``preprocessing`` (a :class:`mlcapsule.io.Preprocessing` for 8x8 grayscale images, bright
       ink on a dark background, scaled by 16/255 and flattened), ready for a manifest via
@@ -411,6 +411,8 @@ def digits_classifier(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, Any]]:
     info: dict[str, Any] = {
         "x_test": np.ascontiguousarray(x_test, dtype=np.float32),
         "y_test": np.asarray(y_test, dtype=np.int64),
+        # The training inputs: what a provider computes the ood defense's statistics from.
+        "x_train": np.ascontiguousarray(x_train, dtype=np.float32),
         "accuracy": accuracy,
         "class_names": [str(i) for i in range(10)],
         "preprocessing": Preprocessing(

@@ -11,7 +11,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -22,7 +22,15 @@ from ._util import b64e
 from .backends.base import Backend
 from .crypto.chunks import SegmentCipher
 from .crypto.keys import ContentKey, ed25519_public_from_raw
-from .errors import InputError, IntegrityError, MlcapsuleError, NotProvisionedError, ProtocolError, RollbackError
+from .errors import (
+    FormatError,
+    InputError,
+    IntegrityError,
+    MlcapsuleError,
+    NotProvisionedError,
+    ProtocolError,
+    RollbackError,
+)
 from .format.container import CapsuleFile
 from .format.manifest import Manifest, TensorSpec
 from .format.trust import UnsafeTrustManifestKey
@@ -36,11 +44,22 @@ from .runtime.resident import ResidentModel, mapped_buffer
 from .runtime.streaming import MiB, StreamingModel, WeightReader, memory_status
 from .state import EnclaveState, SealedStore
 
+if TYPE_CHECKING:
+    from .defenses.ood import OodStats
+    from .defenses.pipeline import Alarm, DefenseState
+    from .defenses.policy import DefensePolicy
+
 Model = ResidentModel | StreamingModel
 
 
 
 Clock = Callable[[], dt.datetime]
+
+
+def _locked() -> MlcapsuleError:
+    from .errors import DefenseLockedError
+
+    return DefenseLockedError("the license is locked by the capsule's defenses; no query is answered")
 
 
 def _utc_now() -> dt.datetime:
@@ -78,6 +97,14 @@ class EnclaveCore:
         #: The last input signature that passed check_inputs, and its batch size (fast path).
         self._checked: tuple[Any, int] = ((), 0)
         self._input_names: list[str] = []
+        # Defenses (issue 12): the capsule's policy tightened by the license, their state (sealed
+        # with the license state in licensed mode; fresh per session with a dev key), the OOD
+        # statistics and the kennen-io detector that travel encrypted in the capsule.
+        self.defenses: DefensePolicy | None = None
+        self.defense_state: DefenseState | None = None
+        self._ood_stats: OodStats | None = None
+        self._kennen: Any = None  # an ONNX Runtime session
+        self._defense_dirty = False
 
     # -- ECALLs -------------------------------------------------------------------------------
     def hello(self) -> dict[str, Any]:
@@ -108,14 +135,20 @@ class EnclaveCore:
                 state = store.load()
                 if state.capsule_id != str(m.capsule_id) or state.version != m.version:
                     raise IntegrityError("the sealed state belongs to another capsule")
-                self._verify_license(m, state.license, state.receipt_key_public())
                 state = store.bind(state)
                 # A restored older copy is charged and reported to the provider in the signed
                 # receipt chain (`admin usage` counts these): the ledger's `open` rule.
+                lic = self._verify_license(m, state.license, state.receipt_key_public())
+                policy = self._defense_policy(m, lic)
+                rollbacks = state.rollbacks_detected
                 ledger, effects = Ledger.open(state, store.counters(state))
                 store.apply(effects)
                 self.ledger, self.store = ledger, store
                 content_key, mode = state.content_key, "license"
+                self._open_defenses(policy, capsule, content_key, store.loaded_extra,
+                                    rolled_back=ledger.state.rollbacks_detected > rollbacks)
+            if dev_key is not None:
+                self._open_defenses(self._defense_policy(m, None), capsule, content_key, b"", rolled_back=False)
             self.model = self._build_model(capsule, content_key)
         finally:
             capsule.close()
@@ -149,7 +182,9 @@ class EnclaveCore:
             m = capsule.manifest
             receipt_pub = receipt_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
             lic = self._verify_license(m, envelope, receipt_pub)
+            policy = self._defense_policy(m, lic)
             model = self._build_model(capsule, content_key)  # also proves the key fits the capsule
+            ood, kennen = self._defense_parts(policy, capsule, content_key)
         finally:
             capsule.close()
         configure = getattr(self.backend, "configure_from_license", None)
@@ -163,6 +198,10 @@ class EnclaveCore:
             budget=lic.budget, expires=lic.expires.isoformat() if lic.expires else None,
             lease_size=lic.lease_size, counter=store.counter())
         state = store.bind(state)
+        # The defenses start with the license: a new setup is a new license with its own state
+        # (and a fresh device slot at the provider), never a reset of another license's sets.
+        self._set_defenses(policy, None if policy is None else self._new_defense_state(policy), ood, kennen)
+        store.extra = self._defense_blob
         ledger, effects = Ledger.setup(state, store.counters(state), self.clock(), self.backend.measurement().hex())
         store.apply(effects)
         # A new license inherits nothing from one this enclave had loaded before (a deliberate
@@ -179,8 +218,7 @@ class EnclaveCore:
         feeds, n = check_inputs(self.manifest.inputs, inputs)
         if self.ledger is not None:
             self._charge(n)  # before the model runs: no partial answer can leak
-        outputs = self.model.run(feeds)
-        self.queries += n
+        outputs = self._run(feeds, list(feeds.values()), n)
         return {spec.name: out for spec, out in zip(self.manifest.outputs, outputs, strict=True)}
 
     def infer_arrays(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -200,15 +238,66 @@ class EnclaveCore:
             self._checked, self._input_names = (sig, n), [spec.name for spec in m.inputs]
         if self.ledger is not None:
             self._charge(n)  # before the model runs: no partial answer can leak
-        outputs = self.model.run(feeds)
+        return self._run(feeds, arrays, n)
+
+    def _run(self, feeds: dict[str, np.ndarray], arrays: list[np.ndarray], n: int) -> list[np.ndarray]:
+        """The model, then the defenses: only a defended answer leaves this method."""
+        assert self.model is not None
+        if self.defenses is None:
+            outputs = self.model.run(feeds)
+            self.queries += n
+            return outputs
+        from .defenses.pipeline import apply
+
+        ds = self.defense_state
+        assert ds is not None
+        self._defense_dirty = True
+        if ds.locked:  # charged (above), not run
+            ds.queries += n
+            ds.refused += n
+            raise _locked()
+        try:
+            outputs = self.model.run(feeds)
+            scores = self._kennen_scores(arrays[0]) if self.defenses.kennen is not None else None
+        except BaseException:
+            ds.queries += n  # charged and seen: not a gap in the defenses' count
+            raise
         self.queries += n
+        res = apply(self.defenses, ds, arrays[0], outputs[0], kennen_scores=scores, ood_stats=self._ood_stats)
+        self.defense_state = res.state
+        if res.alarms:
+            self._record_alarms(res.alarms)  # sealed, with a counter step, before any answer
+        answer = res.raise_if_refused()
+        outputs[0] = np.ascontiguousarray(answer, dtype=outputs[0].dtype)
         return outputs
 
     def apply_voucher(self, *, voucher: dict[str, Any]) -> dict[str, Any]:
+        """A top-up voucher, or an unlock voucher for the defenses (``type`` unlock/v1)."""
         ledger, m = self._licensed()
+        if voucher.get("type") == "unlock/v1":
+            return self._unlock(voucher)
         v = verify_voucher(voucher, ed25519_public_from_raw(m.provider_key),
                            license_id=ledger.state.license_id, device_id=ledger.state.device_id)
         self._apply(ledger.voucher(v))
+        return self._license_status()
+
+    def _unlock(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        from .messages.unlock import verify_unlock
+
+        ledger, m = self._licensed()
+        u = verify_unlock(envelope, ed25519_public_from_raw(m.provider_key), license_id=ledger.state.license_id,
+                          device_id=ledger.state.device_id)
+        ds = self.defense_state
+        if ds is None:
+            raise NotProvisionedError("this capsule has no defenses to unlock", hint="nothing to do")
+        # Numbered with the top-ups, on the voucher counter: a replay (even after restoring an
+        # older state) is refused by the ledger before the lock is lifted.
+        self._apply(ledger.unlock(u.seq, {"reset_detectors": u.reset}))
+        from .defenses.pipeline import unlock
+
+        ds.unlock_seq = min(ds.unlock_seq, u.seq - 1)
+        self.defense_state = unlock(ds, u.seq, reset_detectors=u.reset)
+        self._apply(ledger.record("defense", {"unlocked": u.seq, **self.defense_state.summary()}))
         return self._license_status()
 
     def usage_report(self) -> dict[str, Any]:
@@ -249,6 +338,9 @@ class EnclaveCore:
             "capsule": None if m is None else {"capsule_id": str(m.capsule_id), "version": m.version, "name": m.name},
             "license": self.license_mode,
             "license_status": self._license_status() if self.ledger is not None else None,
+            "defenses": None if self.defenses is None else {
+                "policy": self.defenses.describe(), "state": None if self.defense_state is None
+                else self.defense_state.summary()},
             "queries_this_session": self.queries,
             "ecall_profile": dict(self.ecall_profile),
             "load_seconds": self.load_seconds,
@@ -288,7 +380,7 @@ class EnclaveCore:
         (a crash loses it), then drop the model."""
         try:
             if self.ledger is not None and self.store is not None:
-                self.store.apply(self.ledger.close())
+                self.store.apply(self.ledger.close(force=self._defense_dirty))
         finally:
             if self.model is not None:
                 self.model.close()
@@ -308,6 +400,108 @@ class EnclaveCore:
     def _verify_license(m: Manifest, envelope: dict[str, Any], receipt_pub: bytes) -> License:
         return verify_license(envelope, ed25519_public_from_raw(m.provider_key), capsule_id=m.capsule_id,
                               version=m.version, receipt_key=receipt_pub)
+
+    # -- defenses -------------------------------------------------------------------------------
+    def _defense_policy(self, m: Manifest, lic: License | None) -> DefensePolicy | None:
+        """The capsule's signed policy, tightened by the license's grant (never loosened)."""
+        grant = (lic.policy.get("defenses") if lic is not None else None) or []
+        if not m.policy.defenses and not grant:
+            return None
+        from .defenses.policy import DefensePolicy, tighten
+
+        base = DefensePolicy.from_dict(m.policy.defenses) if m.policy.defenses else DefensePolicy()
+        if not isinstance(grant, list) or not all(isinstance(g, str) for g in grant):
+            raise IntegrityError("the license's defense grant is malformed")
+        policy = tighten(base, grant) if grant else base
+        if policy.empty:
+            return None
+        if len(m.outputs) != 1:
+            raise FormatError("a capsule with defenses must have exactly one output (the posteriors)")
+        return policy
+
+    def _defense_parts(self, policy: DefensePolicy | None, capsule: CapsuleFile,
+                       content_key: bytes) -> tuple[OodStats | None, Any]:
+        """The OOD statistics and the kennen-io detector the policy needs, from their encrypted
+        segments; a policy that needs one the capsule lacks does not load."""
+        if policy is None:
+            return None, None
+        from .defenses.ood import OodStats
+
+        names = {s.name for s in capsule.manifest.segments}
+        ood = kennen = None
+        if policy.ood is not None:
+            if "defense.ood" not in names:
+                raise IntegrityError("the capsule's ood defense has no statistics segment")
+            ood = OodStats.from_bytes(bytes(self._decrypt(capsule, "defense.ood", content_key)))
+        if policy.kennen is not None:
+            if "defense.kennen" not in names:
+                raise IntegrityError("the capsule's kennen defense has no detector segment")
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = 1
+            so.inter_op_num_threads = 1
+            kennen = ort.InferenceSession(bytes(self._decrypt(capsule, "defense.kennen", content_key)), so,
+                                          providers=["CPUExecutionProvider"])
+        return ood, kennen
+
+    def _new_defense_state(self, policy: DefensePolicy) -> DefenseState:
+        from .defenses.pipeline import DefenseState
+
+        return DefenseState.new(policy)
+
+    def _set_defenses(self, policy: DefensePolicy | None, state: DefenseState | None, ood: OodStats | None,
+                      kennen: Any) -> None:
+        self.defenses, self.defense_state, self._ood_stats, self._kennen = policy, state, ood, kennen
+        self._defense_dirty = False
+
+    def _open_defenses(self, policy: DefensePolicy | None, capsule: CapsuleFile, content_key: bytes,
+                       blob: bytes, *, rolled_back: bool) -> None:
+        """Licensed mode: the defenses' sealed state, checked against the ledger's count. Queries
+        the ledger counts as answered but the defenses never saw (a crash lost their updates, or
+        an older state was restored) are reported to the provider; after a detected rollback a
+        policy that can lock (or degrade) does so: the restored state may hide an alarm."""
+        ood, kennen = self._defense_parts(policy, capsule, content_key)
+        if policy is None:
+            self._set_defenses(None, None, None, None)
+            return
+        from .defenses.pipeline import DefenseState
+
+        state = DefenseState.from_bytes(blob, policy) if blob else DefenseState.new(policy)
+        self._set_defenses(policy, state, ood, kennen)
+        if self.ledger is None or self.store is None:
+            return
+        self.store.extra = self._defense_blob
+        gap = self.ledger.answered - state.queries
+        if gap > 0 or rolled_back:
+            state.queries += max(gap, 0)
+            data: dict[str, Any] = {"queries": max(gap, 0), "reason": "rollback" if rolled_back else "crash"}
+            if rolled_back:
+                actions = {d.action for d in policy.detectors}
+                if "lock" in actions:
+                    state.locked, data["locked"] = True, True
+                elif "degrade" in actions:
+                    state.degraded, data["degraded"] = True, True
+            self._apply(self.ledger.record("defense-gap", data))
+
+    def _defense_blob(self) -> bytes:
+        return b"" if self.defense_state is None else self.defense_state.to_bytes()
+
+    def _record_alarms(self, alarms: list[Alarm]) -> None:
+        if self.ledger is None:
+            return  # dev key: nothing to report to
+        assert self.defense_state is not None
+        self._apply(self.ledger.record("alarm", {"alarms": [a.to_dict() for a in alarms],
+                                                 "defense": self.defense_state.summary()}))
+
+    def _kennen_scores(self, x: np.ndarray) -> np.ndarray:
+        """The kennen-io detector's probability that each query is a probe (its class 1)."""
+        sess = self._kennen
+        inp = sess.get_inputs()[0]
+        batch = np.asarray(x, dtype=np.float32)
+        shape = [d if isinstance(d, int) else -1 for d in inp.shape]
+        probs = sess.run(None, {inp.name: batch.reshape([len(batch), *shape[1:]])})[0]
+        return np.asarray(probs, dtype=np.float64)[:, 1]
 
     def _build_model(self, capsule: CapsuleFile, content_key: bytes) -> Model:
         m = capsule.manifest

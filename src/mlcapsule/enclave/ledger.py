@@ -265,13 +265,14 @@ class Ledger:
         self.remaining -= n
         return tuple(effects)
 
-    def close(self) -> tuple[Effect, ...]:
-        """A clean close: keep the unanswered rest of the lease, and the latest time seen."""
+    def close(self, *, force: bool = False) -> tuple[Effect, ...]:
+        """A clean close: keep the unanswered rest of the lease, and the latest time seen.
+        ``force``: write even if neither changed (the defenses' state did, and is sealed with it)."""
         if self._poison is not None:
             return NOTHING
         state, floor = self.state, self.floor
         later = floor is not None and (not state.last_time or floor > dt.datetime.fromisoformat(state.last_time))
-        if not (self.remaining or self.carried or later):
+        if not (self.remaining or self.carried or later or force):
             return NOTHING
         carry = self.remaining + self.carried
         self.remaining = self.carried = 0
@@ -281,19 +282,37 @@ class Ledger:
 
     def voucher(self, v: Voucher) -> tuple[Effect, ...]:
         """A provider-signed top-up (its signature and addressee already verified)."""
+        return self._redeem(v.seq, v.queries, "voucher", {"seq": v.seq, "queries": v.queries})
+
+    def unlock(self, seq: int, data: dict[str, Any]) -> tuple[Effect, ...]:
+        """A provider-signed unlock voucher for the defenses (verified by the caller). Unlock
+        vouchers are numbered in the same sequence as top-ups, so the voucher counter that keeps
+        a top-up from being redeemed twice keeps an unlock from being replayed after a restore."""
+        return self._redeem(seq, 0, "unlock", {"seq": seq, **data})
+
+    def record(self, kind: str, data: dict[str, Any]) -> tuple[Effect, ...]:
+        """A receipt entry the provider must see (a defense alarm, queries whose defense updates
+        were lost), persisted with a counter step before the enclave answers: restoring the
+        state from before it is a detected rollback, so the entry cannot be made to vanish."""
+        if self._poison is not None:
+            return (Refuse(self._poison),)
+        state = replace(self._current(), answered=self.answered)
+        return (self._persist(self._append(state, kind, data), steps=1),)
+
+    def _redeem(self, seq: int, queries: int, kind: str, data: dict[str, Any]) -> tuple[Effect, ...]:
         if self._poison is not None:
             return (Refuse(self._poison),)
         state = self._current()
         expected = next_voucher_seq(state, self._vouchers)
-        if v.seq < expected:
-            return (Refuse(RollbackError(f"voucher {v.seq} was already redeemed on this device",
+        if seq < expected:
+            return (Refuse(RollbackError(f"voucher {seq} was already redeemed on this device",
                                          hint="a voucher can be redeemed once; ask the provider for a new one")),)
-        if v.seq != expected:
-            return (Refuse(RollbackError(f"voucher {v.seq} is out of order: the next one must be number {expected}",
+        if seq != expected:
+            return (Refuse(RollbackError(f"voucher {seq} is out of order: the next one must be number {expected}",
                                          hint="a voucher can be redeemed once, and in order")),)
-        budget = None if state.budget is None else state.budget + v.queries
-        state = replace(state, budget=budget, voucher_seq=v.seq, answered=self.answered)
-        return (self._persist(self._append(state, "voucher", {"seq": v.seq, "queries": v.queries})),)
+        budget = None if state.budget is None else state.budget + queries
+        state = replace(state, budget=budget, voucher_seq=seq, answered=self.answered)
+        return (self._persist(self._append(state, kind, data)),)
 
     def report(self) -> tuple[list[dict[str, Any]], tuple[Effect, ...]]:
         """The receipts not yet acknowledged, ending with a fresh ``report`` entry."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -140,12 +140,27 @@ class SealedStore:
         self.path = state_dir / STATE_FILE
         self.label = f"mlcapsule-state/v1\0{capsule_id}\0{version}".encode()
         self.counter_name = f"c-{capsule_id}-v{version}"
+        #: The defenses' state (issue 12), sealed in the same file as the license state, so the
+        #: counter that protects the budget protects it too: called at every write.
+        self.extra: Callable[[], bytes] | None = None
+        #: What the last :meth:`load` found beside the license state (b"" if nothing).
+        self.loaded_extra = b""
 
     def exists(self) -> bool:
         return self.path.exists()
 
     def load(self) -> EnclaveState:
-        return EnclaveState.from_bytes(self.backend.unseal(self._read(), label=self.label))
+        """The license state; the defenses' state, if any, goes to :attr:`loaded_extra`. The
+        payload is the state's JSON, then (format 2) a NUL and the defenses' blob: JSON text
+        never holds a raw NUL."""
+        payload = self.backend.unseal(self._read(), label=self.label)
+        head, sep, tail = payload.partition(b"\0")
+        self.loaded_extra = tail if sep else b""
+        return EnclaveState.from_bytes(head)
+
+    def _payload(self, state: EnclaveState) -> bytes:
+        extra = self.extra() if self.extra is not None else b""
+        return state.to_bytes() + (b"\0" + extra if extra else b"")
 
     def _read(self) -> bytes:
         try:
@@ -209,7 +224,7 @@ class SealedStore:
             raise RollbackError(
                 "another session of this license has used it since this one started",
                 hint="run one session per license at a time; start again to continue from the newest state")
-        self._write(self.backend.seal(state.to_bytes(), label=self.label))
+        self._write(self.backend.seal(self._payload(state), label=self.label))
         self._bring_up(state, e.vouchers_to, e.expire)
         after = now
         for _ in range(e.steps):

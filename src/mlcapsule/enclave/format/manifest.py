@@ -100,7 +100,9 @@ class Policy:
     budget: int | None = None  # queries; None means unlimited
     expires: dt.datetime | None = None
     lease_size: int = 100  # queries charged per persisted lease (see docs/design.md)
-    defenses: dict[str, Any] = field(default_factory=dict)  # filled by later releases
+    #: The provider's defense policy (format 1.2), as ``DefensePolicy.to_dict()``; {} for none.
+    #: Validated here: a capsule whose policy this build does not understand does not load.
+    defenses: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +122,15 @@ class Policy:
         if not 1 <= lease <= 1_000_000:
             raise FormatError(f"manifest: {where}.lease_size must be between 1 and 1000000")
         defenses = _req(d, "defenses", dict, where)
+        if defenses:
+            from ..defenses.policy import DefensePolicy
+            from ..errors import MlcapsuleError
+
+            try:
+                DefensePolicy.from_dict(defenses)
+            except MlcapsuleError as e:
+                raise FormatError(f"manifest: {where}.defenses is not a defense policy this build knows: {e.message}",
+                                  hint="upgrade mlcapsule, or ask the provider for a capsule packed for it") from e
         return cls(budget, parse_time(_opt(d, "expires", str, where), where + ".expires"), lease, defenses)
 
 

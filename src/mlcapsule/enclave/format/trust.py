@@ -30,7 +30,7 @@ MAGIC = b"\x89MLCAPS\n"
 MAJOR = 1
 #: The highest minor version of format 1 this build reads (and the highest it writes). A reader
 #: refuses a capsule of a higher minor version before it parses the manifest.
-MINOR = 1
+MINOR = 2
 HEADER_LEN = 64
 SIG_LEN = 64
 MAX_MANIFEST = 4 * 1024 * 1024
@@ -157,9 +157,13 @@ def check_segments(segments: tuple[SegmentInfo, ...], data_length: int) -> None:
 
 
 def manifest_minor(manifest: Manifest) -> int:
-    """The lowest minor version that describes ``manifest``: 1 if it uses a 1.1 field, else 0.
+    """The lowest minor version that describes ``manifest``: 2 if it carries a defense policy,
+    1 if it uses ``runtime.initializers``, else 0.
 
-    Capsules that need no 1.1 field stay readable by 1.0 readers."""
+    Capsules that need no newer field stay readable by older readers; a capsule with defenses
+    must not be: a 1.1 reader would answer without them."""
+    if manifest.policy.defenses:
+        return 2
     return 1 if manifest.runtime.initializers != "shared" else 0
 
 
@@ -189,5 +193,10 @@ def verify_capsule(header: bytes, manifest: bytes, signature: bytes, *, trust: T
         pub = ed25519_public_from_raw(trust.key)
     verify_ed25519(pub, signature, signed_message(header[:HEADER_LEN], manifest), what="capsule manifest")
     m = Manifest.from_dict(raw)
+    if m.policy.defenses and h.minor < 2:
+        # A reader of the header's version would answer without the defenses. (Format 1.0
+        # capsules of mlcapsule 0.1.0 carry runtime.initializers under a 1.0 header: still read.)
+        raise FormatError(f"capsule manifest carries a defense policy (format {MAJOR}.2) under a "
+                          f"{MAJOR}.{h.minor} header")
     check_segments(m.segments, h.data_length)
     return m
