@@ -1,7 +1,7 @@
 """Write a golden vector of tests/vectors (once, when a format version appears: old vectors
 must keep passing and are never regenerated).
 
-    .venv/bin/python tests/make_vectors.py 1.1
+    .venv/bin/python tests/make_vectors.py 1.2
 """
 
 from __future__ import annotations
@@ -40,11 +40,37 @@ def v1_1() -> None:
     shutil.rmtree(OUT / "_provider")
 
 
-def _expected(model, name: str, res) -> None:  # type: ignore[no-untyped-def]
+def v1_2() -> None:
+    """Format 1.2: a capsule with a defense policy (top-k 2, rounding to 3 decimals); its expected
+    outputs are the defended answers, so the vector pins the transforms' semantics too."""
+    import mlcapsule.packer as packer
+    from mlcapsule.enclave.format.manifest import RuntimeConfig
+
+    p = Provider(OUT / "_provider")
+    packer.RUNTIME_CANDIDATES = (RuntimeConfig("extended", False, "shared"),)
+    model = tiny_model(seed=10)
+    res = mlcapsule.pack(model, OUT / "v1.2-tiny.capsule", provider_key=p.key_path, name="golden-v1.2",
+                         capsule_id=uuid.UUID("00000000-0000-4000-8000-000000000004"), chunk_size=64,
+                         class_names=["a", "b", "c"], key_output=OUT / "v1.2-tiny.capsule.key",
+                         defenses=["top-k:2", "round:3"])
+    assert res.manifest.policy.defenses
+    _expected(model, "v1.2-tiny", res, defended=True)
+    (OUT / "v1.2-tiny.provider.pem.pub").write_bytes((p.key_path.parent / "provider.pem.pub").read_bytes())
+    import shutil
+
+    shutil.rmtree(OUT / "_provider")
+
+
+def _expected(model, name: str, res, defended: bool = False) -> None:  # type: ignore[no-untyped-def]
     import onnxruntime as ort
 
     x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8)
     y = ort.InferenceSession(model.SerializeToString()).run(None, {"input": x})[0]
+    if defended:
+        from mlcapsule.enclave.defenses.outputs import transform
+        from mlcapsule.enclave.defenses.policy import DefensePolicy
+
+        y = transform(DefensePolicy.from_dict(res.manifest.policy.defenses), y).astype(np.float32)
     (OUT / f"{name}.expected.json").write_text(json.dumps({"input": x.tolist(), "output": y.tolist(),
                                                            "capsule_id": str(res.manifest.capsule_id)}, indent=1))
 
@@ -76,4 +102,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     # Only the vector named on the command line; the old ones stay as they were written.
-    {"1.0": main, "1.1": v1_1}[sys.argv[1] if len(sys.argv) > 1 else "1.1"]()
+    {"1.0": main, "1.1": v1_1, "1.2": v1_2}[sys.argv[1] if len(sys.argv) > 1 else "1.1"]()

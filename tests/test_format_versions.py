@@ -24,7 +24,8 @@ from conftest import resign
 
 VEC = Path(__file__).parent / "vectors"
 #: (vector, header version, runtime.initializers)
-VECTORS = [("v1.0-tiny", (1, 0), "shared"), ("v1.0-initializers-0.1.0", (1, 0), "copy"), ("v1.1-tiny", (1, 1), "copy")]
+VECTORS = [("v1.0-tiny", (1, 0), "shared"), ("v1.0-initializers-0.1.0", (1, 0), "copy"), ("v1.1-tiny", (1, 1), "copy"),
+           ("v1.2-tiny", (1, 2), "shared")]
 
 
 def _pin(name: str) -> TrustProviderKey:
