@@ -233,7 +233,7 @@ def _safe_url(url: str) -> str:
 # -- admin ------------------------------------------------------------------------------------
 @click.group()
 def admin() -> None:
-    """Administer the provider server: accounts, capsules, grants, vouchers, usage."""
+    """Administer the provider server: accounts, capsules, grants, vouchers, usage, alarms."""
 
 
 @admin.group()
@@ -331,23 +331,38 @@ def capsule_list(database_url: str | None, config: str | None, as_json: bool) ->
 @click.option("--devices", type=click.IntRange(1), default=1, show_default=True,
               help="How many devices the account may provision (each once).")
 @click.option("--expires", default=None, help="30d, 12h, an ISO 8601 time, or never [default: never].")
+@click.option("--defense", "defenses", multiple=True, metavar="SPEC",
+              help="Tighten the capsule's defense policy in this grant's licenses, e.g. prada:delta=0.95, "
+                   "prada:action=lock, round:2 (repeatable; see docs/defenses.md). A spec that would loosen "
+                   "the capsule's policy is refused.")
 @db_options
 def grant(account_name: str, capsule_ref: str, budget: int | None, devices: int, expires: str | None,
-          database_url: str | None, config: str | None) -> None:
+          defenses: tuple[str, ...], database_url: str | None, config: str | None) -> None:
     """Let ACCOUNT provision CAPSULE (a capsule file, or CAPSULE_ID[:VERSION]).
 
-    Granting again replaces the terms (and lifts a revocation); licenses already issued keep theirs.
+    Granting again replaces the terms, defenses included (and lifts a revocation); licenses already
+    issued keep theirs.
     """
     when = parse_expires(expires)
     if when is not None and when <= dt.datetime.now(dt.UTC):
         err_console.print(f"[yellow]warning:[/] --expires {when.isoformat()} is in the past: licenses with it are "
                           "expired from the start", soft_wrap=True)
     r = _service(_settings(database_url, config)).grant(account_name, capsule_ref, budget=budget, devices=devices,
-                                                        expires=when)
+                                                        expires=when, defenses=list(defenses))
     console.print(f"{'granted' if r['created'] else 'updated grant'}: {r['account']} may provision "
                   f"{r['devices']} device(s) for {r['capsule']}, budget "
                   f"{'unlimited' if budget is None else budget} per device, expires {_when(r['expires'])} "
                   f"({r['devices_provisioned']} device(s) already provisioned)")
+    if r["defenses"] and not r["checked"]:
+        err_console.print("[yellow]warning:[/] this capsule was registered before the server kept defense policies: "
+                          "the --defense specs were parsed but not checked against the capsule's own policy (give "
+                          "CAPSULE as the capsule file, or run `admin capsule add` again, to check them); the "
+                          "enclave refuses a loosening license at setup", soft_wrap=True)
+    if r["policy"]:
+        console.print("defenses in its licenses" + (" (the capsule's, tightened by this grant)" if r["defenses"]
+                                                    else " (the capsule's)") + ":")
+        for line in r["policy"]:
+            console.print(f"  - {line}", soft_wrap=True)
 
 
 @admin.command()
@@ -388,6 +403,79 @@ def voucher(license_id: str, queries: int, output: str, database_url: str | None
 
 
 @admin.command()
+@click.option("--license", "license_id", required=True, metavar="LICENSE_ID",
+              help="The license to unlock (a unique prefix of at least 8 characters, as `admin usage` shows it).")
+@click.option("--device", "device_id", default=None, metavar="DEVICE_ID",
+              help="Check that the license is this device's (a prefix of at least 8 characters will do).")
+@click.option("--reset-detectors", is_flag=True,
+              help="Also empty the detectors' state (PRADA's query sets, the out-of-distribution window).")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Unlock voucher file to write (JSON) [default: print it].")
+@db_options
+@key_options
+def unlock(license_id: str, device_id: str | None, reset_detectors: bool, output: str | None,
+           database_url: str | None, config: str | None, provider_key: str | None, passphrase_file: str | None) -> None:
+    """Issue a provider-signed unlock voucher for LICENSE_ID (the next in its device's sequence).
+
+    It lifts a defense lock (or a degradation to labels) once, when the client applies it with
+    `mlcapsule topup CAPSULE FILE`. See the alarms first: `mlcapsule admin alarms --license ID`.
+    """
+    settings = _settings(database_url, config, provider_key_path=provider_key, passphrase_file=passphrase_file)
+    env = _service(settings, with_key=True).issue_unlock(license_id, device_id=device_id,
+                                                           reset_detectors=reset_detectors)
+    text = json.dumps(env, indent=1)
+    b = env["body"]
+    what = (f"unlock voucher {b['seq']} for license {b['license_id']} (device {b['device_id']})"
+            + (", detectors reset" if b["reset"] else ""))
+    if output is None:
+        import sys
+
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        err_console.print(f"{what} (apply with `mlcapsule topup CAPSULE FILE`)", soft_wrap=True)
+        return
+    atomic_write(output, text.encode(), mode=0o644)
+    console.print(f"{what}, written to {output} (apply with `mlcapsule topup`)", soft_wrap=True)
+
+
+@admin.command()
+@click.option("--license", "license_id", default=None, metavar="LICENSE_ID",
+              help="Only this license's alarms (a unique prefix of at least 8 characters will do).")
+@db_options
+@_json_option
+def alarms(license_id: str | None, database_url: str | None, config: str | None, as_json: bool) -> None:
+    """Defense alarms the devices reported in their receipts (after their `sync`), oldest first."""
+    rows = _service(_settings(database_url, config)).alarms(license_id)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        console.print("no alarms reported" + (f" for license {license_id}" if license_id else ""))
+        return
+    short = console.is_terminal
+    cut = (lambda v: v[:8]) if short else (lambda v: v)
+    t = Table(box=None, pad_edge=False, header_style="bold underline",
+              caption="received in UTC; statistic vs threshold: prada W < delta, ood hits >= critical count, "
+                      "kennen score >= threshold" + ("; ids shortened (full: --json)" if short else ""))
+    for col in ("received", "account", "capsule"):
+        t.add_column(col, no_wrap=col == "received")
+    t.add_column("license", no_wrap=True, min_width=8)
+    t.add_column("detector")
+    for col in ("query", "statistic", "threshold"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("action")
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4g}"
+
+    for r in rows:
+        t.add_row(r["received"].astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M"), r["account"], r["capsule"],
+                  cut(r["license_id"]), r["detector"], str(r["query"]), num(r["statistic"]), num(r["threshold"]),
+                  r["action"])
+    console.print(t)
+
+
+@admin.command()
 @db_options
 @_json_option
 def usage(database_url: str | None, config: str | None, as_json: bool) -> None:
@@ -407,7 +495,7 @@ def usage(database_url: str | None, config: str | None, as_json: bool) -> None:
     t.add_column("capsule")
     for col in ("device", "license"):
         t.add_column(col, no_wrap=True, min_width=8)
-    for col in ("budget", "charged", "answered", "rollbacks"):
+    for col in ("budget", "charged", "answered", "rollbacks", "alarms"):
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("last sync", no_wrap=True)
     for r in rows:
@@ -416,7 +504,9 @@ def usage(database_url: str | None, config: str | None, as_json: bool) -> None:
         t.add_row(r["account"], r["capsule"] + (" (revoked)" if r["revoked"] else ""), cut(r["device_id"]),
                   cut(r["license_id"]), budget, str(r["charged"]), str(r["answered"]),
                   # detected by the enclave (rollback receipts) + receipt chains that forked
-                  str(r["rollbacks"] + r["forks"]), sync)
+                  str(r["rollbacks"] + r["forks"]),
+                  # alarms reported (`admin alarms`); "+N gap" when defense updates were lost
+                  str(r["alarms"]) + (f" +{r['defense_gaps']} gap" if r["defense_gaps"] else ""), sync)
     console.print(t)
 
 

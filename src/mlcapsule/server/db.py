@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -101,6 +103,9 @@ class Capsule(Base):
     provider_key: Mapped[bytes] = mapped_column(LargeBinary(32))  # raw Ed25519 key the manifest pins
     lease_size: Mapped[int] = mapped_column(Integer)
     registered: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    #: The manifest's signed defense policy (``DefensePolicy.to_dict()``, {} for none), read at
+    #: registration; NULL for a capsule registered before revision 0004 (not known).
+    defense_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Grant(Base):
@@ -117,6 +122,9 @@ class Grant(Base):
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    #: Defense specs that tighten the capsule's policy (``admin grant --defense``), carried in
+    #: each license issued under the grant as ``policy["defenses"]``; NULL for none (revision 0004).
+    defenses: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class Device(Base):
@@ -144,6 +152,36 @@ class Device(Base):
     #: revision 0003.
     rollbacks: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     forks: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    #: Defenses (revision 0004): the last unlock voucher issued (``admin unlock``), the
+    #: ``defense-gap`` receipts and the queries they say went undefended, and the defense summary
+    #: counters of the latest ``alarm`` receipt. Each alarm is a row of ``alarms``.
+    unlock_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    defense_gaps: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    gap_queries: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    defense_summary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class AlarmRecord(Base):
+    """One alarm a device's enclave raised, from an ``alarm`` receipt (revision 0004).
+
+    ``(device_pk, receipt_hash, position)`` is unique: a receipt stored twice (a forked chain
+    that repeats entries the server holds) adds its alarms once.
+    """
+
+    __tablename__ = "alarms"
+    __table_args__ = (UniqueConstraint("device_pk", "receipt_hash", "position"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_pk: Mapped[int] = mapped_column(ForeignKey("devices.id"))
+    receipt_seq: Mapped[int] = mapped_column(BigInteger)
+    receipt_hash: Mapped[str] = mapped_column(String(64))
+    position: Mapped[int] = mapped_column(Integer)  # index in the receipt's list of alarms
+    detector: Mapped[str] = mapped_column(String(64))
+    query: Mapped[int] = mapped_column(BigInteger)  # the query's index in the device's stream (0-based)
+    statistic: Mapped[float | None] = mapped_column(Float, nullable=True)
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    action: Mapped[str] = mapped_column(String(16))
+    signed_time: Mapped[str] = mapped_column(String(64))  # the receipt's time, as the enclave signed it
+    received: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 
 class Nonce(Base):

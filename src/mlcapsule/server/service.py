@@ -31,10 +31,11 @@ from ..enclave._util import b64d
 from ..enclave.crypto.keys import ContentKey, ed25519_public_from_raw, raw_public
 from ..enclave.errors import FormatError, IntegrityError, SignatureError, UsageError
 from ..enclave.messages.license import License
-from ..enclave.messages.receipts import GENESIS, ChainHead, entry_hash, verify_chain
+from ..enclave.messages.receipts import GENESIS, ChainHead, alarm_records, entry_hash, gap_record, verify_chain
 from ..enclave.messages.setup import NONCE_LEN, report_data, seal_payload
+from ..enclave.messages.unlock import Unlock
 from ..enclave.messages.voucher import Voucher as VoucherMsg
-from .db import Account, Capsule, Device, Grant, Nonce, Voucher
+from .db import Account, AlarmRecord, Capsule, Device, Grant, Nonce, Voucher
 from .errors import (
     ChainConflict,
     DeviceLimitReached,
@@ -149,6 +150,55 @@ def verify_fork(entries: Any, key: Any, *, license_id: str, head: ChainHead) -> 
     if branch.seq <= head.seq and not any(e["body"]["kind"] == "rollback" for e in entries):
         return None
     return branch
+
+
+@dataclass
+class _DefenseReports:
+    """What an upload's ``alarm`` and ``defense-gap`` receipts report (see :func:`_defense_reports`)."""
+
+    alarms: list[dict[str, Any]]  # AlarmRecord columns, without device_pk and received
+    summary: dict[str, Any] | None  # the defense counters of the last alarm receipt
+    gaps: int
+    gap_queries: int
+
+
+#: The largest defense summary (canonical JSON bytes) stored per device.
+MAX_DEFENSE_SUMMARY = 16 * 1024
+
+
+def _defense_reports(entries: list[dict[str, Any]]) -> _DefenseReports:
+    """The alarms and defense gaps in receipts already verified (signed, linked, of this license).
+    A malformed ``data`` is refused with FormatError (HTTP 422), naming the receipt: the server
+    never stores half of an upload."""
+    from ..enclave._util import canonical_json
+
+    out = _DefenseReports([], None, 0, 0)
+    for e in entries:
+        body = e["body"]
+        kind, seq = body["kind"], body["seq"]
+        try:
+            if kind == "alarm":
+                alarms, summary = alarm_records(body["data"])
+                if len(canonical_json(summary)) > MAX_DEFENSE_SUMMARY:
+                    raise FormatError(f"its defense summary is larger than {MAX_DEFENSE_SUMMARY} bytes")
+            elif kind == "defense-gap":
+                queries, _reason = gap_record(body["data"])
+            else:
+                continue
+        except (FormatError, TypeError, ValueError) as ex:
+            what = ex.message if isinstance(ex, FormatError) else "its data does not encode"
+            raise FormatError(f"usage receipts refused: receipt {seq} ({kind}) is malformed: {what}",
+                              hint="the enclave that signed it is faulty or of an incompatible version; "
+                                   "upgrade mlcapsule on the device, or tell the provider") from None
+        if kind == "alarm":
+            h = entry_hash(e)
+            out.summary = summary
+            out.alarms.extend({"receipt_seq": seq, "receipt_hash": h, "position": i, "signed_time": body["time"][:64],
+                               **a} for i, a in enumerate(alarms))
+        else:
+            out.gaps += 1
+            out.gap_queries += queries
+    return out
 
 
 class ProviderService:
@@ -315,7 +365,8 @@ class ProviderService:
                 lic = License(license_id=str(uuid.uuid4()), capsule_id=uuid.UUID(cap.capsule_id),
                               version=cap.version, device_id=str(uuid.uuid4()), account=account.name,
                               receipt_key=receipt_pub, budget=grant.budget, expires=grant.expires, issued=now,
-                              lease_size=cap.lease_size)
+                              lease_size=cap.lease_size,
+                              policy={"defenses": list(grant.defenses)} if grant.defenses else {})
                 payload = seal_payload(hpke_pub, nonce, cap.content_key, lic.sign(key))
                 credential = None
                 if verified.type == "tpm":
@@ -366,16 +417,32 @@ class ProviderService:
         if new == head:
             return head
         rollbacks = sum(1 for e in entries if e["body"]["kind"] == "rollback")
+        defense = _defense_reports(entries)  # FormatError (422) on a malformed alarm or gap receipt
         with self._tx() as s:
+            values: dict[str, Any] = {}
+            if defense.summary is not None:
+                values["defense_summary"] = defense.summary
             res = cast(CursorResult[Any], s.execute(
                 update(Device)
                 .where(Device.id == dev_pk, Device.head_seq == head.seq, Device.head_hash == head.hash)
                 .values(head_seq=new.seq, head_hash=new.hash, charged=max(new.charged, head.charged),
                         answered=max(new.answered, head.answered), last_sync=now,
-                        rollbacks=Device.rollbacks + rollbacks, forks=Device.forks + int(forked))
+                        rollbacks=Device.rollbacks + rollbacks, forks=Device.forks + int(forked),
+                        defense_gaps=Device.defense_gaps + defense.gaps,
+                        gap_queries=Device.gap_queries + defense.gap_queries, **values)
                 .execution_options(synchronize_session=False)))
             if res.rowcount != 1:
                 raise ChainConflict("another upload for this device changed the chain meanwhile; upload again")
+            if defense.alarms:
+                # A forked chain may repeat receipts the server holds: their alarms are stored once.
+                held = set(s.scalars(select(AlarmRecord.receipt_hash).where(
+                    AlarmRecord.device_pk == dev_pk,
+                    AlarmRecord.receipt_hash.in_({a["receipt_hash"] for a in defense.alarms}))))
+                s.add_all(AlarmRecord(device_pk=dev_pk, received=now, **a) for a in defense.alarms
+                          if a["receipt_hash"] not in held)
+        if defense.alarms:
+            log.warning("device %s (license %s) reported %d defense alarm(s)", device_id[:64], license_id[:64],
+                        len(defense.alarms))
         return new
 
     def sign_ack(self, license_id: str, device_id: str, head: ChainHead) -> dict[str, Any]:
@@ -472,16 +539,19 @@ class ProviderService:
                                           "output") from None
         info = {"capsule_id": str(m.capsule_id), "version": m.version, "name": m.name,
                 "lease_size": m.policy.lease_size}
+        defenses = dict(getattr(m.policy, "defenses", None) or {})
         with self._tx() as s:
             old = s.scalar(select(Capsule).where(Capsule.capsule_id == str(m.capsule_id), Capsule.version == m.version))
             if old is not None:
                 if old.content_key == ck.key and old.manifest_sha256 == manifest_sha:
+                    if old.defense_policy is None:  # registered before revision 0004: now it is known
+                        old.defense_policy = defenses
                     return info, False
                 raise UsageError(f"capsule {m.capsule_id} v{m.version} is already registered with another "
                                  "manifest or key", hint="pack a new version (--version) instead")
             s.add(Capsule(capsule_id=str(m.capsule_id), version=m.version, name=m.name, content_key=ck.key,
                           manifest_sha256=manifest_sha, provider_key=m.provider_key,
-                          lease_size=m.policy.lease_size, registered=self.now()))
+                          lease_size=m.policy.lease_size, registered=self.now(), defense_policy=defenses))
         return info, True
 
     def _resolve_capsule(self, s: Session, ref: str) -> Capsule:
@@ -518,30 +588,45 @@ class ProviderService:
         return acc
 
     def grant(self, account_name: str, capsule_ref: str, *, budget: int | None, devices: int,
-              expires: dt.datetime | None) -> dict[str, Any]:
+              expires: dt.datetime | None, defenses: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
         """Create or replace the account's grant for a capsule version (clears a revocation).
 
         ``budget`` is the query budget of *each* device's license. New terms apply to devices
         provisioned from now on; licenses already issued keep theirs (top up with vouchers).
+
+        ``defenses`` are defense specs (``prada:delta=0.95``, ``round:2``...) that tighten the
+        capsule's signed policy; each license issued under the grant carries them (its
+        ``policy["defenses"]``). They are parsed (DefenseSpecError) and applied over the capsule's
+        own policy, which the server read at registration: a grant that would loosen it is refused
+        (DefenseGrantError). For a capsule registered before the server kept policies, they are
+        checked against the capsule file when CAPSULE is one, else only parsed (the enclave checks
+        them again at setup); ``checked`` in the result says which.
         """
         if devices < 1 or (budget is not None and budget < 0):
             raise UsageError("--devices must be at least 1 and --budget at least 0")
         if expires is not None and expires.tzinfo is None:
             raise UsageError("--expires must carry a time zone")
+        specs = _grant_specs(defenses)
         with self._tx() as s:
             acc = self._account(s, account_name)
             cap = self._resolve_capsule(s, capsule_ref)
+            base = cap.defense_policy
+            if base is None:  # registered before the server kept policies: from the file, if it is one
+                base = cap.defense_policy = _file_defense_policy(capsule_ref, cap)
+            policy = _tightened(base, specs)
             g = s.scalar(select(Grant).where(Grant.account_id == acc.id, Grant.capsule_pk == cap.id).with_for_update())
             created = g is None
             if g is None:
                 g = Grant(account_id=acc.id, capsule_pk=cap.id, created=self.now())
                 s.add(g)
             g.budget, g.devices, g.expires, g.revoked, g.revoked_at = budget, devices, expires, False, None
+            g.defenses = specs or None
             used = s.scalar(select(func.count(Device.id)).join(Grant).where(
                 Grant.account_id == acc.id, Grant.capsule_pk == cap.id)) or 0
             return {"account": acc.name, "capsule": f"{cap.name} {cap.capsule_id} v{cap.version}",
                     "budget": budget, "devices": devices, "expires": expires, "created": created,
-                    "devices_provisioned": used}
+                    "devices_provisioned": used, "defenses": specs, "checked": base is not None,
+                    "policy": policy.describe() if policy is not None else []}
 
     def revoke(self, account_name: str, capsule_ref: str) -> dict[str, Any]:
         """Refuse every later challenge and provision under this grant.
@@ -560,6 +645,39 @@ class ProviderService:
             return {"account": acc.name, "capsule": f"{cap.name} {cap.capsule_id} v{cap.version}",
                     "devices_provisioned": n}
 
+    @staticmethod
+    def _find_device(s: Session, license_id: str, *, lock: bool = False) -> Device:
+        """The device of ``license_id``, or of a unique prefix of it of at least 8 characters (as
+        ``admin usage`` shows it); UsageError if there is none."""
+        def one(q: Any) -> Device | None:
+            return s.scalar(q.with_for_update() if lock else q)
+
+        dev = one(select(Device).where(Device.license_id == license_id))
+        if dev is None and len(license_id) >= 8:  # a unique prefix, as `admin usage` shows it
+            found = s.scalars(select(Device.license_id)
+                              .where(Device.license_id.startswith(license_id, autoescape=True)).limit(2)).all()
+            if len(found) > 1:
+                raise UsageError(f"{license_id!r} matches several licenses", hint="give more of the id")
+            if found:
+                dev = one(select(Device).where(Device.license_id == found[0]))
+        if dev is None and len(license_id) < 8:
+            raise UsageError(f"license id prefix {license_id[:80]!r} is too short (at least 8 characters)",
+                             hint="give at least the 8 characters `mlcapsule admin usage` shows, or the "
+                                  "whole id (`mlcapsule admin usage --json`)")
+        if dev is None:
+            raise UsageError(f"no license {license_id[:80]!r}",
+                             hint="`mlcapsule admin usage` lists the licenses")
+        return dev
+
+    def _device_by_license(self, s: Session, license_id: str, *, what: str) -> Device:
+        """:meth:`_find_device`, locked for update, refused if its grant is revoked."""
+        dev = self._find_device(s, license_id, lock=True)
+        grant = s.get(Grant, dev.grant_id)
+        if grant is not None and grant.revoked:
+            raise UsageError(f"the grant behind license {dev.license_id} is revoked",
+                             hint=f"grant it again first if you mean to {what} it")
+        return dev
+
     def issue_voucher(self, license_id: str, queries: int) -> dict[str, Any]:
         """A provider-signed top-up for ``license_id``, numbered after the last one issued."""
         if not 0 < queries <= 10**12:
@@ -567,26 +685,8 @@ class ProviderService:
         key = self._key()
         try:
             with self._tx() as s:
-                dev = s.scalar(select(Device).where(Device.license_id == license_id).with_for_update())
-                if dev is None and len(license_id) >= 8:  # a unique prefix, as `admin usage` shows it
-                    found = s.scalars(select(Device.license_id)
-                                      .where(Device.license_id.startswith(license_id, autoescape=True)).limit(2)).all()
-                    if len(found) > 1:
-                        raise UsageError(f"{license_id!r} matches several licenses", hint="give more of the id")
-                    if found:
-                        dev = s.scalar(select(Device).where(Device.license_id == found[0]).with_for_update())
-                if dev is None and len(license_id) < 8:
-                    raise UsageError(f"license id prefix {license_id[:80]!r} is too short (at least 8 characters)",
-                                     hint="give at least the 8 characters `mlcapsule admin usage` shows, or the "
-                                          "whole id (`mlcapsule admin usage --json`)")
-                if dev is None:
-                    raise UsageError(f"no license {license_id[:80]!r}",
-                                     hint="`mlcapsule admin usage` lists the licenses")
+                dev = self._device_by_license(s, license_id, what="top up")
                 license_id = dev.license_id
-                grant = s.get(Grant, dev.grant_id)
-                if grant is not None and grant.revoked:
-                    raise UsageError(f"the grant behind license {license_id} is revoked",
-                                     hint="grant it again first if you mean to top it up")
                 seq = (s.scalar(select(func.max(Voucher.seq)).where(Voucher.license_id == license_id)) or 0) + 1
                 s.add(Voucher(license_id=license_id, seq=seq, queries=queries, issued=self.now()))
                 s.flush()
@@ -594,6 +694,44 @@ class ProviderService:
         except sa_exc.IntegrityError as e:
             raise Unavailable("another voucher for this license was issued at the same time; try again") from e
         return envelope
+
+    def issue_unlock(self, license_id: str, *, device_id: str | None = None,
+                     reset_detectors: bool = False) -> dict[str, Any]:
+        """A provider-signed unlock voucher (``unlock/v1``) for the device of ``license_id``
+        (a unique prefix of at least 8 characters will do), numbered after the last one issued
+        for that device. ``device_id``, if given, must name that device (a prefix of at least 8
+        characters will do). ``reset_detectors`` also empties the detectors' state when applied.
+        The client applies it with ``mlcapsule topup CAPSULE FILE``; it lifts a defense lock or
+        degradation once."""
+        key = self._key()
+        with self._tx() as s:
+            dev = self._device_by_license(s, license_id, what="unlock")
+            if device_id is not None and not (dev.device_id == device_id or (
+                    len(device_id) >= 8 and dev.device_id.startswith(device_id))):
+                raise UsageError(f"license {dev.license_id} belongs to device {dev.device_id}, "
+                                 f"not {device_id[:80]!r}", hint="`mlcapsule admin usage` lists the devices")
+            # The row is locked (FOR UPDATE; SQLite: BEGIN IMMEDIATE): the next number is ours.
+            dev.unlock_seq = seq = dev.unlock_seq + 1
+            envelope = Unlock(dev.license_id, dev.device_id, seq, reset=reset_detectors).sign(key)
+        log.info("unlock voucher %d issued for device %s (license %s)%s", seq, dev.device_id, dev.license_id,
+                 ", detectors reset" if reset_detectors else "")
+        return envelope
+
+    def alarms(self, license_id: str | None = None) -> list[dict[str, Any]]:
+        """Every alarm the devices reported (oldest first), or those of one license (a unique
+        prefix of at least 8 characters will do)."""
+        with self._tx() as s:
+            q = (select(AlarmRecord, Device.device_id, Device.license_id, Account.name, Capsule.name, Capsule.version)
+                 .join(Device, AlarmRecord.device_pk == Device.id).join(Grant, Device.grant_id == Grant.id)
+                 .join(Account, Grant.account_id == Account.id).join(Capsule, Grant.capsule_pk == Capsule.id))
+            if license_id is not None:
+                q = q.where(AlarmRecord.device_pk == self._find_device(s, license_id).id)
+            rows = s.execute(q.order_by(AlarmRecord.received, AlarmRecord.device_pk, AlarmRecord.receipt_seq,
+                                        AlarmRecord.position)).all()
+            return [{"account": acc, "capsule": f"{cname} v{ver}", "license_id": lic_id, "device_id": dev_id,
+                     "detector": a.detector, "query": a.query, "statistic": a.statistic, "threshold": a.threshold,
+                     "action": a.action, "receipt": a.receipt_seq, "time": a.signed_time, "received": a.received}
+                    for a, dev_id, lic_id, acc, cname, ver in rows]
 
     def list_capsules(self) -> list[dict[str, Any]]:
         """Registered capsule versions, with how many grants and devices each has."""
@@ -632,18 +770,65 @@ class ProviderService:
         with self._tx() as s:
             rows = s.execute(
                 select(Account.name, Capsule.name, Capsule.capsule_id, Capsule.version, Device, Grant.budget,
-                       Grant.revoked)
+                       Grant.revoked, Grant.defenses)
                 .select_from(Device).join(Grant, Device.grant_id == Grant.id)
                 .join(Account, Grant.account_id == Account.id).join(Capsule, Grant.capsule_pk == Capsule.id)
                 .order_by(Account.name, Capsule.name, Device.created)).all()
             vouchers = dict(s.execute(select(Voucher.license_id, func.sum(Voucher.queries))
                                       .group_by(Voucher.license_id)).all())
+            alarms = dict(s.execute(select(AlarmRecord.device_pk, func.count(AlarmRecord.id))
+                                    .group_by(AlarmRecord.device_pk)).all())
             return [{"account": a, "capsule": f"{cname} v{ver}", "capsule_id": cid, "device_id": d.device_id,
                      "license_id": d.license_id, "budget": budget, "vouchers": int(vouchers.get(d.license_id) or 0),
                      "charged": d.charged, "answered": d.answered, "receipts": d.head_seq,
                      "last_sync": d.last_sync, "created": d.created, "revoked": revoked, "evidence": d.evidence_type,
-                     "rollbacks": d.rollbacks, "forks": d.forks}
-                    for a, cname, cid, ver, d, budget, revoked in rows]
+                     "rollbacks": d.rollbacks, "forks": d.forks, "alarms": int(alarms.get(d.id) or 0),
+                     "defense_gaps": d.defense_gaps, "gap_queries": d.gap_queries, "unlock_seq": d.unlock_seq,
+                     "defenses": list(defenses or []), "defense": d.defense_summary}
+                    for a, cname, cid, ver, d, budget, revoked, defenses in rows]
+
+
+def _grant_specs(defenses: Any) -> list[str]:
+    """The grant's defense specs, stripped, after checking they parse as a policy (each defense
+    once): DefenseSpecError otherwise. At most what a license carries (32 specs of 256 characters)."""
+    from ..enclave.defenses import DefensePolicy
+    from ..enclave.messages.license import MAX_DEFENSE_SPEC, MAX_GRANT_DEFENSES
+
+    if defenses is None:
+        return []
+    if isinstance(defenses, str) or not all(isinstance(d, str) for d in defenses):
+        raise UsageError("defenses must be a list of defense specs, e.g. ['prada:delta=0.95', 'round:2']")
+    specs = [d.strip() for d in defenses]
+    if len(specs) > MAX_GRANT_DEFENSES or any(len(d) > MAX_DEFENSE_SPEC for d in specs):
+        raise UsageError(f"a grant carries at most {MAX_GRANT_DEFENSES} --defense specs of at most "
+                         f"{MAX_DEFENSE_SPEC} characters")
+    DefensePolicy.from_specs(specs)
+    return specs
+
+
+def _tightened(base: dict[str, Any] | None, specs: list[str]) -> Any:
+    """The capsule's policy ``base`` (``DefensePolicy.to_dict()``, {} for none; None if not known)
+    tightened by the grant's ``specs``: DefenseGrantError if they would loosen it. With an
+    unknown base, the specs alone (already parsed); None when there are none."""
+    from ..enclave.defenses import DefensePolicy, tighten
+
+    if base is None:
+        return DefensePolicy.from_specs(specs) if specs else None
+    return tighten(DefensePolicy.from_dict(base) if base else DefensePolicy(), specs)
+
+
+def _file_defense_policy(ref: str, cap: Capsule) -> dict[str, Any] | None:
+    """The defense policy of the capsule file ``ref`` if it is the registered manifest of ``cap``
+    (same SHA-256), for a capsule registered before the server kept policies; None otherwise."""
+    if not Path(ref).is_file():
+        return None
+    from ..enclave.format.container import CapsuleFile
+    from ..enclave.format.trust import UnsafeTrustManifestKey
+
+    with CapsuleFile(ref, trust=UnsafeTrustManifestKey()) as cf:  # compared with the registered hash below
+        if hashlib.sha256(cf.manifest_bytes).hexdigest() != cap.manifest_sha256:
+            return None
+        return dict(getattr(cf.manifest.policy, "defenses", None) or {})
 
 
 def _check_all_chunks(cf: Any, key: bytes) -> None:
