@@ -12,8 +12,10 @@ Errors are ``{"error": {"type", "message", "hint"}}`` where ``type`` names a cla
 :mod:`mlcapsule.enclave.errors`: 401 bad token, 403 attestation / grant / device limit / revoked /
 unknown nonce, 404 unknown capsule or license, 409 nonce already used or receipts that do not
 continue the chain, 410 nonce expired, 413 body too large, 422 malformed request, 503 database
-unavailable. The OpenAPI description is served at ``/openapi.json``. Vouchers are not issued
-over HTTP: only the administrator issues them, with ``mlcapsule admin voucher``.
+unavailable. The OpenAPI description is served at ``/openapi.json``. Vouchers and unlock
+vouchers are not issued over HTTP: only the administrator issues them, with ``mlcapsule admin
+voucher`` and ``admin unlock``; the alarms the receipts carry are read with ``admin usage`` and
+``admin alarms`` (or :meth:`ProviderService.alarms`), not over the clients' API.
 """
 
 from __future__ import annotations
