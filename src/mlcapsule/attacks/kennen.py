@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .kennen_zoo import ModelZoo
 
 __all__ = [
-    "KENNEN_ATTRIBUTES", "NetConfig", "ZooSettings", "KennenSettings", "KennenModel", "KennenResult",
+    "KENNEN_ATTRIBUTES", "DETECTOR_CRAFT", "NetConfig", "ZooSettings", "KennenSettings", "KennenModel", "KennenResult",
     "CraftedInputs", "DetectorData", "sample_zoo_configs", "build_zoo", "split_zoo", "train_kennen",
     "infer_attributes", "zoo_answers", "craft_kennen_inputs", "kennen_detector_data", "default_cache_dir",
 ]
@@ -199,6 +199,12 @@ class KennenSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: The kennen-io sessions that craft the detector's malicious inputs: 100 queries each (the
+#: paper's query count), so 4,500 + 500 inputs are 45 + 5 sessions.
+DETECTOR_CRAFT = KennenSettings(method="io", n_queries=100, rounds=2, meta_epochs=30, query_steps=10,
+                                batch_models=10)
 
 
 @dataclass
@@ -421,10 +427,10 @@ def kennen_detector_data(zoo: ModelZoo, *, n_train: int = 4500, n_test: int = 50
     The malicious test rows come from their own kennen-io sessions (never a session that gave a
     training row), so train and test are disjoint by session and by starting image. The benign
     training rows are MNIST training images drawn with ``seed``; the benign test rows are the
-    first ``n_test`` MNIST test images."""
+    first ``n_test`` MNIST test images. ``settings`` default to :data:`DETECTOR_CRAFT`."""
     from .kennen_zoo import mnist_pools, to_pixels
 
-    settings = settings or KennenSettings()
+    settings = settings or DETECTOR_CRAFT
     q = settings.n_queries
     n_tr_sessions = -(-n_train // q)
     n_te_sessions = -(-n_test // q)
