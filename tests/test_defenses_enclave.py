@@ -371,3 +371,39 @@ def test_a_fresh_setup_cannot_reset_the_sets(tmp_path, provider, digits):
         assert not isinstance(err.value, AssertionError)
         with pytest.raises(NotProvisionedError):
             e.infer([np.ones((1, 64), np.float32)])
+
+
+def _mnist_tiny(seed: int = 0) -> Any:
+    """A random-weight softmax regression on 784 MNIST pixels: the shape the kennen detector reads."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((784, 10)) * 0.05).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "W"], ["z"]), helper.make_node("Softmax", ["z"], ["p"], axis=1)],
+        "mnist-tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 784])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 10])], [numpy_helper.from_array(w, "W")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_kennen_io_probes_are_refused_by_the_detector_in_the_capsule(tmp_path, provider):
+    """The kennen-io detector travels encrypted in the capsule and scores every query in the
+    enclave: benign MNIST digits are answered, probe-like queries are refused. The probes here are
+    a stand-in (unrestricted uniform pixels, as kennen-io's optimised queries are unrestricted);
+    the detector trained on real kennen-io queries is measured in EVALUATION.md."""
+    from mlcapsule.attacks.data import load_idx_dataset
+    from mlcapsule.defense_training import train_kennen_detector
+
+    mnist = load_idx_dataset("mnist", "train", limit=1200)[0].reshape(-1, 784).astype(np.float32) / 255.0
+    rng = np.random.default_rng(0)
+    probes = rng.uniform(-1.0, 2.0, (600, 784)).astype(np.float32)
+    detector = train_kennen_detector(mnist[:600], probes[:400], epochs=3, seed=0, threads=1)
+    cap, _ = provider.pack("mnist", model=_mnist_tiny(), defenses=["kennen:threshold=0.5,action=refuse"],
+                           kennen_detector=detector)
+    with mlcapsule.open_capsule(cap, trust=mlcapsule.UnsafeTrustManifestKey(),
+                                unsafe_dev_key=str(cap) + ".key", state_dir=tmp_path / "s") as c:
+        answered = sum(len(c.predict(mnist[i:i + 1])) for i in range(600, 700))
+        with pytest.raises(DefenseError, match="kennen"):
+            c.predict(probes[500:501])
+        st = c.status()["defenses"]["state"]
+    assert answered == 100 and st["alarms"]["kennen"] == 1 and st["refused"] == 1
