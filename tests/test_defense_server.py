@@ -392,3 +392,27 @@ def test_license_policy_is_checked_and_old_licenses_still_verify(provider_files:
                            version=1)
         with pytest.raises(E.FormatError):
             License(**base, policy=bad)  # type: ignore[arg-type]
+
+
+# -- the schema -------------------------------------------------------------------------------
+def test_revision_0004_carries_a_server_forward_and_back(srv: Harness) -> None:
+    """A server of revision 0003 with a device upgrades to 0004 (counters 0, no alarms, no grant
+    defenses, the capsule's policy unknown), and 0004 downgrades cleanly."""
+    from alembic import command
+
+    from mlcapsule.server.db import alembic_config, migrate, schema_revisions
+
+    enc = srv.enclave()
+    body, _ = provision_license(srv, enc)
+    assert upload(srv, body, chain(enc, body["license_id"], [("setup", {}), ("lease", {}), ("alarm", ALARM)])) \
+        .status_code == 200
+    with srv.engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0003")
+    assert schema_revisions(srv.engine)[0] == "0003"
+    assert migrate(srv.engine) == schema_revisions(srv.engine)[1] == "0004"
+    (row,) = srv.service.usage()
+    assert (row["receipts"], row["alarms"], row["defense_gaps"], row["unlock_seq"], row["defense"]) \
+        == (3, 0, 0, 0, None)
+    r = srv.service.grant("alice", srv.files.capsule_id, budget=5, devices=2, expires=None, defenses=["round:2"])
+    assert not r["checked"]  # the capsule's policy was forgotten with the column
+    assert srv.service.issue_unlock(body["license_id"])["body"]["seq"] == 1

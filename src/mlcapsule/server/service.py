@@ -434,10 +434,13 @@ class ProviderService:
             if res.rowcount != 1:
                 raise ChainConflict("another upload for this device changed the chain meanwhile; upload again")
             if defense.alarms:
-                # A forked chain may repeat receipts the server holds: their alarms are stored once.
-                held = set(s.scalars(select(AlarmRecord.receipt_hash).where(
-                    AlarmRecord.device_pk == dev_pk,
-                    AlarmRecord.receipt_hash.in_({a["receipt_hash"] for a in defense.alarms}))))
+                # Receipts that continue the stored chain are all new; a forked chain may repeat
+                # receipts the server holds, whose alarms are stored once.
+                held: set[str] = set()
+                hashes = sorted({a["receipt_hash"] for a in defense.alarms}) if forked else []
+                for i in range(0, len(hashes), 500):
+                    held.update(s.scalars(select(AlarmRecord.receipt_hash).where(
+                        AlarmRecord.device_pk == dev_pk, AlarmRecord.receipt_hash.in_(hashes[i:i + 500]))))
                 s.add_all(AlarmRecord(device_pk=dev_pk, received=now, **a) for a in defense.alarms
                           if a["receipt_hash"] not in held)
         if defense.alarms:

@@ -53,13 +53,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Plain DROP COLUMN (SQLite >= 3.35 has it): a batch would copy and drop the referenced
+    # tables, which SQLite's foreign keys refuse once devices and vouchers exist.
     op.drop_table('alarms')
-    with op.batch_alter_table('devices', schema=None) as batch_op:
-        batch_op.drop_column('defense_summary')
-        batch_op.drop_column('gap_queries')
-        batch_op.drop_column('defense_gaps')
-        batch_op.drop_column('unlock_seq')
-    with op.batch_alter_table('grants', schema=None) as batch_op:
-        batch_op.drop_column('defenses')
-    with op.batch_alter_table('capsules', schema=None) as batch_op:
-        batch_op.drop_column('defense_policy')
+    for column in ('defense_summary', 'gap_queries', 'defense_gaps', 'unlock_seq'):
+        op.drop_column('devices', column)
+    op.drop_column('grants', 'defenses')
+    op.drop_column('capsules', 'defense_policy')
