@@ -190,6 +190,7 @@ def test_admin_grant_defense_option(db_url: str, provider_files: ProviderFiles, 
 
 # -- unlock vouchers --------------------------------------------------------------------------
 def test_unlock_vouchers_are_numbered_per_device_and_signed(srv: Harness) -> None:
+    """Per device, in one sequence with the top-ups (the enclave's voucher counter counts both)."""
     a, _ = provision_license(srv, srv.enclave())
     b, _ = provision_license(srv, srv.enclave())
     pub = srv.provider_pub
@@ -208,10 +209,13 @@ def test_unlock_vouchers_are_numbered_per_device_and_signed(srv: Harness) -> Non
         srv.service.issue_unlock(str(uuid.uuid4()))
     assert {r["license_id"]: r["unlock_seq"] for r in srv.service.usage()} == {a["license_id"]: 3,
                                                                                 b["license_id"]: 2}
-    # Unlocks and top-up vouchers are numbered apart.
+    # Unlocks and top-up vouchers share the sequence; only top-ups add to the budget.
     v = verify_voucher(srv.service.issue_voucher(a["license_id"], 10), pub, license_id=a["license_id"],
                        device_id=a["device_id"])
-    assert v.seq == 1
+    assert v.seq == 4
+    assert srv.service.issue_unlock(a["license_id"])["body"]["seq"] == 5
+    row = {r["license_id"]: r for r in srv.service.usage()}[a["license_id"]]
+    assert (row["vouchers"], row["unlock_seq"]) == (10, 5)
     srv.service.revoke("alice", srv.files.capsule_id)
     with pytest.raises(E.UsageError, match="revoked"):
         srv.service.issue_unlock(a["license_id"])
@@ -237,6 +241,7 @@ def test_verify_unlock_refuses_another_licenses_voucher_and_a_tampered_one(srv: 
         verify_unlock(Unlock(a["license_id"], a["device_id"], 1).sign(Ed25519PrivateKey.generate()), pub,
                       license_id=a["license_id"], device_id=a["device_id"])
     voucher = srv.service.issue_voucher(a["license_id"], 5)
+    assert voucher["body"]["seq"] == 2
     with pytest.raises(E.FormatError, match="expected a unlock/v1"):
         verify_unlock(voucher, pub, license_id=a["license_id"], device_id=a["device_id"])
     key = load_provider_key(srv.files.key_path)
@@ -280,7 +285,7 @@ def test_alarm_and_defense_gap_receipts_reach_the_provider(srv: Harness, tmp_pat
     other, _ = provision_license(srv, srv.enclave())
     lid = body["license_id"]
     receipts = chain(enc, lid, [("setup", {}), ("lease", {}), ("report", {}), ("alarm", ALARM),
-                                ("defense-gap", GAP), ("report", {})])
+                                ("defense-gap", {**GAP, "locked": True}), ("report", {})])
     r = upload(srv, body, receipts[:4])
     assert r.status_code == 200, r.text
     r = upload(srv, body, receipts)  # a retry that repeats what the server holds, then more
@@ -416,3 +421,18 @@ def test_revision_0004_carries_a_server_forward_and_back(srv: Harness) -> None:
     r = srv.service.grant("alice", srv.files.capsule_id, budget=5, devices=2, expires=None, defenses=["round:2"])
     assert not r["checked"]  # the capsule's policy was forgotten with the column
     assert srv.service.issue_unlock(body["license_id"])["body"]["seq"] == 1
+
+
+def test_unlock_and_defense_receipts_after_an_unlock_are_accepted(srv: Harness) -> None:
+    """What the enclave writes when it applies unlock voucher n: ``unlock`` then ``defense``
+    (the counters after it), which become the device's latest defense counters."""
+    enc = srv.enclave()
+    body, _ = provision_license(srv, enc)
+    seq = srv.service.issue_unlock(body["license_id"], reset_detectors=True)["body"]["seq"]
+    after = {"unlocked": seq, "queries": 131, "locked": False, "alarms": {"prada": 1}}
+    r = upload(srv, body, chain(enc, body["license_id"], [
+        ("setup", {}), ("lease", {}), ("alarm", ALARM), ("unlock", {"seq": seq, "reset_detectors": True}),
+        ("defense", after)]))
+    assert r.status_code == 200, r.text
+    row = srv.service.usage()[0]
+    assert (row["alarms"], row["defense"], row["unlock_seq"]) == (2, after, 1)

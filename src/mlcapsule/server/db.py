@@ -152,7 +152,8 @@ class Device(Base):
     #: revision 0003.
     rollbacks: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     forks: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
-    #: Defenses (revision 0004): the last unlock voucher issued (``admin unlock``), the
+    #: Defenses (revision 0004): the number of the last unlock voucher issued (``admin unlock``;
+    #: numbered in the voucher sequence, see :class:`Voucher`), the
     #: ``defense-gap`` receipts and the queries they say went undefended, and the defense summary
     #: counters of the latest ``alarm`` receipt. Each alarm is a row of ``alarms``.
     unlock_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -197,6 +198,9 @@ class Nonce(Base):
 
 
 class Voucher(Base):
+    """Every provider-signed voucher of a license, in its one sequence: top-ups and (revision
+    0004) unlock vouchers, whose ``queries`` is 0."""
+
     __tablename__ = "vouchers"
     __table_args__ = (UniqueConstraint("license_id", "seq"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -204,6 +208,7 @@ class Voucher(Base):
     seq: Mapped[int] = mapped_column(Integer)
     queries: Mapped[int] = mapped_column(BigInteger)
     issued: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    kind: Mapped[str] = mapped_column(String(16), default="topup", server_default="topup")  # or "unlock"
 
 
 # -- engine -----------------------------------------------------------------------------------

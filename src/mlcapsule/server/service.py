@@ -157,7 +157,7 @@ class _DefenseReports:
     """What an upload's ``alarm`` and ``defense-gap`` receipts report (see :func:`_defense_reports`)."""
 
     alarms: list[dict[str, Any]]  # AlarmRecord columns, without device_pk and received
-    summary: dict[str, Any] | None  # the defense counters of the last alarm receipt
+    summary: dict[str, Any] | None  # the defense counters of the last alarm or defense receipt
     gaps: int
     gap_queries: int
 
@@ -183,6 +183,12 @@ def _defense_reports(entries: list[dict[str, Any]]) -> _DefenseReports:
                     raise FormatError(f"its defense summary is larger than {MAX_DEFENSE_SUMMARY} bytes")
             elif kind == "defense-gap":
                 queries, _reason = gap_record(body["data"])
+            elif kind == "defense":  # the counters after an unlock
+                summary = body["data"]
+                if len(canonical_json(summary)) > MAX_DEFENSE_SUMMARY:
+                    raise FormatError(f"its defense summary is larger than {MAX_DEFENSE_SUMMARY} bytes")
+                out.summary = summary
+                continue
             else:
                 continue
         except (FormatError, TypeError, ValueError) as ex:
@@ -701,21 +707,29 @@ class ProviderService:
     def issue_unlock(self, license_id: str, *, device_id: str | None = None,
                      reset_detectors: bool = False) -> dict[str, Any]:
         """A provider-signed unlock voucher (``unlock/v1``) for the device of ``license_id``
-        (a unique prefix of at least 8 characters will do), numbered after the last one issued
-        for that device. ``device_id``, if given, must name that device (a prefix of at least 8
+        (a unique prefix of at least 8 characters will do), numbered after the last voucher
+        issued for it, top-up or unlock: the two kinds share one sequence, as the enclave counts
+        them. ``device_id``, if given, must name that device (a prefix of at least 8
         characters will do). ``reset_detectors`` also empties the detectors' state when applied.
         The client applies it with ``mlcapsule topup CAPSULE FILE``; it lifts a defense lock or
         degradation once."""
         key = self._key()
-        with self._tx() as s:
-            dev = self._device_by_license(s, license_id, what="unlock")
-            if device_id is not None and not (dev.device_id == device_id or (
-                    len(device_id) >= 8 and dev.device_id.startswith(device_id))):
-                raise UsageError(f"license {dev.license_id} belongs to device {dev.device_id}, "
-                                 f"not {device_id[:80]!r}", hint="`mlcapsule admin usage` lists the devices")
-            # The row is locked (FOR UPDATE; SQLite: BEGIN IMMEDIATE): the next number is ours.
-            dev.unlock_seq = seq = dev.unlock_seq + 1
-            envelope = Unlock(dev.license_id, dev.device_id, seq, reset=reset_detectors).sign(key)
+        try:
+            with self._tx() as s:
+                dev = self._device_by_license(s, license_id, what="unlock")
+                if device_id is not None and not (dev.device_id == device_id or (
+                        len(device_id) >= 8 and dev.device_id.startswith(device_id))):
+                    raise UsageError(f"license {dev.license_id} belongs to device {dev.device_id}, "
+                                     f"not {device_id[:80]!r}", hint="`mlcapsule admin usage` lists the devices")
+                # One sequence with the top-ups: the enclave's voucher counter then refuses a
+                # replayed unlock, even in a restored state.
+                seq = (s.scalar(select(func.max(Voucher.seq)).where(Voucher.license_id == dev.license_id)) or 0) + 1
+                s.add(Voucher(license_id=dev.license_id, seq=seq, queries=0, kind="unlock", issued=self.now()))
+                dev.unlock_seq = seq
+                s.flush()
+                envelope = Unlock(dev.license_id, dev.device_id, seq, reset=reset_detectors).sign(key)
+        except sa_exc.IntegrityError as e:
+            raise Unavailable("another voucher for this license was issued at the same time; try again") from e
         log.info("unlock voucher %d issued for device %s (license %s)%s", seq, dev.device_id, dev.license_id,
                  ", detectors reset" if reset_detectors else "")
         return envelope
@@ -778,7 +792,7 @@ class ProviderService:
                 .join(Account, Grant.account_id == Account.id).join(Capsule, Grant.capsule_pk == Capsule.id)
                 .order_by(Account.name, Capsule.name, Device.created)).all()
             vouchers = dict(s.execute(select(Voucher.license_id, func.sum(Voucher.queries))
-                                      .group_by(Voucher.license_id)).all())
+                                      .where(Voucher.kind == "topup").group_by(Voucher.license_id)).all())
             alarms = dict(s.execute(select(AlarmRecord.device_pk, func.count(AlarmRecord.id))
                                     .group_by(AlarmRecord.device_pk)).all())
             return [{"account": a, "capsule": f"{cname} v{ver}", "capsule_id": cid, "device_id": d.device_id,

@@ -14,6 +14,9 @@ check their ``data`` (both sides use them: the enclave writes, the server stores
   ``threshold`` are numbers, or null when not finite);
 * ``defense-gap``: ``{"queries": N, "reason": "crash" | "rollback"}``, queries answered whose
   defense-state updates were lost.
+
+An applied unlock voucher writes ``unlock`` (``{"seq", "reset_detectors"}``; it is numbered in
+the voucher sequence) and then ``defense`` (the defense counters after it).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from ..crypto.keys import verify_ed25519
 from ..errors import FormatError, IntegrityError
 
 GENESIS = "0" * 64
-KINDS = ("setup", "lease", "voucher", "report", "detection", "rollback", "alarm", "defense-gap")
+KINDS = ("setup", "lease", "voucher", "report", "detection", "rollback", "alarm", "defense-gap", "unlock", "defense")
 _CONTEXT = b"mlcapsule/receipt/v1\0"
 MAX_UPLOAD = 100_000
 

@@ -3,10 +3,11 @@
 A detector whose action is ``lock`` (or ``degrade``) stops a license from answering (or from
 answering more than labels) until the provider says otherwise. The provider issues an unlock
 voucher with ``mlcapsule admin unlock``; the client applies it with ``mlcapsule topup``. Like a
-top-up voucher it names its license and device and carries a sequence number of its own (per
-device, from 1): the enclave applies unlock ``seq`` only if it is one more than the last one
-it applied, so an unlock voucher works once. ``reset`` also empties the detectors' state
-(PRADA's query sets, the out-of-distribution window).
+top-up voucher it names its license and device, and its ``seq`` is a number of the same
+sequence as the top-ups' (per device, from 1): the enclave accepts voucher ``seq`` only if it is
+one more than the last voucher of either kind it redeemed, so the counter that keeps a top-up
+from being redeemed twice, even by a restored state, keeps an unlock from being replayed.
+``reset`` also empties the detectors' state (PRADA's query sets, the out-of-distribution window).
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ Create Date: 2027-01-15
 
 Issue 12. ``grants.defenses`` holds the defense specs a grant adds (carried in each license it
 issues); ``capsules.defense_policy`` the capsule's signed policy, read at registration (NULL for
-a capsule registered before this revision), against which a grant is checked. Per device:
+a capsule registered before this revision), against which a grant is checked. ``vouchers.kind``:
+unlock vouchers are numbered in the same sequence as top-ups ('topup' or 'unlock'). Per device:
 ``unlock_seq`` (the last unlock voucher issued), ``defense_gaps`` and ``gap_queries`` (from
-``defense-gap`` receipts) and ``defense_summary`` (the counters of the latest ``alarm``
-receipt). The ``alarms`` table holds each alarm of the ``alarm`` receipts.
+``defense-gap`` receipts) and ``defense_summary`` (the latest defense counters a receipt
+carried). The ``alarms`` table holds each alarm of the ``alarm`` receipts.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('defense_policy', sa.JSON(), nullable=True))
     with op.batch_alter_table('grants', schema=None) as batch_op:
         batch_op.add_column(sa.Column('defenses', sa.JSON(), nullable=True))
+    with op.batch_alter_table('vouchers', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('kind', sa.String(length=16), server_default='topup', nullable=False))
     with op.batch_alter_table('devices', schema=None) as batch_op:
         batch_op.add_column(sa.Column('unlock_seq', sa.BigInteger(), server_default='0', nullable=False))
         batch_op.add_column(sa.Column('defense_gaps', sa.BigInteger(), server_default='0', nullable=False))
@@ -58,5 +61,6 @@ def downgrade() -> None:
     op.drop_table('alarms')
     for column in ('defense_summary', 'gap_queries', 'defense_gaps', 'unlock_seq'):
         op.drop_column('devices', column)
+    op.drop_column('vouchers', 'kind')
     op.drop_column('grants', 'defenses')
     op.drop_column('capsules', 'defense_policy')
