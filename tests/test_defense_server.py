@@ -436,3 +436,51 @@ def test_unlock_and_defense_receipts_after_an_unlock_are_accepted(srv: Harness) 
     assert r.status_code == 200, r.text
     row = srv.service.usage()[0]
     assert (row["alarms"], row["defense"], row["unlock_seq"]) == (2, after, 1)
+
+
+# -- end to end: a real enclave, a real server ------------------------------------------------
+def test_a_locked_device_is_seen_and_unlocked_by_the_provider_end_to_end(
+        tmp_path: Path, provider_files: ProviderFiles, platform: Any) -> None:  # noqa: F811
+    """An out-of-distribution stream locks a real enclave; after `sync` the provider sees the
+    alarm, issues an unlock voucher, the client applies it with `topup`, and the next `sync`
+    brings the unlock's receipts and counters."""
+    import numpy as np
+
+    import mlcapsule
+    from _server_support import serve_in_thread
+    from mlcapsule.demo.models import digits_classifier
+    from mlcapsule.enclave.format.trust import UnsafeTrustManifestKey
+
+    model, info = digits_classifier()
+    packed = mlcapsule.pack(model, tmp_path / "digits.capsule", provider_key=provider_files.key_path, name="digits",
+                            defenses=["ood:action=lock"], defense_data=info["x_train"])
+    db = f"sqlite:///{tmp_path / 'server.db'}"
+    with harness(db, provider_files, platform) as h, serve_in_thread(h.app) as url:
+        cid = register(h, packed)
+        h.service.grant("alice", cid, budget=10_000, devices=1, expires=None, defenses=["round:3"])
+        state = tmp_path / "state"
+
+        def open_capsule() -> Any:
+            return mlcapsule.open_capsule(packed.capsule_path, trust=UnsafeTrustManifestKey(), state_dir=state,
+                                          platform_dir=platform.dir)
+
+        uniform = np.random.default_rng(2).uniform(0, 16, (200, 64)).astype(np.float32)
+        with open_capsule() as cap:
+            cap.setup(token=h.token, server=url)
+            with pytest.raises(E.DefenseLockedError):
+                for row in uniform:
+                    cap.predict(row[None])
+            cap.sync(token=h.token, server=url)
+        (row,) = h.service.usage()
+        assert row["alarms"] >= 1 and row["defenses"] == ["round:3"] and row["defense"]["locked"] is True
+        alarm = h.service.alarms(row["license_id"])[0]
+        assert (alarm["detector"], alarm["action"]) == ("ood", "lock")
+        unlock = h.service.issue_unlock(row["license_id"], reset_detectors=True)
+        benign = np.ascontiguousarray(info["x_test"][:1], dtype=np.float32)
+        with open_capsule() as cap:
+            cap.topup(unlock)
+            out = cap.predict(benign)
+            assert np.allclose(np.asarray(out).ravel(), np.round(np.asarray(out).ravel(), 3))  # the grant's round:3
+            cap.sync(token=h.token, server=url)
+        (after,) = h.service.usage()
+        assert after["defense"]["locked"] is False and after["defense"]["unlocked"] == unlock["body"]["seq"]
