@@ -776,7 +776,8 @@ def demo(workdir: str | None) -> None:
 
 
 @cli.command()
-@click.option("--suite", "suites", multiple=True, type=click.Choice(["dense", "conv", "networks", "fixed", "tpm"]),
+@click.option("--suite", "suites", multiple=True,
+              type=click.Choice(["dense", "conv", "networks", "fixed", "tpm", "defenses"]),
               help="Run only this suite (repeatable) [default: all].")
 @click.option("--quick", is_flag=True,
               help="Small models, few repetitions: a smoke run (results go to benchmarks/results/quick).")
@@ -865,3 +866,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+from .audit import audit as _audit  # noqa: E402
+
+cli.add_command(_audit)
+
+from .evaluate import evaluate as _evaluate  # noqa: E402
+
+cli.add_command(_evaluate)
