@@ -7,6 +7,7 @@ suite to ``benchmarks/results/`` and renders all results found there as ``BENCHM
 * ``conv``: Table 2, 3×3 and depthwise-separable convolutions;
 * ``networks``: VGG-16 and MobileNetV2 at 224×224: cold start, steady state, memory, streaming;
 * ``fixed``: the fixed cost per query on the digits MLP (IPC, budget).
+* ``defenses``: what the enclave's defenses (issue 12) cost per query, beside the undefended capsule.
 
 Every suite measures plain ONNX Runtime in the same run, with the same model, threads and batch.
 """

@@ -1,4 +1,4 @@
-"""The four benchmark suites. Each returns a JSON-ready dict; :mod:`.report` renders them."""
+"""The benchmark suites. Each returns a JSON-ready dict; :mod:`.report` renders them."""
 
 from __future__ import annotations
 
@@ -505,5 +505,13 @@ def suite_tpm(ws: Workspace) -> dict[str, Any]:
                      "at a time; the NV counter is read through the TPM before and after all runs."}
 
 
+def suite_defenses(ws: Workspace) -> dict[str, Any]:
+    """The defenses' cost per query (issue 12): see :mod:`.defenses`."""
+    from .defenses import suite_defenses as run
+
+    return run(ws)
+
+
 SUITES: dict[str, Callable[[Workspace], dict[str, Any]]] = {
-    "dense": suite_dense, "conv": suite_conv, "networks": suite_networks, "fixed": suite_fixed, "tpm": suite_tpm}
+    "dense": suite_dense, "conv": suite_conv, "networks": suite_networks, "fixed": suite_fixed, "tpm": suite_tpm,
+    "defenses": suite_defenses}
