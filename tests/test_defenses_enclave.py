@@ -27,6 +27,7 @@ from mlcapsule.enclave.errors import (
 )
 from mlcapsule.enclave.state import STATE_FILE
 from mlcapsule.host import EnclaveProcess
+from swtpm import swtpm, tpm_ca, tpm_factory, tpm_policy  # noqa: F401  (fixtures)
 from provider_sim import Provider, b64
 
 
@@ -407,3 +408,54 @@ def test_kennen_io_probes_are_refused_by_the_detector_in_the_capsule(tmp_path, p
             c.predict(probes[500:501])
         st = c.status()["defenses"]["state"]
     assert answered == 100 and st["alarms"]["kennen"] == 1 and st["refused"] == 1
+
+
+def test_degrade_answers_labels_only_after_an_alarm(tmp_path, provider, digits):
+    """Action degrade: once the stream is flagged, every answer is a label (one-hot), also for the
+    benign queries that follow and across a restart, until the provider's unlock voucher."""
+    cap, ckey = _pack(provider, digits, ["ood:action=degrade"])
+    d = Licensed(tmp_path, provider, cap, ckey)
+    benign = np.ascontiguousarray(digits[1]["x_test"][:4], dtype=np.float32)
+    with d.open() as e:
+        d.setup(e)
+        before = e.infer([benign])[0]
+        for row in _uniform(60):
+            e.infer([row[None]])
+        after = e.infer([benign])[0]
+    assert not set(np.unique(before)) <= {0.0, 1.0}
+    assert set(np.unique(after)) <= {0.0, 1.0} and (after.argmax(1) == before.argmax(1)).all()
+    with d.open() as e:
+        e.call("load", {"dev_key": None})
+        assert set(np.unique(e.infer([benign])[0])) <= {0.0, 1.0}
+        e.call("apply_voucher", {"voucher": provider.unlock(d.lic, 1, reset=True)})
+        assert not set(np.unique(e.infer([benign])[0])) <= {0.0, 1.0}
+
+
+@pytest.mark.tpm
+def test_restoring_old_defense_state_is_detected_as_rollback_on_tpm(tmp_path, provider, digits, swtpm,  # noqa: F811
+                                                                    tpm_policy):  # noqa: F811
+    """The same attack on `tpm`: the NV counter is never restored, so the older sets are a
+    detected rollback, and a locking policy comes back locked."""
+    from test_tpm_enclave import restore, set_up, snapshot, tpm_enclave
+
+    cap, ckey = _pack(provider, digits, ["prada:action=lock"])
+    state = tmp_path / "state"
+    x = np.ascontiguousarray(digits[1]["x_test"], dtype=np.float32)
+    with tpm_enclave(cap, state, swtpm) as e:
+        set_up(e, provider, ckey, tpm_policy, budget=10_000, lease_size=20)
+        for i in range(30):
+            e.infer([x[i:i + 1]])
+    snapshot(state, tmp_path / "old")
+    with tpm_enclave(cap, state, swtpm) as e:
+        e.call("load", {"dev_key": None})
+        for i in range(30, 90):
+            e.infer([x[i:i + 1]])
+    restore(tmp_path / "old", state)
+    with tpm_enclave(cap, state, swtpm) as e:
+        e.call("load", {"dev_key": None})
+        status = e.call("status")
+        gaps = [r["body"]["data"] for r in e.call("usage_report")["receipts"] if r["body"]["kind"] == "defense-gap"]
+        with pytest.raises(DefenseLockedError):
+            e.infer([x[:1]])
+    assert status["license_status"]["rollbacks_detected"] == 1 and status["defenses"]["state"]["locked"]
+    assert gaps and gaps[-1]["reason"] == "rollback" and gaps[-1]["locked"] is True
