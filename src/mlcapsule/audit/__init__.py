@@ -56,5 +56,5 @@ def audit(capsule: str | Path, out_dir: str | Path, *, dev_key: str | Path | Non
         data = builtin_digits(seed=(options or AuditOptions()).seed)
     report = run_audit(capsule, dev_key=key, data=data, options=options, model=model, state_dir=state_dir,
                        progress=progress, threads=threads)
-    report["files"] = [p.name for p in write_report(report, out_dir)]
+    write_report(report, out_dir)
     return report

@@ -16,6 +16,7 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(report, out)
     report["plots"] = [p.name for p in plots]
+    report["files"] = ["report.md", "report.json", *report["plots"]]
     md = out / "report.md"
     md.write_text(render_markdown(report))
     js = out / "report.json"
