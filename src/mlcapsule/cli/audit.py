@@ -38,7 +38,7 @@ ATTACK_NAMES = ("equation-solving", "uniform", "knockoff", "jbda", "membership",
               help="The fidelity the report counts queries to.")
 @click.option("--check-every", type=click.IntRange(1), default=10, show_default=True,
               help="Queries between two reads of the capsule's defense state (the first-flagged resolution).")
-@click.option("--state-dir", type=click.Path(exists=True, file_okay=False),
+@click.option("--state-dir", type=click.Path(file_okay=False),
               help="Also attack the capsule as the client set up in this state folder sees it (spends its budget).")
 @click.option("--yes", is_flag=True, help="Confirm spending the license's budget with --state-dir.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -60,6 +60,8 @@ def audit(capsule: str, unsafe_dev_key: str | None, attacks: tuple[str, ...], ou
     if state_dir and not yes:
         raise UsageError("--state-dir attacks the licensed capsule and spends its budget",
                          hint="add --yes to confirm")
+    if state_dir and not Path(state_dir).is_dir():
+        raise UsageError(f"no state folder at {state_dir}", hint="pass the --state-dir the client was set up with")
     key = Path(unsafe_dev_key) if unsafe_dev_key else Path(capsule + ".key")
     if not key.is_file():
         raise UsageError(f"no content key file at {key}", hint="pass --unsafe-dev-key CAPSULE.key")
