@@ -118,9 +118,14 @@ def _demo(workdir: Path, console: Console, BudgetExhaustedError: type[Exception]
     capsule = workdir / "digits.capsule"
     res = mlcapsule.pack(model, capsule, provider_key=key_path, name="digits", server_url=url,
                          class_names=info["class_names"], preprocessing=info["preprocessing"].to_dict(),
-                         policy=Policy(budget=BUDGET, lease_size=LEASE), provider_name="demo provider")
+                         policy=Policy(budget=BUDGET, lease_size=LEASE), provider_name="demo provider",
+                         defenses=["ood"], defense_data=info["x_train"])
     console.print(f"   {capsule.name}: {capsule.stat().st_size} bytes, graph and weights encrypted (AES-256-GCM), "
                   f"manifest signed (Ed25519); content key kept at the provider in {res.key_path.name}")
+    from ..enclave.defenses.policy import DefensePolicy
+
+    for line in DefensePolicy.from_dict(res.manifest.policy.defenses).describe():
+        console.print(f"   defense, enforced in the enclave: {line}", soft_wrap=True)
 
     _step(console, 3, f"Provider: start the provisioning server on {url}")
     settings = ServerSettings(database_url=f"sqlite:///{workdir / 'provider' / 'server.db'}",
@@ -169,7 +174,7 @@ def _demo(workdir: Path, console: Console, BudgetExhaustedError: type[Exception]
         answered = 0
         try:
             while True:
-                cap.predict(x_test[:10])
+                cap.predict(x_test[answered % 440:answered % 440 + 10])
                 answered += 10
         except BudgetExhaustedError as e:
             console.print(f"   after {answered} more: [red]refused[/]: {e}")
@@ -186,7 +191,19 @@ def _demo(workdir: Path, console: Console, BudgetExhaustedError: type[Exception]
         except Exception as e:  # the replayed voucher must be refused
             console.print(f"   the same voucher again: [red]refused[/]: {e}")
 
-        _step(console, 9, "Client: status")
+        _step(console, 9, "A client tries to copy the model with 100 uniform random queries (model stealing)")
+        rng = np.random.default_rng(0)
+        before = cap.status()["defenses"]["state"]
+        for _ in range(100):
+            cap.predict(rng.uniform(0, 16, (1, 64)).astype(np.float32))
+        ds = cap.status()["defenses"]["state"]
+        console.print(f"   the out-of-distribution detector flagged the stream: "
+                      f"{ds['alarms']['ood'] - before['alarms']['ood']} alarm "
+                      f"({ds['flagged_queries']['ood'] - before['flagged_queries']['ood']} of the 100 queries "
+                      "flagged); the policy's action is 'record': answers continue, and the alarm is sealed into "
+                      "the signed receipts", soft_wrap=True)
+
+        _step(console, 10, "Client: status")
         status = cap.status()
         lic = status["license_status"]
         console.print(f"   backend {status['backend']}, hardening: " +
@@ -196,12 +213,15 @@ def _demo(workdir: Path, console: Console, BudgetExhaustedError: type[Exception]
                       f"receipts pending {lic['receipts_pending']}, "
                       f"rollback protected: {'yes' if lic['rollback_protected'] else 'NO (software backend)'}")
 
-        _step(console, 10, "Back online: the client uploads its signed usage receipts")
+        _step(console, 11, "Back online: the client uploads its signed usage receipts")
         with running_server(app, port):
             ack = cap.sync(token=token, server=url)
         rows = service.usage()
         for r in rows:
             console.print(f"   provider's books: account {r.get('account')}, charged {r.get('charged')}, "
-                          f"answered {r.get('answered')} (receipts up to #{ack['seq']})")
+                          f"answered {r.get('answered')}, alarms {r.get('alarms')} (receipts up to #{ack['seq']})")
+        for a in service.alarms():
+            console.print(f"   provider sees the alarm: detector {a['detector']} at query {a['query']} of device "
+                          f"{a['device_id'][:8]}…, action {a['action']} (`mlcapsule admin alarms`)")
     app.state.engine.dispose()
     console.print(f"\n[bold green]demo finished in {time.perf_counter() - t_start:.1f} s[/]")
