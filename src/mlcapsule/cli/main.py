@@ -864,8 +864,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
 from .audit import audit as _audit  # noqa: E402
 
 cli.add_command(_audit)
@@ -873,3 +871,7 @@ cli.add_command(_audit)
 from .evaluate import evaluate as _evaluate  # noqa: E402
 
 cli.add_command(_evaluate)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
