@@ -292,11 +292,17 @@ class EnclaveCore:
             raise NotProvisionedError("this capsule has no defenses to unlock", hint="nothing to do")
         # Numbered with the top-ups, on the voucher counter: a replay (even after restoring an
         # older state) is refused by the ledger before the lock is lifted.
-        self._apply(ledger.unlock(u.seq, {"reset_detectors": u.reset}))
+        effects = ledger.unlock(u.seq, {"reset_detectors": u.reset})
+        if any(isinstance(x, Refuse) for x in effects):
+            self._apply(effects)  # raises; nothing changed
         from .defenses.pipeline import unlock
 
+        # Lifted before the write, so the one sealed write that spends the voucher number also
+        # holds the unlocked state: no crash can leave a spent voucher and a lock.
         ds.unlock_seq = min(ds.unlock_seq, u.seq - 1)
         self.defense_state = unlock(ds, u.seq, reset_detectors=u.reset)
+        self._defense_dirty = True
+        self._apply(effects)
         self._apply(ledger.record("defense", {"unlocked": u.seq, **self.defense_state.summary()}))
         return self._license_status()
 
