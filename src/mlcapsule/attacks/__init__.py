@@ -18,6 +18,10 @@ substitute, when they run, and onnxruntime by :class:`OnnxOracle`.
   :func:`retraining`.
 * Membership inference (:mod:`.membership`): :func:`membership_scores`,
   :func:`membership_report`, :func:`membership_inference`, :class:`ThresholdAttack`.
+* Tramèr et al.'s label-only retraining (:mod:`.retraining_labels`): :func:`line_search_retraining`,
+  :func:`adaptive_retraining`, :func:`compare_label_only_retraining`.
+* Shokri et al.'s shadow models (:mod:`.shadow`): :func:`train_shadow_models`,
+  :func:`fit_shadow_attack`, :func:`shadow_membership`, :func:`shadow_model_attack`.
 
 See ``docs/attacks.md`` for each attack's threat model, parameters and paper.
 """
@@ -52,6 +56,15 @@ from .oracle import (
 )
 from .path_finding import BoxTree, extract_tree
 from .results import AttackResult, FidelityEvaluator, Predictor, Trace
+from .retraining_labels import adaptive_retraining, compare_label_only_retraining, line_search_retraining
+from .shadow import (
+    ShadowAttack,
+    ShadowModel,
+    fit_shadow_attack,
+    shadow_membership,
+    shadow_model_attack,
+    train_shadow_models,
+)
 
 __all__ = [
     "AttackResult", "BaseOracle", "BoxTree", "CallableOracle", "CapsuleOracle", "FidelityEvaluator", "MembershipReport",
@@ -61,4 +74,7 @@ __all__ = [
     "labels_only",
     "membership_inference", "membership_report", "membership_scores", "retraining", "roc_auc", "roc_curve",
     "rounding", "top_k", "tpr_at_fpr", "uniform_retraining",
+    # issue 13: label-only retraining and shadow models
+    "ShadowAttack", "ShadowModel", "adaptive_retraining", "compare_label_only_retraining", "fit_shadow_attack",
+    "line_search_retraining", "shadow_membership", "shadow_model_attack", "train_shadow_models",
 ]
