@@ -8,12 +8,15 @@ fixed; measured when the test was written):
 =========  ===============  ===============  ===============
 budget     uniform          line-search      adaptive
 =========  ===============  ===============  ===============
-130        0.61 / 0.85      0.45 / 0.70      0.69 / 0.88
-650        0.87 / 0.98      0.60 / 0.89      0.99 / 0.99
+130        0.48 / 0.85      0.43 / 0.69      0.57 / 0.81
+650        0.87 / 0.98      0.60 / 0.89      0.985 / 0.985
 =========  ===============  ===============  ===============
 
-Adaptive retraining beats uniform retraining, as in the paper; line search does not on this
-victim (asserted as measured, see docs/attacks.md).
+Adaptive retraining beats uniform retraining, as in the paper. Line search does not with the
+default substitute training (50 epochs of Adam at lr 0.01): the points it queries sit close to
+the boundary, and that short training does not fit them. Trained to convergence (200 epochs at
+lr 0.1) and with 3 bisections per pair, line search beats uniform as in the paper: 0.96 against
+0.86 at 650 queries (adaptive: 0.99).
 
 Victim 2: the demo's digits MLP, with the attacker's 30 natural digits (3 per class) as the
 starting points of the line searches. Uniform points all land in one class of this victim,
@@ -69,6 +72,14 @@ def test_adaptive_beats_uniform_at_equal_budgets_on_binary_lr(table) -> None:  #
     # Measured, not the paper's claim: line search is below uniform on this victim.
     assert fid["line-search"][650] < fid["uniform"][650], fid
     assert fid["line-search"][650] > fid["line-search"][130]
+
+
+def test_line_search_beats_uniform_with_a_converged_substitute(binary_lr) -> None:  # type: ignore[no-untyped-def]
+    model, _, ev = binary_lr
+    kw = dict(low=0.0, high=16.0, queries=650, n_classes=2, evaluator=ev, hidden=(), epochs=200, lr=0.1)
+    ls = line_search_retraining(OnnxOracle(model, postprocess=labels_only), (64,), steps=3, **kw)
+    uni = uniform_retraining(OnnxOracle(model, postprocess=labels_only), (64,), **kw)
+    assert ls.metrics["fidelity"] > uni.metrics["fidelity"] + 0.05, (ls.metrics, uni.metrics)
 
 
 def test_line_search_queries_concentrate_on_the_boundary(binary_lr) -> None:  # type: ignore[no-untyped-def]
