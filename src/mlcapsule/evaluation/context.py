@@ -180,7 +180,7 @@ class Context:
 
         path = self.cache / "victims" / f"{name}-{_key(spec)}.onnx"
         if path.exists():
-            self.cached[name] = True
+            self.cached.setdefault(name, True)  # a victim trained earlier in this run stays "trained"
             return onnx.load(str(path))
         from ..export import torch_to_onnx
 

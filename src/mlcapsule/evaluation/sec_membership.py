@@ -170,7 +170,9 @@ def run(ctx: Context, figs: Figures) -> Section:
         "(`mlcapsule.attacks.adaptive.invert_mi_noise`) and recovers the undefended posterior for most answers, "
         f"so its AUC stays near the undefended one (CIFAR-10 at c = 1: {c1['adaptive_entropy']['best_auc']:.3f}). "
         "Algorithm 1 alone is a deterministic, public, almost invertible map; it does not stop membership "
-        "inference. Rounding on top makes it lossy and costs the adaptive attacker part of its advantage; the "
+        "inference. Rounding on top makes the map lossy, so the inverter recovers fewer posteriors, but it does "
+        "not close the leak: for each policy in the rounding table, the better of the two attackers (naive, "
+        "flipped, or adaptive) stays above 0.5, and the naive score can even gain from the rounding. The "
         "label-only gap attack is untouched by any of it.")
     sec.add(*parts)
     return sec
