@@ -10,7 +10,6 @@ enclave worker (fresh defense state per session), or set up with a license (``--
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,20 +63,8 @@ def read_capsule(path: str | os.PathLike[str]) -> CapsuleFacts:
 
 
 def _segment_plain(capsule: Any, name: str, key: bytes) -> bytes:
-    from ..enclave.crypto.chunks import SegmentCipher
-
-    m = capsule.manifest
-    seg = m.segment(name)
-    stored = capsule.segment_view(seg)
-    try:
-        if not seg.encrypted:
-            if hashlib.sha256(stored).hexdigest() != seg.sha256:
-                raise IntegrityError("the capsule failed its integrity check")
-            return bytes(stored)
-        return bytes(SegmentCipher(key, m.capsule_id, m.version, seg.index, seg.chunk_size).decrypt(
-            stored, seg.plain_length))
-    finally:
-        stored.release()
+    """A segment's plaintext, decrypted exactly as the enclave decrypts it."""
+    return bytes(capsule.plaintext(name, key))
 
 
 def _open_with_key(path: str | os.PathLike[str], dev_key: str | os.PathLike[str]) -> tuple[Any, bytes]:

@@ -7,7 +7,6 @@ returns either: every reply is built from public manifest fields, status, and mo
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,6 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from ._util import b64e
 from .backends.base import Backend
-from .crypto.chunks import SegmentCipher
 from .crypto.keys import ContentKey, ed25519_public_from_raw
 from .errors import (
     FormatError,
@@ -534,18 +532,7 @@ class EnclaveCore:
 
     @staticmethod
     def _decrypt(capsule: CapsuleFile, name: str, key: bytes) -> bytearray:
-        m = capsule.manifest
-        seg = m.segment(name)
-        stored = capsule.segment_view(seg)
-        try:
-            if not seg.encrypted:
-                if hashlib.sha256(stored).hexdigest() != seg.sha256:
-                    raise IntegrityError("the capsule failed its integrity check")
-                return bytearray(stored)
-            cipher = SegmentCipher(key, m.capsule_id, m.version, seg.index, seg.chunk_size)
-            return cipher.decrypt(stored, seg.plain_length)
-        finally:
-            stored.release()
+        return capsule.plaintext(name, key)
 
 
 def check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:

@@ -151,6 +151,25 @@ class CapsuleFile:
         start = self.data_offset + seg.offset
         return memoryview(self._mmap)[start:start + seg.length]
 
+    def plaintext(self, name: str, key: bytes) -> bytearray:
+        """A whole segment's plaintext: decrypted and authenticated chunk by chunk with the
+        content ``key``, or (a public graph) checked against its SHA-256. Whole-segment reads
+        only: the weights go through the chunked reader of ``runtime/weights.py`` instead."""
+        from ..crypto.chunks import SegmentCipher
+
+        m = self.manifest
+        seg = m.segment(name)
+        stored = self.segment_view(seg)
+        try:
+            if not seg.encrypted:
+                if hashlib.sha256(stored).hexdigest() != seg.sha256:
+                    raise IntegrityError("the capsule failed its integrity check")
+                return bytearray(stored)
+            cipher = SegmentCipher(key, m.capsule_id, m.version, seg.index, seg.chunk_size)
+            return cipher.decrypt(stored, seg.plain_length)
+        finally:
+            stored.release()
+
     def verify_segments(self) -> None:
         """Check every segment's SHA-256 against the signed manifest (no key needed)."""
         for seg in self.manifest.segments:
