@@ -22,6 +22,8 @@ substitute, when they run, and onnxruntime by :class:`OnnxOracle`.
   :func:`adaptive_retraining`, :func:`compare_label_only_retraining`.
 * Shokri et al.'s shadow models (:mod:`.shadow`): :func:`train_shadow_models`,
   :func:`fit_shadow_attack`, :func:`shadow_membership`, :func:`shadow_model_attack`.
+* The adaptive attacker who inverts the MLCapsule paper's Algorithm 1 (:mod:`.adaptive`):
+  :func:`invert_mi_noise`, :class:`InversionResult`.
 
 See ``docs/attacks.md`` for each attack's threat model, parameters and paper.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 # Every module imported here needs numpy only; torch, onnxruntime and scikit-learn are imported
 # inside the functions that use them (torch through .substitute).
+from .adaptive import InversionResult, invert_mi_noise
 from .equation_solving import extract_logistic, extract_mlp, extract_softmax
 from .extraction import jbda, knockoff, retraining, uniform_retraining
 from .membership import (
@@ -77,4 +80,6 @@ __all__ = [
     # issue 13: label-only retraining and shadow models
     "ShadowAttack", "ShadowModel", "adaptive_retraining", "compare_label_only_retraining", "fit_shadow_attack",
     "line_search_retraining", "shadow_membership", "shadow_model_attack", "train_shadow_models",
+    # issue 13: the Algorithm-1 inverter
+    "InversionResult", "invert_mi_noise",
 ]

@@ -59,6 +59,12 @@ class Sizes:
     # Tramèr et al.
     mlp_big: bool
     retrain_alphas: tuple[float, ...]
+    label_budgets: tuple[int, ...]  # label-only retraining: uniform vs line search vs adaptive, equal budgets
+    label_converged: bool  # also with a substitute trained to convergence (200 epochs at lr 0.1)
+    # Shokri et al.'s shadow models (beside the entropy attack of Figure 4)
+    shadow_k: int
+    shadow_attack_epochs: int
+    shadow_c: tuple[float, ...]
     # budgets
     budgets: tuple[int, ...]
     substitute_epochs: int
@@ -67,11 +73,13 @@ class Sizes:
 FULL = Sizes(
     name="full", mnist_train=20_000, mnist_epochs=3,
     zoo_nets=40, zoo_train_images=1000, zoo_epochs=2, kennen_queries=100, kennen_rounds=2, kennen_meta_epochs=30,
-    kennen_query_steps=10, kennen_batch_models=10, detector_train=2500, detector_test=500, detector_epochs=10,
+    kennen_query_steps=10, kennen_batch_models=10, detector_train=4500, detector_test=500, detector_epochs=10,
     benign_denials=10_000,
     jbda_seeds_per_class=10, jbda_rounds=4, benign_streams=10, benign_stream_len=1000, detector_stream_len=2000,
     cifar_members=2500, cifar_epochs=40, mnist_members=1000, mnist_member_epochs=60, mi_candidates=1000,
     mlp_big=True, retrain_alphas=(0.5, 1.0, 2.0, 5.0, 10.0),
+    label_budgets=(65, 130, 260, 650, 1300), label_converged=True,
+    shadow_k=4, shadow_attack_epochs=30, shadow_c=(0.0, 0.3, 0.5, 1.0),
     budgets=(100, 300, 1000, 3000, 10_000), substitute_epochs=20,
 )
 
@@ -83,6 +91,8 @@ QUICK = Sizes(
     jbda_seeds_per_class=10, jbda_rounds=2, benign_streams=10, benign_stream_len=150, detector_stream_len=300,
     cifar_members=500, cifar_epochs=15, mnist_members=300, mnist_member_epochs=40, mi_candidates=300,
     mlp_big=False, retrain_alphas=(1.0, 2.0),
+    label_budgets=(130, 650), label_converged=False,
+    shadow_k=2, shadow_attack_epochs=20, shadow_c=(0.0, 1.0),
     budgets=(100, 300, 1000), substitute_epochs=8,
 )
 

@@ -128,8 +128,9 @@ def run(ctx: Context, figs: Figures) -> Section:
         "through the enclave's pipeline code (`pipeline.apply`'s detectors, action `record`, default "
         "parameters: PRADA δ = 0.9; ood with a window of 100 and level 1e-6, its statistics fitted on 10,000 MNIST "
         "training images as `pack --defense-data` does).",
-        "**Adaptive attacker against Algorithm 1, and the gap attack**: see the Figure 4 section above (the "
-        "inverter's AUC columns and the gap attack's line).",
+        "**Adaptive attackers against Algorithm 1, and the gap attack**: see the Figure 4 section above (the "
+        "inverter's AUC columns, the defense-aware shadow-model attack and the shadow attack on the inverter's "
+        "output, and the gap attack's line).",
         f"**PRADA evasion by interleaving natural queries.** The JbDA stream of the PRADA section "
         f"({len(seeds)} seeds, then {len(synthetic):,} synthetic queries, in order) with r natural MNIST images "
         "(the attacker's own, from the task's distribution) sent after each synthetic query:",
