@@ -209,6 +209,19 @@ def _uniform(n: int, seed: int = 2) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 16, (n, 64)).astype(np.float32)
 
 
+def test_licensed_status_is_no_oracle_for_the_detectors_verdicts(tmp_path, provider, digits):
+    """An adaptive attacker who polls `status` after each query would learn which queries the
+    detectors flag: a licensed client's status shows what it observes anyway, not the verdicts."""
+    cap, ckey = _pack(provider, digits, ["ood"])
+    d = Licensed(tmp_path, provider, cap, ckey)
+    with d.open() as e:
+        d.setup(e)
+        for row in _uniform(30):
+            e.infer([row[None]])
+        st = e.call("status")["defenses"]["state"]
+    assert st == {"queries": 30, "refused": 0, "locked": False, "degraded": False, "unlock_seq": 0}
+
+
 def test_alarm_reaches_the_provider_in_the_signed_receipts(tmp_path, provider, digits):
     cap, ckey = _pack(provider, digits, ["ood"])
     d = Licensed(tmp_path, provider, cap, ckey)
@@ -310,22 +323,20 @@ def test_restoring_old_defense_state_is_detected_as_rollback(tmp_path, provider,
         d.setup(e, lease_size=20)
         for i in range(30):
             e.infer([x[i:i + 1]])
-        stored_then = e.call("status")["defenses"]["state"]["prada_stored"]
     snapshot = (d.state / STATE_FILE).read_bytes()
     with d.open() as e:
         e.call("load", {"dev_key": None})
         for i in range(30, 130):
             e.infer([x[i:i + 1]])
-        assert e.call("status")["defenses"]["state"]["prada_stored"] > stored_then
     (d.state / STATE_FILE).write_bytes(snapshot)
     with d.open() as e:
         e.call("load", {"dev_key": None})
         status = e.call("status")
         receipts = e.call("usage_report")["receipts"]
     assert status["license_status"]["rollbacks_detected"] == 1
-    assert status["defenses"]["state"]["prada_stored"] == stored_then  # the restored sets...
     gaps = [r["body"]["data"] for r in receipts if r["body"]["kind"] == "defense-gap"]
-    assert gaps and gaps[-1]["reason"] == "rollback"  # ...and the provider is told
+    assert gaps and gaps[-1]["reason"] == "rollback"  # the provider is told
+    assert gaps[-1]["queries"] >= 100  # at least the 100 queries the restored sets never saw
 
 
 def test_killing_the_enclave_to_drop_defense_updates_is_reported(tmp_path, provider, digits):

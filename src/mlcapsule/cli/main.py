@@ -757,8 +757,9 @@ def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | Non
             console.print(f"  * {line}", soft_wrap=True)
         st = d.get("state")
         if st:
-            alarms = ", ".join(f"{k} {v}" for k, v in st["alarms"].items() if v) or "none"
-            console.print(f"  state: {st['queries']} queries seen, {st['refused']} refused, alarms: {alarms}"
+            alarms = ("" if "alarms" not in st else
+                      ", alarms: " + (", ".join(f"{k} {v}" for k, v in st["alarms"].items() if v) or "none"))
+            console.print(f"  state: {st['queries']} queries seen, {st['refused']} refused{alarms}"
                           + (", LOCKED (apply the provider's unlock voucher with `mlcapsule topup`)"
                              if st["locked"] else "") + (", answering labels only" if st["degraded"] else ""))
     elif capsule and not info.get("loaded"):

@@ -343,8 +343,7 @@ class EnclaveCore:
             "license": self.license_mode,
             "license_status": self._license_status() if self.ledger is not None else None,
             "defenses": None if self.defenses is None else {
-                "policy": self.defenses.describe(), "state": None if self.defense_state is None
-                else self.defense_state.summary()},
+                "policy": self.defenses.describe(), "state": self._defense_view()},
             "queries_this_session": self.queries,
             "ecall_profile": dict(self.ecall_profile),
             "load_seconds": self.load_seconds,
@@ -487,6 +486,20 @@ class EnclaveCore:
                 elif "degrade" in actions:
                     state.degraded, data["degraded"] = True, True
             self._apply(self.ledger.record("defense-gap", data))
+
+    def _defense_view(self) -> dict[str, Any] | None:
+        """What ``status`` shows of the defenses' state. To a licensed client: what it observes
+        anyway (queries seen, refused, locked, labels only), never the detectors' verdicts or
+        alarms, which would be a free oracle telling an adaptive attacker which of its queries
+        look like an attack (the provider reads the alarms in the receipts). With the dev key
+        (the provider's own audit), everything."""
+        ds = self.defense_state
+        if ds is None:
+            return None
+        summary = ds.summary()
+        if self.ledger is None:
+            return summary
+        return {k: summary[k] for k in ("queries", "refused", "locked", "degraded", "unlock_seq")}
 
     def _defense_blob(self) -> bytes:
         return b"" if self.defense_state is None else self.defense_state.to_bytes()
