@@ -212,3 +212,14 @@ def test_the_worker_runs_no_mlcapsule_code_outside_the_trusted_package() -> None
     assert ["mlcapsule", "None"] in rows  # the bare namespace: __init__.py did not run
     outside = [r for r in rows if r[0] != "mlcapsule" and not Path(r[1]).resolve().is_relative_to(TRUSTED_ROOT)]
     assert len(rows) > 20 and not outside, outside
+
+
+def test_every_cli_import_is_covered_by_the_start_up_ctrl_c_handler() -> None:
+    """cli/main.py puts Python's Ctrl-C handler back with ``_restore_sigint()``: a module-level
+    import after that call (a command registered at the end of the file) would show a
+    KeyboardInterrupt traceback to a user who presses Ctrl-C during start-up."""
+    tree = ast.parse((ROOT / "cli" / "main.py").read_text())
+    restore = [n.lineno for n in tree.body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
+               and getattr(n.value.func, "id", None) == "_restore_sigint"]
+    imports = [n.lineno for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    assert len(restore) == 1 and max(imports) < restore[0], (restore, max(imports))

@@ -823,7 +823,15 @@ from .enclaved import enclaved as _enclaved  # noqa: E402
 
 cli.add_command(_enclaved)
 
-_restore_sigint()  # last: every import above is covered by the start-up handler
+from .audit import audit as _audit  # noqa: E402
+
+cli.add_command(_audit)
+
+from .evaluate import evaluate as _evaluate  # noqa: E402
+
+cli.add_command(_evaluate)
+
+_restore_sigint()  # last: every import above is covered by the start-up handler (add commands above it)
 
 
 def _safe_next_step(e: MlcapsuleError) -> None:
@@ -863,15 +871,6 @@ def main(argv: list[str] | None = None) -> int:
                           soft_wrap=True)
         return 1
     return 0
-
-
-from .audit import audit as _audit  # noqa: E402
-
-cli.add_command(_audit)
-
-from .evaluate import evaluate as _evaluate  # noqa: E402
-
-cli.add_command(_evaluate)
 
 
 if __name__ == "__main__":
