@@ -18,7 +18,9 @@ def _interrupted_while_starting(signum: int, frame: object) -> None:
 # Only in a process that has Python's default handler (not, say, under a test runner that set its
 # own), and only in the main thread (elsewhere signal() raises ValueError); cli.main puts the
 # default back once its imports are done.
-if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+_interrupted_while_starting._mlcapsule_startup = True  # type: ignore[attr-defined]
+_current = _signal.getsignal(_signal.SIGINT)
+if _current is _signal.default_int_handler or getattr(_current, "_mlcapsule_startup", False):
     try:
         _signal.signal(_signal.SIGINT, _interrupted_while_starting)
     except ValueError:

@@ -810,9 +810,8 @@ def _restore_sigint() -> None:
     """The imports are done: Ctrl-C raises KeyboardInterrupt again, which :func:`main` handles."""
     import signal
 
-    from . import _interrupted_while_starting
-
-    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+    # Installed by mlcapsule.cli, or first by mlcapsule/__main__.py (python -m mlcapsule).
+    if getattr(signal.getsignal(signal.SIGINT), "_mlcapsule_startup", False):
         try:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         except ValueError:  # not the main thread (then it could not have been installed either)
