@@ -107,7 +107,10 @@ def run(ctx: Context) -> tuple[Section, Any]:
         "The malicious inputs are real kennen-io queries (`mlcapsule.attacks.kennen.kennen_detector_data`): "
         "independent kennen-io sessions against a white-box zoo of MNIST nets, the test rows from sessions "
         "(and starting images) that gave no training row. Benign rows are MNIST training images for training "
-        "and the first MNIST test images for testing. The detector is the paper's (2 conv 5×5 with 10 and 20 "
+        "and the first MNIST test images for testing: "
+        f"{len(data.train_malicious):,} crafted + {len(data.train_benign):,} benign training rows (the paper: "
+        f"4,500 crafted), {len(data.test_malicious):,} + {len(data.test_benign):,} test rows. "
+        "The detector is the paper's (2 conv 5×5 with 10 and 20 "
         "filters, 2×2 max-pools, FC 50, dropout, softmax; Adam, cross-entropy), trained by "
         "`mlcapsule.defense_training.train_kennen_detector`. "
         f"The crafting zoo: {len(zoo)} nets, mean MNIST test accuracy {np.mean(zoo.accuracies):.2f}.",
