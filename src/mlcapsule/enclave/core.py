@@ -10,7 +10,7 @@ import datetime as dt
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -20,6 +20,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from ._util import b64e
 from .backends.base import Backend
 from .crypto.keys import ContentKey, ed25519_public_from_raw
+from .defenses.ood import OodStats
+from .defenses.pipeline import Alarm, DefenseState, apply, unlock
+from .defenses.policy import DefensePolicy, tighten
 from .errors import (
     FormatError,
     InputError,
@@ -41,11 +44,6 @@ from .protocol import PROTOCOL_VERSION
 from .runtime.resident import ResidentModel, mapped_buffer
 from .runtime.streaming import MiB, StreamingModel, WeightReader, memory_status
 from .state import EnclaveState, SealedStore
-
-if TYPE_CHECKING:
-    from .defenses.ood import OodStats
-    from .defenses.pipeline import Alarm, DefenseState
-    from .defenses.policy import DefensePolicy
 
 Model = ResidentModel | StreamingModel
 
@@ -198,7 +196,7 @@ class EnclaveCore:
         state = store.bind(state)
         # The defenses start with the license: a new setup is a new license with its own state
         # (and a fresh device slot at the provider), never a reset of another license's sets.
-        self._set_defenses(policy, None if policy is None else self._new_defense_state(policy), ood, kennen)
+        self._set_defenses(policy, None if policy is None else DefenseState.new(policy), ood, kennen)
         store.extra = self._defense_blob
         ledger, effects = Ledger.setup(state, store.counters(state), self.clock(), self.backend.measurement().hex())
         store.apply(effects)
@@ -245,8 +243,6 @@ class EnclaveCore:
             outputs = self.model.run(feeds)
             self.queries += n
             return outputs
-        from .defenses.pipeline import apply
-
         ds = self.defense_state
         assert ds is not None
         self._defense_dirty = True
@@ -293,8 +289,6 @@ class EnclaveCore:
         effects = ledger.unlock(u.seq, {"reset_detectors": u.reset})
         if any(isinstance(x, Refuse) for x in effects):
             self._apply(effects)  # raises; nothing changed
-        from .defenses.pipeline import unlock
-
         # Lifted before the write, so the one sealed write that spends the voucher number also
         # holds the unlocked state: no crash can leave a spent voucher and a lock.
         ds.unlock_seq = min(ds.unlock_seq, u.seq - 1)
@@ -410,8 +404,6 @@ class EnclaveCore:
         grant = (lic.policy.get("defenses") if lic is not None else None) or []
         if not m.policy.defenses and not grant:
             return None
-        from .defenses.policy import DefensePolicy, tighten
-
         base = DefensePolicy.from_dict(m.policy.defenses) if m.policy.defenses else DefensePolicy()
         if not isinstance(grant, list) or not all(isinstance(g, str) for g in grant):
             raise IntegrityError("the license's defense grant is malformed")
@@ -428,8 +420,6 @@ class EnclaveCore:
         segments; a policy that needs one the capsule lacks does not load."""
         if policy is None:
             return None, None
-        from .defenses.ood import OodStats
-
         names = {s.name for s in capsule.manifest.segments}
         ood = kennen = None
         if policy.ood is not None:
@@ -448,11 +438,6 @@ class EnclaveCore:
                                           providers=["CPUExecutionProvider"])
         return ood, kennen
 
-    def _new_defense_state(self, policy: DefensePolicy) -> DefenseState:
-        from .defenses.pipeline import DefenseState
-
-        return DefenseState.new(policy)
-
     def _set_defenses(self, policy: DefensePolicy | None, state: DefenseState | None, ood: OodStats | None,
                       kennen: Any) -> None:
         self.defenses, self.defense_state, self._ood_stats, self._kennen = policy, state, ood, kennen
@@ -468,8 +453,6 @@ class EnclaveCore:
         if policy is None:
             self._set_defenses(None, None, None, None)
             return
-        from .defenses.pipeline import DefenseState
-
         state = DefenseState.from_bytes(blob, policy) if blob else DefenseState.new(policy)
         self._set_defenses(policy, state, ood, kennen)
         if self.ledger is None or self.store is None:
