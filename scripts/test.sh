@@ -10,6 +10,8 @@ apt_install postgresql
 apt_install swtpm swtpm-tools libtss2-dev pkg-config gcc
 # The enclave service tests run the interpreter as two other users: acl grants them passage to it.
 apt_install acl
+# The keyword-spotting tests synthesise their speech with espeak-ng (issue 16).
+apt_install espeak-ng
 MLCAPSULE_WITH_TORCH=1 make_venv "sklearn,server,torch,test,tpm,attacks"
 cd "$ROOT"
 echo "[lint] ruff check src/" >&2
