@@ -211,6 +211,21 @@ class Voucher(Base):
     kind: Mapped[str] = mapped_column(String(16), default="topup", server_default="topup")  # or "unlock"
 
 
+class AdminToken(Base):
+    """A token for the admin API (``/v1/admin/...``), revision 0005: only the SHA-256 of the
+    random token is stored, as for accounts, in a table of its own, so an admin token never
+    authenticates a client and an account token never authenticates an administrator.
+    ``role`` is ``read`` (lists only) or ``operator`` (everything)."""
+
+    __tablename__ = "admin_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # hex SHA-256 of the token
+    created: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
 # -- engine -----------------------------------------------------------------------------------
 def _prepare_sqlite_file(database: str) -> None:
     path = Path(database)
