@@ -258,8 +258,9 @@ class SgxPolicy:
     given, both must match. ``allow_tcb_statuses`` lists statuses accepted besides UpToDate (the
     advisories are returned in the claims either way); ``reject_advisories`` refuses quotes that
     carry any of those advisory IDs whatever their status. ``allow_debug`` accepts debug enclaves
-    (whose memory the host can read: development only). ``root_ca_der`` is the trust anchor,
-    Intel's SGX Root CA unless a test injects its own.
+    (whose memory the host can read: development only) in :func:`check_sgx_body`; dcap-qvl 0.7
+    itself refuses debug quotes, so :func:`verify_sgx` refuses them whatever this says.
+    ``root_ca_der`` is the trust anchor, Intel's SGX Root CA unless a test injects its own.
     """
 
     mr_enclaves: frozenset[bytes] = field(default_factory=frozenset)
@@ -434,7 +435,11 @@ def check_tdx_body(body: TdReportBody, policy: TdxPolicy, *, expected_report_dat
 #: dcap-qvl error text (lower-case substrings, first match wins) -> the check that failed.
 _CHECKS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("expired", "in the future", "not yet valid", "notvalidyet"), "collateral validity at the verification time"),
+    (("tcb status is invalid",), "TCB status (Revoked is never accepted)"),
+    (("debug mode",), "debug check (dcap-qvl refuses debug enclaves and TDs)"),
     (("revoked",), "certificate revocation (CRL)"),
+    (("for tcb_info",), "TCB info signature"),
+    (("for qe_identity",), "QE identity signature"),
     (("isv enclave report signature",), "quote signature (attestation key over header and body)"),
     (("qe report hash",), "QE report (binding of the attestation key)"),
     (("qe_report", "qe report"), "QE report signature (PCK certificate)"),
