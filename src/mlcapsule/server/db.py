@@ -131,7 +131,9 @@ class Device(Base):
     """One provisioned enclave, its license, and the head of its usage-receipt chain."""
 
     __tablename__ = "devices"
-    __table_args__ = (UniqueConstraint("grant_id", "slot"),)
+    # ux_devices_nonce (revision 0006): at most one device per challenge, so two copies of one
+    # provisioning request (a retry racing the original) cannot take two slots.
+    __table_args__ = (UniqueConstraint("grant_id", "slot"), Index("ux_devices_nonce", "nonce", unique=True))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     device_id: Mapped[str] = mapped_column(String(36), unique=True)
     license_id: Mapped[str] = mapped_column(String(36), unique=True)
@@ -160,6 +162,15 @@ class Device(Base):
     defense_gaps: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     gap_queries: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     defense_summary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: Idempotent provisioning (revision 0006): the challenge this device was provisioned with,
+    #: the SHA-256 of the request (see ``service.provision_fingerprint``), and the answer sent
+    #: (the HPKE-sealed payload, and for ``tpm`` evidence the credential that gates it). A retry
+    #: of the identical request gets this answer again instead of a second slot. NULL for
+    #: devices provisioned before 0006.
+    nonce: Mapped[bytes | None] = mapped_column(LargeBinary(32), nullable=True)
+    request_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    answer_payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    answer_credential: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class AlarmRecord(Base):
@@ -195,6 +206,9 @@ class Nonce(Base):
     created: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: The SHA-256 of the provisioning request that used this nonce (revision 0006): only the
+    #: identical request may use it again (a client retrying after a lost answer).
+    request_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Voucher(Base):
