@@ -11,7 +11,8 @@ API (other tests and the ``cvm`` backend's fake configfs-tsm tree use exactly th
 
     from dcap_signer import FakeIntel, VALID_AT
 
-    intel = FakeIntel(seed=0)                 # deterministic keys and serials per seed
+    intel = FakeIntel(seed=0)                 # deterministic per seed (keys, serials, RFC 6979 signatures):
+                                              # two FakeIntel(0) agree byte for byte
     intel.root_ca_der                         # DER of the fake root: inject it into the policy
     intel.valid_at                            # == VALID_AT, a Unix time inside every default window
     q = intel.sgx_quote(report_data, mr_enclave=..., mr_signer=..., isv_prod_id=0, isv_svn=0,
@@ -174,7 +175,7 @@ def _name(cn: str) -> x509.Name:
 
 def _raw_sig(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
     """ECDSA P-256 / SHA-256 as Intel encodes it: r || s, 32 bytes each, big-endian."""
-    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True)))
     return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
@@ -248,7 +249,7 @@ class FakeIntel:
                             critical=False))
         if sgx_ext is not None:
             b = b.add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(SGX_OID), sgx_ext), critical=False)
-        return b.sign(signer, hashes.SHA256())
+        return b.sign(signer, hashes.SHA256(), ecdsa_deterministic=True)
 
     @property
     def root_ca_der(self) -> bytes:
@@ -332,7 +333,7 @@ class FakeIntel:
         for cert in revoked:
             b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
                                           .revocation_date(issue_date).build())
-        return b.sign(key, hashes.SHA256()).public_bytes(Encoding.DER)
+        return b.sign(key, hashes.SHA256(), ecdsa_deterministic=True).public_bytes(Encoding.DER)
 
     def collateral(self, kind: str, *, tcb_status: str = "UpToDate", advisory_ids: Sequence[str] = (),
                    issue_date: dt.datetime = ISSUE_DATE, next_update: dt.datetime = NEXT_UPDATE,
