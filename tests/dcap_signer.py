@@ -42,9 +42,11 @@ as the recorded ``sgx_quote_collateral.json``). Its TCB info has a level matchin
 platform's TCB with ``tcb_status`` and ``advisory_ids`` (plus, when that status is not
 UpToDate, a higher UpToDate level the platform does not reach), so dcap-qvl computes the status
 asked for; the QE identity is UpToDate. Everything (TCB info, QE identity and both CRLs) is
-valid from ``issue_date`` to ``next_update`` (defaults :data:`ISSUE_DATE` .. :data:`NEXT_UPDATE`,
-wide enough that the server's own clock falls inside until 2040); certificates are valid
-2024-01-01 .. 2049-12-31. Pass ``now=intel.valid_at`` (or the server clock) to the verifier.
+valid from ``issue_date`` to ``next_update`` (aware datetimes or Unix seconds; by default
+:data:`ISSUE_DATE` .. :data:`NEXT_UPDATE`, 2025-01-01 .. 2040-01-01, wide enough that the
+server's own clock falls inside); certificates are valid 2024-01-01 .. 2049-12-31. Pass
+``now=intel.valid_at`` (or the server clock) to the verifier. ``revoke_pck=True`` lists the
+PCK certificate on the PCK CRL.
 
 A signature covers: the attestation key's over header + body (v5: header + body descriptor +
 body); the PCK key's over the QE report; the TCB signing key's over the TCB info and QE identity
@@ -189,6 +191,15 @@ def _pem(*certs: x509.Certificate) -> str:
 
 def _iso(t: dt.datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _when(value: dt.datetime | int) -> dt.datetime:
+    """A time given as an aware datetime or as Unix seconds, to the second."""
+    if isinstance(value, int):
+        return dt.datetime.fromtimestamp(value, UTC)
+    if not isinstance(value, dt.datetime) or value.tzinfo is None:
+        raise TypeError("times must be timezone-aware datetimes or Unix seconds")
+    return value.astimezone(UTC).replace(microsecond=0)
 
 
 def _fixed(value: bytes, n: int, name: str) -> bytes:
@@ -336,7 +347,7 @@ class FakeIntel:
         return b.sign(key, hashes.SHA256(), ecdsa_deterministic=True).public_bytes(Encoding.DER)
 
     def collateral(self, kind: str, *, tcb_status: str = "UpToDate", advisory_ids: Sequence[str] = (),
-                   issue_date: dt.datetime = ISSUE_DATE, next_update: dt.datetime = NEXT_UPDATE,
+                   issue_date: dt.datetime | int = ISSUE_DATE, next_update: dt.datetime | int = NEXT_UPDATE,
                    revoke_pck: bool = False) -> dict[str, Any]:
         """The collateral JSON object for this platform's ``kind`` ("sgx" or "tdx") quotes. See the module doc."""
         if kind not in ("sgx", "tdx"):
@@ -346,6 +357,7 @@ class FakeIntel:
         if isinstance(advisory_ids, str):
             raise TypeError("advisory_ids must be a collection of strings")
         tdx = kind == "tdx"
+        issue_date, next_update = _when(issue_date), _when(next_update)
         dates = {"issueDate": _iso(issue_date), "nextUpdate": _iso(next_update)}
 
         def level(cpusvn: bytes, tdx_svn: bytes, status: str, advisories: Sequence[str]) -> dict[str, Any]:

@@ -406,3 +406,22 @@ def test_sgx_quote_is_not_a_tdx_quote() -> None:
         verify_tdx(sgx_quote())
     with pytest.raises(AttestationError, match="SGX quote format: not an SGX quote"):
         verify_sgx(tdx_quote())
+
+
+@pytest.mark.parametrize(("version", "body_type"), TDX_FORMATS)
+def test_td_without_sept_ve_disable_is_refused(version: int, body_type: int | None) -> None:
+    # Without SEPT_VE_DISABLE the host can make the TD take #VE on EPT faults (a known attack surface).
+    quote = tdx_quote(version, body_type, td_attributes=bytes(8))
+    with pytest.raises(AttestationError, match=r"TDX quote refused: TD attributes \(dcap-qvl's TD policy\)"):
+        verify_tdx(quote, policy=dataclasses.replace(TDX_POLICY, td_attributes=None))
+
+
+def test_collateral_times_may_be_unix_seconds() -> None:
+    start = ts(dt.datetime(2025, 6, 1, tzinfo=dt.UTC))
+    col = INTEL.collateral("tdx", issue_date=start, next_update=start + 30 * 86400)
+    assert json.loads(col["tcb_info"])["nextUpdate"] == "2025-07-01T00:00:00Z"
+    assert verify_tdx(tdx_quote(), col, now=start + 86400).tcb_status == "UpToDate"
+    with pytest.raises(AttestationError, match="collateral validity at the verification time"):
+        verify_tdx(tdx_quote(), col, now=start + 31 * 86400)
+    with pytest.raises(TypeError, match="timezone-aware"):
+        INTEL.collateral("sgx", issue_date=dt.datetime(2025, 6, 1))

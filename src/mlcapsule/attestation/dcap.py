@@ -437,6 +437,8 @@ _CHECKS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("expired", "in the future", "not yet valid", "notvalidyet"), "collateral validity at the verification time"),
     (("tcb status is invalid",), "TCB status (Revoked is never accepted)"),
     (("debug mode",), "debug check (dcap-qvl refuses debug enclaves and TDs)"),
+    (("sept_ve_disable", "td attributes", "td profiling", "servtd_ext", "td migration", "service td"),
+     "TD attributes (dcap-qvl's TD policy)"),
     (("revoked",), "certificate revocation (CRL)"),
     (("for tcb_info",), "TCB info signature"),
     (("for qe_identity",), "QE identity signature"),
