@@ -26,6 +26,8 @@ API (other tests and the ``cvm`` backend's fake configfs-tsm tree use exactly th
 ``report_data`` is 64 bytes (shorter values are zero-padded on the right). ``mr_enclave`` and
 ``mr_signer`` are 32 bytes, ``mr_td`` and each RTMR 48 bytes, ``td_attributes`` 8 bytes
 (default: SEPT_VE_DISABLE only, as on production TDs; ``debug=True`` sets TUD.DEBUG on top).
+dcap-qvl 0.7 refuses debug enclaves and TDs itself, whatever the policy's ``allow_debug`` says,
+so ``debug=True`` quotes only test that refusal.
 
 What the pieces are, as on a real platform:
 
