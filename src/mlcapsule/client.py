@@ -46,7 +46,7 @@ class Capsule:
                  unsafe_dev_key: str | os.PathLike[str] | None = None,
                  state_dir: str | os.PathLike[str] | None = None, backend: str | None = None,
                  platform_dir: str | os.PathLike[str] | None = None, threads: int | None = None,
-                 tcti: str | None = None,
+                 tcti: str | None = None, tsm_path: str | os.PathLike[str] | None = None,
                  memory_limit_mb: float | None = None, service: str | os.PathLike[str] | bool | None = None) -> None:
         self.path = Path(path)
         self.memory_limit_mb = memory_limit_mb  # streaming mode: the enclave stays within this many MiB
@@ -58,14 +58,23 @@ class Capsule:
         # state sealed by one backend does not open in another.
         remembered = self._remembered = _read_backend_choice(self.state_dir)
         self.backend = backend or remembered.get("backend") or "software"
-        self.tcti = tcti or (remembered.get("tcti") if self.backend == remembered.get("backend") else None)
-        if self.tcti and self.backend != "tpm":
-            raise UsageError("--tcti is for the tpm backend", hint="add --backend tpm")
+        same = self.backend == remembered.get("backend")
+        self.tcti = tcti or (remembered.get("tcti") if same else None)
+        if self.tcti and self.backend not in ("tpm", "cvm"):
+            raise UsageError("--tcti is for the tpm and cvm backends", hint="add --backend tpm (or cvm)")
+        # cvm: the configfs-tsm report folder (--tsm-path, else $MLCAPSULE_TSM_PATH, else the one used at setup)
+        self.tsm_path = (str(tsm_path) if tsm_path else None) or os.environ.get("MLCAPSULE_TSM_PATH") or (
+            remembered.get("tsm_path") if same else None)
+        if self.backend != "cvm":
+            if tsm_path:
+                raise UsageError("--tsm-path is for the cvm backend", hint="add --backend cvm")
+            self.tsm_path = None
         self._made_state_dir = not self.state_dir.exists()
         _clean_leftovers(self.state_dir)  # run-* folders of killed sessions (issue 11, item 18)
         # The enclave service (`mlcapsule enclaved`, its own system user) when it runs, unless the
         # caller asked for something only a per-user worker does (a dev key, its own folders).
-        sock = _service_for(service, local_only=bool(unsafe_dev_key or state_dir or platform_dir or backend or tcti))
+        sock = _service_for(service, local_only=bool(unsafe_dev_key or state_dir or platform_dir or backend or tcti
+                                                       or tsm_path))
         if sock is not None:
             self.mode = "service"
             self._enclave = EnclaveProcess(self.path, service=sock, threads=threads, memory_limit_mb=memory_limit_mb)
@@ -75,7 +84,7 @@ class Capsule:
             self.mode = "per-user"
             self._enclave = EnclaveProcess(self.path, state_dir=self.state_dir, backend=self.backend,
                                            platform_dir=platform_dir, dev_key=unsafe_dev_key, threads=threads,
-                                           tcti=self.tcti, memory_limit_mb=memory_limit_mb)
+                                           tcti=self.tcti, memory_limit_mb=memory_limit_mb, tsm_path=self.tsm_path)
         self._run_lock = _hold_run(self._enclave)
         self._dev = unsafe_dev_key is not None
         self.load_info: dict[str, Any] | None = None
@@ -136,7 +145,7 @@ class Capsule:
         self.load_info = {"license": "license"}
         self._remembered = {**self._remembered, "server": url}
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # service mode: not made yet
-        _write_backend_choice(self.state_dir, self.backend, self.tcti, server=url)
+        _write_backend_choice(self.state_dir, self.backend, self.tcti, server=url, tsm_path=self.tsm_path)
         return status
 
     def _server_url(self, server: str | None) -> str:
@@ -280,14 +289,16 @@ def _read_backend_choice(state_dir: Path) -> dict[str, Any]:
         data = json.loads((state_dir / BACKEND_FILE).read_text())
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in data.items() if k in ("backend", "tcti", "server") and isinstance(v, str)} \
+    return {k: v for k, v in data.items() if k in ("backend", "tcti", "server", "tsm_path") and isinstance(v, str)} \
         if isinstance(data, dict) else {}
 
 
-def _write_backend_choice(state_dir: Path, backend: str, tcti: str | None, *, server: str | None = None) -> None:
+def _write_backend_choice(state_dir: Path, backend: str, tcti: str | None, *, server: str | None = None,
+                          tsm_path: str | None = None) -> None:
     from .enclave._util import atomic_write
 
-    choice = {"backend": backend, **({"tcti": tcti} if tcti else {}), **({"server": server} if server else {})}
+    choice = {"backend": backend, **({"tcti": tcti} if tcti else {}), **({"server": server} if server else {}),
+              **({"tsm_path": str(Path(tsm_path).resolve())} if tsm_path else {})}
     atomic_write(state_dir / BACKEND_FILE, json.dumps(choice).encode(), mode=0o600)
 
 

@@ -58,7 +58,7 @@ def worker_argv(*, fd_in: int, fd_out: int, state_dir: Path, run_dir: str | Path
                 platform_dir: str | os.PathLike[str] | None = None,
                 dev_key: str | os.PathLike[str] | None = None, tcti: str | None = None, threads: int | None = None,
                 require_hardening: bool = False, memory_limit_mb: float | None = None,
-                shm_fd: int | None = None) -> list[str]:
+                shm_fd: int | None = None, tsm_path: str | os.PathLike[str] | None = None) -> list[str]:
     """The worker's command line. ``python -I`` ignores every PYTHON* variable and the user's
     site-packages; the package is imported from where this one was (the measured files)."""
     cmd = [*boot_argv("mlcapsule.enclave.worker"),
@@ -71,6 +71,8 @@ def worker_argv(*, fd_in: int, fd_out: int, state_dir: Path, run_dir: str | Path
         cmd += ["--dev-key", str(Path(dev_key).resolve())]
     if tcti:  # tpm backend: how the worker reaches the TPM (it connects before hardening itself)
         cmd += ["--tcti", tcti]
+    if tsm_path:  # cvm backend: the configfs-tsm report folder (the worker may write beneath it)
+        cmd += ["--tsm-path", str(Path(tsm_path).resolve())]
     if threads:
         cmd += ["--threads", str(threads)]
     if require_hardening:
@@ -132,7 +134,8 @@ class EnclaveProcess:
                  dev_key: str | os.PathLike[str] | None = None, threads: int | None = None,
                  require_hardening: bool = False, tcti: str | None = None,
                  memory_limit_mb: float | None = None, shared_memory: bool = True,
-                 service: str | os.PathLike[str] | None = None) -> None:
+                 service: str | os.PathLike[str] | None = None,
+                 tsm_path: str | os.PathLike[str] | None = None) -> None:
         self.capsule = Path(capsule).resolve()
         self._lock = threading.Lock()
         #: Seconds the host spends in each part of :meth:`infer` (encode, wait for the reply, decode).
@@ -157,11 +160,11 @@ class EnclaveProcess:
                     raise ValueError("state_dir is required without the enclave service")
                 self.state_dir = Path(state_dir).resolve()
                 self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                if platform_dir is None and backend == "software":
+                if platform_dir is None and backend in ("software", "cvm"):
                     # Resolved here: the worker inherits no environment (no MLCAPSULE_HOME).
                     from .enclave._util import data_home
 
-                    platform_dir = data_home() / "platform" / "software"
+                    platform_dir = data_home() / "platform" / backend
                 self._run = tempfile.TemporaryDirectory(prefix="run-", dir=self.state_dir)
                 to_worker_r, self._to_worker = os.pipe()
                 self._from_worker, from_worker_w = os.pipe()
@@ -170,7 +173,7 @@ class EnclaveProcess:
                                   state_dir=self.state_dir, run_dir=self._run.name, backend=backend,
                                   platform_dir=platform_dir, dev_key=dev_key, tcti=tcti, threads=threads,
                                   require_hardening=require_hardening, memory_limit_mb=memory_limit_mb,
-                                  shm_fd=self._arena.fd if self._arena else None)
+                                  shm_fd=self._arena.fd if self._arena else None, tsm_path=tsm_path)
                 try:
                     self.proc = _LocalWorker(cmd, pass_fds, Path(self._run.name))
                 finally:

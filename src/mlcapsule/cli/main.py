@@ -559,10 +559,14 @@ _state_option = click.option("--state-dir", type=click.Path(file_okay=False),
 
 
 def _backend_options(f: Any) -> Any:
-    """--backend and --tcti (setup remembers both next to the state; later commands reuse them)."""
-    f = click.option("--tcti", help="tpm backend: how to reach the TPM, e.g. device:/dev/tpmrm0 or swtpm:path=SOCKET "
+    """--backend, --tcti and --tsm-path (setup remembers them next to the state; later commands reuse them)."""
+    f = click.option("--tsm-path", type=click.Path(file_okay=False), default=None,
+                     help="cvm backend: the configfs-tsm report folder [default: $MLCAPSULE_TSM_PATH, else "
+                          "/sys/kernel/config/tsm/report].")(f)
+    f = click.option("--tcti", help="tpm and cvm backends: how to reach the (v)TPM, e.g. device:/dev/tpmrm0 or "
+                                    "swtpm:path=SOCKET; cvm: none for no vTPM (no rollback protection) "
                                     "[default: $MLCAPSULE_TPM_TCTI, else device:/dev/tpmrm0].")(f)
-    return click.option("--backend", type=click.Choice(["software", "tpm"]), default=None,
+    return click.option("--backend", type=click.Choice(["software", "tpm", "cvm"]), default=None,
                         help="Enclave backend [default: the one that set the capsule up, else software].")(f)
 
 
@@ -580,7 +584,7 @@ def _backend_options(f: Any) -> Any:
 @_trust_option
 @_unsafe_trust_option
 def setup(capsule: str, token: str, server: str | None, state_dir: str | None, backend: str | None,
-          tcti: str | None, replace: bool, export_receipts: str | None, trust_file: str | None,
+          tcti: str | None, tsm_path: str | None, replace: bool, export_receipts: str | None, trust_file: str | None,
           unsafe_trust: bool) -> None:
     """Set up CAPSULE on this device: attest the enclave to the provider and receive the license (online, once).
 
@@ -591,7 +595,8 @@ def setup(capsule: str, token: str, server: str | None, state_dir: str | None, b
     if export_receipts and not replace:
         raise UsageError("--export-receipts goes with --replace", hint="add --replace, or leave --export-receipts out")
     trust, pin = _client_trust(capsule, trust_file, unsafe_trust, state_dir, first_use=True)
-    with open_capsule(capsule, trust=trust, state_dir=state_dir, backend=backend, tcti=tcti) as cap:
+    with open_capsule(capsule, trust=trust, state_dir=state_dir, backend=backend, tcti=tcti,
+                      tsm_path=tsm_path) as cap:
         info = cap.setup(token=token, server=server, replace=replace, export_receipts=export_receipts)
         _remember_pin(pin, trust)
     budget = "unlimited" if info["budget"] is None else info["budget"]
@@ -610,7 +615,8 @@ def setup(capsule: str, token: str, server: str | None, state_dir: str | None, b
 @_trust_option
 @_unsafe_trust_option
 def predict(capsule: str, inputs: tuple[str, ...], output: str | None, top_k: int, state_dir: str | None,
-            backend: str | None, tcti: str | None, memory_limit: float | None, trust_file: str | None,
+            backend: str | None, tcti: str | None, tsm_path: str | None, memory_limit: float | None,
+            trust_file: str | None,
             unsafe_trust: bool) -> None:
     """Predict offline with a set-up CAPSULE. Each input row is charged to the budget before it is answered.
 
@@ -624,7 +630,7 @@ def predict(capsule: str, inputs: tuple[str, ...], output: str | None, top_k: in
     if output:
         check_output_path(output)  # every argument is checked before anything is charged
     trust, pin = _client_trust(capsule, trust_file, unsafe_trust, state_dir, first_use=True)
-    with open_capsule(capsule, trust=trust, state_dir=state_dir, backend=backend, tcti=tcti,
+    with open_capsule(capsule, trust=trust, state_dir=state_dir, backend=backend, tcti=tcti, tsm_path=tsm_path,
                       memory_limit_mb=memory_limit) as cap:
         if not cap.is_set_up:
             raise NotProvisionedError(f"{capsule} is not set up on this device")
@@ -700,7 +706,8 @@ def sync(capsule: str, token: str, server: str | None, state_dir: str | None, tr
 @_trust_option
 @_unsafe_trust_option
 def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | None, backend: str | None,
-           tcti: str | None, as_json: bool, trust_file: str | None, unsafe_trust: bool) -> None:
+           tcti: str | None, tsm_path: str | None, as_json: bool, trust_file: str | None,
+           unsafe_trust: bool) -> None:
     """What the enclave backend protects against, its hardening, and (with CAPSULE) the capsule's license."""
     from ..client import open_capsule
     from ..host import EnclaveProcess
@@ -708,7 +715,7 @@ def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | Non
     if capsule:
         trust, pin = _client_trust(capsule, trust_file, unsafe_trust, state_dir, first_use=True)
         with open_capsule(capsule, trust=trust, unsafe_dev_key=unsafe_dev_key, state_dir=state_dir, backend=backend,
-                          tcti=tcti) as cap:
+                          tcti=tcti, tsm_path=tsm_path) as cap:
             info = cap.status()
             if cap.load_info and cap.load_info.get("license") == "license":
                 _remember_pin(pin, trust)  # the enclave loaded a license signed by this key
@@ -719,7 +726,9 @@ def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | Non
             dummy = Path(tmp) / "none"
             dummy.touch()
             with EnclaveProcess(capsule or dummy, state_dir=Path(tmp) / "state", backend=backend or "software",
-                                tcti=tcti if backend == "tpm" else None) as enc:
+                                tcti=tcti if backend in ("tpm", "cvm") else None,
+                                tsm_path=(tsm_path or os.environ.get("MLCAPSULE_TSM_PATH")) if backend == "cvm"
+                                else None) as enc:
                 info = enc.call("status")
     if as_json:
         _print_json(info)
@@ -735,6 +744,7 @@ def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | Non
         console.print(f"  - {s}")
     if info["backend"] == "software":
         console.print(f"[bold red]warning:[/] {SOFTWARE_WARNING}")
+    _print_platform(tm.get("platform"))
     h = info.get("hardening", {})
     console.print("[bold]worker hardening:[/] " + "; ".join(f"{k}: {v}" for k, v in h.items()))
     if info.get("capsule"):
@@ -764,6 +774,17 @@ def status(capsule: str | None, unsafe_dev_key: str | None, state_dir: str | Non
                              if st["locked"] else "") + (", answering labels only" if st["degraded"] else ""))
     elif capsule and not info.get("loaded"):
         console.print("[yellow]not set up:[/] run `mlcapsule setup CAPSULE --token TOKEN`")
+
+
+def _print_platform(p: Any) -> None:
+    """What a backend detected (cvm: the TEE, the vTPM, rollback protection)."""
+    if not isinstance(p, dict) or "tee" not in p:
+        return
+    tee = {"tdx": "Intel TDX", "snp": "AMD SEV-SNP"}.get(str(p["tee"]), str(p["tee"]))
+    vtpm = f"yes ({p.get('vtpm_tcti')})" if p.get("vtpm") else "no"
+    rollback = "yes" if p.get("rollback_protected") else "[bold red]NO[/]"
+    console.print(f"[bold]platform:[/] {tee} guest (configfs-tsm provider {p.get('provider')} at {p.get('tsm_path')}); "
+                  f"vTPM: {vtpm}; rollback protection: {rollback}", soft_wrap=True)
 
 
 @cli.command()

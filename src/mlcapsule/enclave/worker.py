@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="software")
     ap.add_argument("--platform-dir")
     ap.add_argument("--tcti")
+    ap.add_argument("--tsm-path", help="cvm backend: the configfs-tsm report folder")
     ap.add_argument("--dev-key")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--require-hardening", action="store_true")
@@ -167,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     backend_args: dict[str, Any] = {"platform_dir": a.platform_dir} if a.platform_dir else {}
     if a.tcti:
         backend_args["tcti"] = a.tcti
-    backend = get_backend(a.backend, **backend_args)  # the tpm backend connects now, before hardening
+    if a.tsm_path:
+        backend_args["tsm_path"] = a.tsm_path
+    try:
+        backend = get_backend(a.backend, **backend_args)  # the tpm backend connects now, before hardening
+    except errors.MlcapsuleError as e:  # one line: the host shows the log's last line
+        print(f"{type(e).__name__}: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
+        return 1
     b_read, b_write = backend.paths()
     if (a.capsule is None) == (a.capsule_fd < 0):
         ap.error("give --capsule or --capsule-fd")

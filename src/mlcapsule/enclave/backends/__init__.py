@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import Backend, ThreatModel
 
-BACKENDS = ("software", "tpm")
+BACKENDS = ("software", "tpm", "cvm")
 
 
 def get_backend(name: str, **kwargs: object) -> Backend:
@@ -20,6 +20,10 @@ def get_backend(name: str, **kwargs: object) -> Backend:
         except ImportError as e:
             raise UsageError("the tpm backend needs tpm2-pytss", hint="pip install 'mlcapsule[tpm]'") from e
         return TpmBackend(**kwargs)  # type: ignore[arg-type]
+    if name == "cvm":
+        from .cvm import CvmBackend
+
+        return CvmBackend(**kwargs)  # type: ignore[arg-type]
     raise UsageError(f"unknown enclave backend {name!r}", hint=f"choose one of: {', '.join(BACKENDS)}")
 
 
