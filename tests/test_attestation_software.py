@@ -203,7 +203,8 @@ def test_verifier_dispatches_by_type_and_rechecks_the_measurement() -> None:
     verifier that forgets the allow-list is caught."""
     allowed, other = "ab" * 32, "cd" * 32
 
-    def careless(evidence: Any, *, expected_report_data: bytes, policy: AttestationPolicy) -> VerifiedEvidence:
+    def careless(evidence: Any, *, expected_report_data: bytes, policy: AttestationPolicy,
+                 now: Any = None) -> VerifiedEvidence:
         return VerifiedEvidence("test", evidence["m"], "p")
 
     policy = AttestationPolicy(measurements=frozenset([allowed]))

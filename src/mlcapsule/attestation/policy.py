@@ -48,14 +48,55 @@ class AttestationPolicy:
     ``tpm``
         A :class:`mlcapsule.attestation.tpm.TpmPolicy` (EK CA roots, PCR policy). None refuses
         ``tpm`` evidence: there is no default set of trusted TPM manufacturers.
+    ``sgx``, ``tdx``, ``snp``, ``nitro``
+        The per-type hardware policies (:class:`~mlcapsule.attestation.dcap.SgxPolicy`,
+        :class:`~mlcapsule.attestation.dcap.TdxPolicy`, :class:`~mlcapsule.attestation.snp.SnpPolicy`,
+        :class:`~mlcapsule.attestation.nitro.NitroPolicy`): the hardware measurements, minimum TCB,
+        debug. None refuses that type.
+    ``dcap_collateral``, ``snp_certificates``
+        What the server holds for clients that send no collateral or certificates
+        (:class:`~mlcapsule.attestation.hardware.DcapCollateral`, ``SnpCertificates``).
+    ``snp_roots``, ``nitro_root_der``
+        Trust anchors: SHA-256 of each AMD ARK by product, the AWS Nitro root (DER). None means
+        the vendors' real, pinned roots; tests inject their own.
+    ``accept``
+        The evidence types accepted, or None for every type configured above (``software`` only
+        with ``allow_software``, ``tpm`` only with a ``tpm`` policy, and so on).
     """
 
     allow_software: bool = False
     measurements: frozenset[str] = field(default_factory=frozenset)
     tpm: Any = None
+    sgx: Any = None
+    tdx: Any = None
+    snp: Any = None
+    nitro: Any = None
+    dcap_collateral: Any = None
+    snp_certificates: Any = None
+    snp_roots: Any = None
+    nitro_root_der: bytes | None = None
+    accept: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "measurements", _measurements(self.measurements))
+        if self.snp_roots is None:
+            from .snp import PINNED_ARKS
+
+            object.__setattr__(self, "snp_roots", PINNED_ARKS)
+        if self.accept is not None:
+            if isinstance(self.accept, str):
+                raise TypeError("accept must be a collection of evidence type names")
+            object.__setattr__(self, "accept", frozenset(self.accept))
+
+    def configured(self) -> frozenset[str]:
+        """The evidence types this policy can accept at all (before ``accept`` narrows them)."""
+        have = {"software": self.allow_software, "tpm": self.tpm is not None, "sgx": self.sgx is not None,
+                "tdx": self.tdx is not None, "snp": self.snp is not None, "nitro": self.nitro is not None}
+        return frozenset(k for k, v in have.items() if v)
+
+    def accepted(self) -> frozenset[str]:
+        """The evidence types accepted: ``accept`` if given, else every configured type."""
+        return self.configured() if self.accept is None else self.accept & self.configured()
 
     def check_measurement(self, measurement: str) -> None:
         """Raise AttestationError unless ``measurement`` is on the allow-list."""
@@ -85,5 +126,8 @@ class VerifiedEvidence:
     """What a verifier vouches for once evidence has passed every check."""
 
     type: str
-    measurement: str  # lower-case hex
+    measurement: str  # lower-case hex: the mlcapsule code measurement
     platform_id: str  # stable per platform: hex SHA-256 of the key that signed the evidence
+    #: Type-specific facts for logs and the provider's records (hardware measurement, TCB status,
+    #: advisories). Not used in the trust decision, which is already made.
+    details: Mapping[str, Any] = field(default_factory=dict, compare=False)

@@ -19,6 +19,7 @@ report_data equals the expected value (constant-time); the measurement is on the
 from __future__ import annotations
 
 import binascii
+import datetime as dt
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -51,7 +52,7 @@ def _b64_field(evidence: Mapping[str, Any], name: str, length: int) -> bytes:
 
 
 def verify_software(evidence: Mapping[str, Any], *, expected_report_data: bytes,
-                    policy: AttestationPolicy) -> VerifiedEvidence:
+                    policy: AttestationPolicy, now: dt.datetime | None = None) -> VerifiedEvidence:
     check_evidence_header(evidence, evidence_type=EVIDENCE_TYPE, fields=FIELDS, version=VERSION)
     if not policy.allow_software:
         raise AttestationError(

@@ -147,12 +147,15 @@ def key_options(f: Any) -> Any:
               metavar="PATH", help="Intermediate EK CA certificates (repeatable).")
 @click.option("--tpm-pcr-policy", type=click.Path(exists=True, dir_okay=False), default=None,
               help='JSON {"sha256": {"7": ["hex", ...]}}: PCR values accepted in TPM quotes.')
+@click.option("--policy", "policy_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Evidence policy (TOML): accepted evidence types (tpm, sgx, tdx, snp, nitro), their "
+                   "measurements, minimum TCB, debug, per-capsule rules. See docs/attestation.md.")
 @click.option("--nonce-ttl", type=click.IntRange(0, 86400), default=None,
               help="Challenge lifetime in seconds [default: 120].")
 def serve(host: str | None, port: int | None, database_url: str | None, config: str | None,
           provider_key: str | None, passphrase_file: str | None, allow_software: bool | None,
           measurements: tuple[str, ...], tpm_roots: tuple[str, ...], tpm_intermediates: tuple[str, ...],
-          tpm_pcr_policy: str | None, nonce_ttl: int | None) -> None:
+          tpm_pcr_policy: str | None, policy_file: str | None, nonce_ttl: int | None) -> None:
     """Run the provider's provisioning server."""
     import uvicorn
 
@@ -162,12 +165,12 @@ def serve(host: str | None, port: int | None, database_url: str | None, config: 
                          passphrase_file=passphrase_file, allow_software_evidence=allow_software,
                          allowed_measurements=frozenset(measurements) if measurements else None,
                          tpm_ek_roots=tuple(tpm_roots) or None, tpm_ek_intermediates=tuple(tpm_intermediates) or None,
-                         tpm_pcr_policy=tpm_pcr_policy, nonce_ttl_seconds=nonce_ttl)
+                         tpm_pcr_policy=tpm_pcr_policy, policy_file=policy_file, nonce_ttl_seconds=nonce_ttl)
     sock = listen_socket(settings.host, settings.port)  # first: a busy port is one line, before any other
     if settings.allow_software_evidence:
         err_console.print("[bold red]UNSAFE:[/] accepting 'software' evidence: it is signed by a key on the client's "
                           "own disk and does not protect the model against the client machine's owner.")
-    if not settings.allowed_measurements:
+    if not settings.allowed_measurements and settings.policy_file is None:
         err_console.print("[yellow]warning:[/] no --allow-measurement given: "
                           "every provisioning request will be refused")
     try:

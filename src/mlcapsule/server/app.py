@@ -12,10 +12,12 @@ Errors are ``{"error": {"type", "message", "hint"}}`` where ``type`` names a cla
 :mod:`mlcapsule.enclave.errors`: 401 bad token, 403 attestation / grant / device limit / revoked /
 unknown nonce, 404 unknown capsule or license, 409 nonce already used or receipts that do not
 continue the chain, 410 nonce expired, 413 body too large, 422 malformed request, 503 database
-unavailable. The OpenAPI description is served at ``/openapi.json``. Vouchers and unlock
-vouchers are not issued over HTTP: only the administrator issues them, with ``mlcapsule admin
-voucher`` and ``admin unlock``; the alarms the receipts carry are read with ``admin usage`` and
-``admin alarms`` (or :meth:`ProviderService.alarms`), not over the clients' API.
+unavailable. The OpenAPI description is served at ``/openapi.json``. The admin API
+(``/v1/admin/...``, admin tokens only) is :mod:`.admin_api`; ``/metrics``, ``/healthz`` and
+``/readyz`` are :mod:`.observability`. Vouchers and unlock
+vouchers are never issued on the clients' API: only the administrator issues them, with ``mlcapsule
+admin voucher`` and ``admin unlock`` (or the admin API, with an operator token); the alarms the
+receipts carry are read with ``admin usage`` and ``admin alarms``, not over the clients' API.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .. import __version__
 from ..enclave._util import b64d, b64e
 from ..enclave.crypto.keys import load_provider_key
 from ..enclave.errors import MlcapsuleError
+from . import admin_api, observability
 from .db import create_schema, make_engine, session_factory
 from .errors import UsageProtocolTooOld, status_for, wire_type
 from .schemas import (
@@ -136,6 +139,7 @@ def create_app(settings: ServerSettings, *, clock: Clock | None = None,
     create_schema(engine)
     # The app's own verifier, from its own settings: nothing process-wide (two apps, two decisions).
     verifier = settings.evidence_verifier(tpm_policy=tpm_policy)
+    log.info("accepting evidence of type(s): %s", ", ".join(verifier.types()) or "none")
     service = ProviderService(session_factory(engine), verifier=verifier, provider_key=key,
                               nonce_ttl_seconds=settings.nonce_ttl_seconds,
                               max_open_challenges=settings.max_open_challenges, clock=clock or utcnow)
@@ -173,14 +177,17 @@ def create_app(settings: ServerSettings, *, clock: Clock | None = None,
     def challenge(req: ChallengeRequest, acc: AccountRef = Depends(account)) -> ChallengeResponse:
         """A fresh single-use nonce for the setup phase; refused without a live grant."""
         c = service.challenge(acc, req.capsule_id, req.version)
+        metrics.challenges.inc()
         return ChallengeResponse(nonce=b64e(c.nonce), expires_at=c.expires_at)
 
     @v1.post("/provision", response_model=ProvisionResponse, responses=_ERRORS, tags=["setup"])
     def provision(req: ProvisionRequest, acc: AccountRef = Depends(account)) -> ProvisionResponse:
         """Verify the enclave's evidence and answer with the content key and a license, sealed to it."""
+        metrics.setups.inc()
         p = service.provision(acc, capsule_id=req.capsule_id, version=req.version, nonce=b64d(req.nonce),
                               hpke_pub=b64d(req.hpke_pub), receipt_pub=b64d(req.receipt_pub),
                               evidence=req.evidence)
+        metrics.provisions.inc()
         return ProvisionResponse(license_id=p.license_id, device_id=p.device_id, payload=b64e(p.payload),
                                  credential=p.credential)
 
@@ -190,17 +197,22 @@ def create_app(settings: ServerSettings, *, clock: Clock | None = None,
         if req.protocol < USAGE_PROTOCOL:
             raise UsageProtocolTooOld(f"this server speaks usage protocol {USAGE_PROTOCOL}; the client spoke "
                                       f"{req.protocol}")
+        before = metrics.usage_before(service, req.license_id, req.device_id)
         head = service.upload_usage(acc, license_id=req.license_id, device_id=req.device_id, receipts=req.receipts)
+        metrics.usage_after(before, head, req.receipts)
         return UsageResponse(seq=head.seq, charged=head.charged, answered=head.answered,
                              ack=service.sign_ack(req.license_id, req.device_id, head))
 
     app.include_router(v1)
+    app.include_router(admin_api.router(service))
 
     app.add_middleware(BodyLimit, limit=MAX_BODY)
+    metrics = observability.install(app, engine)  # outside BodyLimit: its 413s are counted
 
     @app.exception_handler(MlcapsuleError)
     async def on_mlcapsule_error(_request: Request, exc: MlcapsuleError) -> JSONResponse:
         status = status_for(exc)
+        observability.mark_refusal(_request.scope, observability.refusal_reason(exc))
         if status >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -208,6 +220,7 @@ def create_app(settings: ServerSettings, *, clock: Clock | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        observability.mark_refusal(_request.scope, "malformed")
         problems = []
         for err in exc.errors()[:5]:
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
@@ -222,6 +235,7 @@ def create_app(settings: ServerSettings, *, clock: Clock | None = None,
     @app.exception_handler(Exception)
     async def on_bug(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error")
+        observability.mark_refusal(_request.scope, "internal")
         return _error(500, "ServerError", "internal server error", "tell the provider; the server log has details")
 
     return app

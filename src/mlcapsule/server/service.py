@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from sqlalchemy import CursorResult, delete, exc as sa_exc, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..attestation import AttestationPolicy, EvidenceVerifier
-from ..enclave._util import b64d
+from ..enclave._util import b64d, canonical_json
 from ..enclave.crypto.keys import ContentKey, ed25519_public_from_raw, raw_public
 from ..enclave.errors import FormatError, IntegrityError, SignatureError, UsageError
 from ..enclave.messages.license import License
@@ -76,6 +77,48 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def provision_fingerprint(account_id: int, capsule_id: uuid.UUID, version: int, nonce: bytes, hpke_pub: bytes,
+                          receipt_pub: bytes, evidence: Any) -> str:
+    """The SHA-256 (hex) of a provisioning request: the account, the capsule, the challenge, both
+    enclave keys and the evidence (canonical JSON). A used challenge is bound to it: only a
+    request with the same fingerprint (the client retrying after a lost answer) may use the
+    challenge again, and it gets the stored answer (see :meth:`ProviderService.provision`)."""
+    try:
+        ev = canonical_json(evidence)
+    except (TypeError, ValueError) as e:
+        raise FormatError("the evidence is not a JSON object") from e
+    h = hashlib.sha256(b"mlcapsule/provision-request/v1\0")
+    for part in (str(account_id).encode(), str(capsule_id).encode(), str(version).encode(), nonce, hpke_pub,
+                 receipt_pub, ev):
+        h.update(len(part).to_bytes(8, "big") + part)
+    return h.hexdigest()
+
+
+# -- fault injection (crash tests) ------------------------------------------------------------
+#: The points where the crash tests (tests/test_server_crash.py) make the server process kill
+#: itself with SIGKILL: a provisioning after its evidence is verified, after the device row is
+#: inserted (not committed), after the commit, and before the answer is returned; an upload
+#: likewise (after the chain is verified, after the head is updated, after the commit, before
+#: the answer).
+CRASH_POINTS = frozenset({"provision.after_verify", "provision.after_insert", "provision.after_commit",
+                          "provision.before_response", "usage.after_verify", "usage.after_update",
+                          "usage.after_commit", "usage.before_response"})
+#: Set in the *server process's* environment only (nothing a client sends reaches it); read once,
+#: when the service is built. Unset, a crash point costs one comparison with None.
+CRASH_ENV = "MLCAPSULE_SERVER_CRASH_AT"
+#: Optional: a file path; the first process to create it crashes, later ones (a restarted
+#: worker) do not.
+CRASH_ONCE_ENV = "MLCAPSULE_SERVER_CRASH_ONCE"
+
+
+def _crash_point_from_env() -> str | None:
+    point = os.environ.get(CRASH_ENV) or None
+    if point is not None and point not in CRASH_POINTS:
+        raise Misconfigured(f"{CRASH_ENV}={point[:64]!r} is not a crash point",
+                            hint=f"unset it (it is for crash tests); points: {', '.join(sorted(CRASH_POINTS))}")
+    return point
+
+
 @dataclass(frozen=True)
 class AccountRef:
     id: int
@@ -94,6 +137,7 @@ class Provisioned:
     device_id: str
     payload: bytes  # seal_payload(hpke_pub, nonce, content_key, license_envelope), gated for tpm
     credential: dict[str, str] | None = None  # tpm: the credential that opens the gated payload
+    replayed: bool = False  # the stored answer of an identical earlier request (a client retry)
 
 
 def drop_already_accepted(entries: Any, head: ChainHead) -> Any:
@@ -229,6 +273,10 @@ class ProviderService:
         self.nonce_ttl = dt.timedelta(seconds=nonce_ttl_seconds)
         self.max_open_challenges = max_open_challenges
         self.clock = clock
+        self._crash_at = _crash_point_from_env()
+        if self._crash_at is not None:
+            log.warning("FAULT INJECTION: this server process kills itself at %s (%s is set)", self._crash_at,
+                        CRASH_ENV)
 
     # -- plumbing ---------------------------------------------------------------------------
     def now(self) -> dt.datetime:
@@ -246,6 +294,18 @@ class ProviderService:
         except sa_exc.OperationalError as e:
             log.error("database error: %s", e)
             raise Unavailable("the server's database is unavailable") from e
+
+    def _crash(self, point: str) -> None:
+        """SIGKILL this process if the crash tests asked for ``point`` (see :data:`CRASH_POINTS`)."""
+        if self._crash_at != point:
+            return
+        once = os.environ.get(CRASH_ONCE_ENV)
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                return
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _key(self) -> Ed25519PrivateKey:
         if self.provider_key is None:
@@ -307,9 +367,20 @@ class ProviderService:
         """Provision one device: the setup phase's server side (DESIGN §2, step 3-4).
 
         Checks, in order: the nonce (exists, is this account's and this capsule's, is not
-        expired, was not used: it is consumed here, in its own committed transaction, so a
-        failed attempt cannot be retried with it); the evidence; the grant (not revoked, not
-        expired); the device limit. Then the device is recorded and the license signed.
+        expired, was not used: it is consumed here, in its own committed transaction, and bound
+        to this request's :func:`provision_fingerprint`, so a failed attempt cannot be retried
+        with other evidence or keys); the evidence; the grant (not revoked, not expired); the
+        device limit. Then the device is recorded and the license signed.
+
+        *Idempotent.* The device row keeps the nonce, the request's fingerprint and the sealed
+        answer, in the transaction that takes the slot. A request identical to one already
+        answered (same account, capsule, nonce, ``hpke_pub``, ``receipt_pub`` and evidence: a
+        client retrying after the answer was lost, or after the server died) gets that stored
+        answer again, and no second slot. It is useless to anyone else: the payload is sealed
+        (HPKE) to ``hpke_pub``, whose private key only the attested enclave holds, and a request
+        that differs in anything is refused as a replay. A retry of a request that was
+        verified but not committed (the server died in between) runs again, even after the
+        nonce expired: the evidence was fresh when the nonce was consumed.
 
         *Provision once* under concurrency. The device count and the insert happen in one
         transaction that first locks the grant:
@@ -339,29 +410,29 @@ class ProviderService:
         except ValueError as e:
             raise FormatError("hpke_pub is not a usable X25519 public key") from e
         key = self._key()
+        fingerprint = provision_fingerprint(account.id, capsule_id, version, nonce, hpke_pub, receipt_pub, evidence)
         with self._tx() as s:
             cap = self._capsule(s, capsule_id, version)
             if cap.provider_key != raw_public(key.public_key()):
                 raise Misconfigured(f"capsule {cap.capsule_id} v{cap.version} is signed by another provider key "
                                     "than the one this server signs licenses with")
-            row = s.get(Nonce, nonce)
-            if row is None or row.account_id != account.id or row.capsule_pk != cap.id:
-                raise NonceRefused("unknown challenge nonce (not issued by this server, or not for this account "
-                                   "and capsule)")
-            if row.expires_at <= now:
-                raise NonceExpired(f"the challenge nonce expired at {row.expires_at.isoformat()}")
-            # An UPDATE's result is a CursorResult (it has rowcount); Session.execute is typed as Result.
-            marked = cast(CursorResult[Any],
-                          s.execute(update(Nonce).where(Nonce.nonce == nonce, Nonce.used_at.is_(None))
-                                    .values(used_at=now).execution_options(synchronize_session=False)))
-            if marked.rowcount != 1:
-                raise NonceReplayed("the challenge nonce was already used")
+            done = self._answered(s, nonce, fingerprint)
+            if done is None:
+                self._use_nonce(s, account, cap, nonce, fingerprint, now)
+        if done is not None:  # a retry of a request already answered
+            return self._answer_again(done, account)
         # The nonce is spent now, whatever happens next.
-        verified = self.verifier.verify(evidence, expected_report_data=expected)
+        verified = self.verifier.verify(evidence, expected_report_data=expected, now=now, capsule_id=str(capsule_id))
+        self._crash("provision.after_verify")
         try:
             with self._tx() as s:
                 cap = self._capsule(s, capsule_id, version)
                 grant = self._live_grant(s, account, cap, now, lock=True)
+                # A copy of this request (a retry racing the original) may have taken the slot
+                # while this one waited for the grant's lock.
+                done = self._answered(s, nonce, fingerprint)
+                if done is not None:
+                    return self._answer_again(done, account)
                 used = set(s.scalars(select(Device.slot).where(Device.grant_id == grant.id)))
                 slot = next((i for i in range(grant.devices) if i not in used), None)
                 if slot is None:
@@ -385,16 +456,87 @@ class ProviderService:
                 s.add(Device(device_id=lic.device_id, license_id=lic.license_id, grant_id=grant.id, slot=slot,
                              receipt_pub=receipt_pub, measurement=verified.measurement,
                              evidence_type=verified.type, platform_id=verified.platform_id, created=now,
-                             head_seq=0, head_hash=GENESIS, charged=0, answered=0))
+                             head_seq=0, head_hash=GENESIS, charged=0, answered=0, nonce=nonce,
+                             request_sha256=fingerprint, answer_payload=payload, answer_credential=credential))
                 s.flush()
-        except sa_exc.IntegrityError as e:  # UNIQUE (grant_id, slot): another provision took the slot
-            raise DeviceLimitReached(f"account {account.name!r} has no device left on its grant") from e
+                self._crash("provision.after_insert")
+        except sa_exc.IntegrityError as e:
+            # UNIQUE (grant_id, slot): another provision took the slot; or ux_devices_nonce: a
+            # copy of this request did, and its answer is this one's.
+            with self._tx() as s:
+                done = self._answered(s, nonce, fingerprint)
+            if done is None:
+                raise DeviceLimitReached(f"account {account.name!r} has no device left on its grant") from e
+            return self._answer_again(done, account)
+        self._crash("provision.after_commit")
         log.info("provisioned device %s (license %s) for account %s, capsule %s v%s, %s evidence",
                  lic.device_id, lic.license_id, account.name, cap.capsule_id, cap.version, verified.type)
+        self._crash("provision.before_response")
         return Provisioned(lic.license_id, lic.device_id, payload, credential)
 
+    @staticmethod
+    def _use_nonce(s: Session, account: AccountRef, cap: Capsule, nonce: bytes, fingerprint: str,
+                   now: dt.datetime) -> None:
+        """Consume the challenge for the request ``fingerprint``, or check that it was consumed
+        by the identical request (a retry whose first attempt died before its commit)."""
+        row = s.get(Nonce, nonce)
+        if row is None or row.account_id != account.id or row.capsule_pk != cap.id:
+            raise NonceRefused("unknown challenge nonce (not issued by this server, or not for this account "
+                               "and capsule)")
+        if row.used_at is None:
+            if row.expires_at <= now:
+                raise NonceExpired(f"the challenge nonce expired at {row.expires_at.isoformat()}")
+            # An UPDATE's result is a CursorResult (it has rowcount); Session.execute is typed as Result.
+            marked = cast(CursorResult[Any],
+                          s.execute(update(Nonce).where(Nonce.nonce == nonce, Nonce.used_at.is_(None))
+                                    .values(used_at=now, request_sha256=fingerprint)
+                                    .execution_options(synchronize_session=False)))
+            if marked.rowcount == 1:
+                return
+        # Used: by this very request? A column query, so it reads the committed row (on
+        # PostgreSQL the UPDATE above waited for a racing transaction's lock), not the session's copy.
+        held = s.scalar(select(Nonce.request_sha256).where(Nonce.nonce == nonce))
+        if held != fingerprint:
+            raise NonceReplayed("the challenge nonce was already used")
+
+    @staticmethod
+    def _answered(s: Session, nonce: bytes, fingerprint: str) -> Provisioned | None:
+        """The stored answer if a device was provisioned with ``nonce`` by the identical request;
+        None if no device was; NonceReplayed if another request used the nonce."""
+        dev = s.scalar(select(Device).where(Device.nonce == nonce))
+        if dev is None:
+            return None
+        if dev.request_sha256 != fingerprint or dev.answer_payload is None:
+            raise NonceReplayed("the challenge nonce was already used")
+        return Provisioned(dev.license_id, dev.device_id, dev.answer_payload, dev.answer_credential, replayed=True)
+
+    def _answer_again(self, done: Provisioned, account: AccountRef) -> Provisioned:
+        log.info("provisioning of device %s (license %s) for account %s answered again: a retry of the same "
+                 "request, no new slot", done.device_id, done.license_id, account.name)
+        self._crash("provision.before_response")
+        return done
+
     def upload_usage(self, account: AccountRef, *, license_id: str, device_id: str, receipts: Any) -> ChainHead:
-        """Verify receipts continue the stored chain; store the new head (compare-and-swap)."""
+        """Verify receipts continue the stored chain; store the new head (compare-and-swap).
+
+        *Idempotent.* Receipts the server already holds are dropped first
+        (:func:`drop_already_accepted`), so a retried upload (the answer was lost, or the server
+        died after its commit) is acknowledged with the stored head and counts nothing twice;
+        one that died before its commit left nothing behind and is applied whole. The new head,
+        its counters and the alarms are written in one transaction, guarded by the head it
+        was verified against: if another upload (possibly a copy of this one, on another
+        server instance) moved the head meanwhile, this one is verified again against the new
+        head, a few times, before it is refused.
+        """
+        for _ in range(5):
+            new = self._upload_once(account, license_id=license_id, device_id=device_id, receipts=receipts)
+            if new is not None:
+                self._crash("usage.before_response")
+                return new
+        raise ChainConflict("other uploads for this device kept changing the chain meanwhile; upload again")
+
+    def _upload_once(self, account: AccountRef, *, license_id: str, device_id: str, receipts: Any) -> ChainHead | None:
+        """One attempt of :meth:`upload_usage`; None if another upload moved the head meanwhile."""
         now = self.now()
         with self._tx() as s:
             dev = s.scalar(select(Device).join(Grant, Device.grant_id == Grant.id)
@@ -420,6 +562,7 @@ class ProviderService:
             log.warning("device %s (license %s) uploaded a receipt chain that forks from the stored one at "
                         "seq %s: its enclave state was restored from an older copy", device_id[:64],
                         license_id[:64], head.seq)
+        self._crash("usage.after_verify")
         if new == head:
             return head
         rollbacks = sum(1 for e in entries if e["body"]["kind"] == "rollback")
@@ -438,7 +581,7 @@ class ProviderService:
                         gap_queries=Device.gap_queries + defense.gap_queries, **values)
                 .execution_options(synchronize_session=False)))
             if res.rowcount != 1:
-                raise ChainConflict("another upload for this device changed the chain meanwhile; upload again")
+                return None  # nothing written: verified again against the head now stored
             if defense.alarms:
                 # Receipts that continue the stored chain are all new; a forked chain may repeat
                 # receipts the server holds, whose alarms are stored once.
@@ -449,6 +592,9 @@ class ProviderService:
                         AlarmRecord.device_pk == dev_pk, AlarmRecord.receipt_hash.in_(hashes[i:i + 500]))))
                 s.add_all(AlarmRecord(device_pk=dev_pk, received=now, **a) for a in defense.alarms
                           if a["receipt_hash"] not in held)
+                s.flush()
+            self._crash("usage.after_update")
+        self._crash("usage.after_commit")
         if defense.alarms:
             log.warning("device %s (license %s) reported %d defense alarm(s)", device_id[:64], license_id[:64],
                         len(defense.alarms))

@@ -12,6 +12,7 @@ or under a ``[server]`` table::
     tpm_ek_roots = ["/etc/mlcapsule/tpm-roots/"]           # accept `tpm` evidence from these EK CAs
     tpm_ek_intermediates = []
     tpm_pcr_policy = "/etc/mlcapsule/pcr-policy.json"      # optional
+    policy_file = "/etc/mlcapsule/policy.toml"             # evidence types and hardware policies
     nonce_ttl_seconds = 120
     max_open_challenges = 1000                             # per account: unused, unexpired
     host = "127.0.0.1"
@@ -21,7 +22,8 @@ Environment: ``MLCAPSULE_SERVER_DATABASE_URL``, ``..._PROVIDER_KEY_PATH``, ``...
 ``..._PASSPHRASE_FILE``, ``..._ALLOW_SOFTWARE_EVIDENCE`` (1/0, true/false, yes/no, on/off),
 ``..._ALLOWED_MEASUREMENTS`` (comma- or space-separated), ``..._NONCE_TTL_SECONDS``, ``..._MAX_OPEN_CHALLENGES``,
 ``..._HOST``, ``..._PORT``, ``..._TPM_EK_ROOTS`` and ``..._TPM_EK_INTERMEDIATES`` (paths separated by
-``os.pathsep``), ``..._TPM_PCR_POLICY``.
+``os.pathsep``), ``..._TPM_PCR_POLICY``, ``..._POLICY_FILE``. The policy file's format is in
+:mod:`mlcapsule.attestation.policy_file`; its rules are applied over the settings above.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class ServerSettings:
     tpm_ek_roots: tuple[Path, ...] = ()
     tpm_ek_intermediates: tuple[Path, ...] = ()
     tpm_pcr_policy: Path | None = None
+    #: The evidence policy file (``serve --policy``): accepted types, hardware policies,
+    #: per-capsule rules. See :mod:`mlcapsule.attestation.policy_file`.
+    policy_file: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "provider_key_path", Path(self.provider_key_path))
@@ -79,6 +84,8 @@ class ServerSettings:
         object.__setattr__(self, "tpm_ek_intermediates", tuple(Path(p) for p in self.tpm_ek_intermediates))
         if self.tpm_pcr_policy is not None:
             object.__setattr__(self, "tpm_pcr_policy", Path(self.tpm_pcr_policy))
+        if self.policy_file is not None:
+            object.__setattr__(self, "policy_file", Path(self.policy_file))
         if isinstance(self.passphrase, str):
             object.__setattr__(self, "passphrase", self.passphrase.encode())
         object.__setattr__(self, "allowed_measurements", frozenset(
@@ -132,8 +139,22 @@ class ServerSettings:
                                                   pcr_policy=self.tpm_pcr_policy)
             except (OSError, ValueError) as e:
                 raise UsageError(f"cannot load the TPM EK roots or PCR policy: {e}") from e
-        return EvidenceVerifier(AttestationPolicy(allow_software=self.allow_software_evidence,
-                                                  measurements=self.allowed_measurements, tpm=tpm_policy))
+        policy = AttestationPolicy(allow_software=self.allow_software_evidence,
+                                   measurements=self.allowed_measurements, tpm=tpm_policy)
+        if self.policy_file is None:
+            return EvidenceVerifier(policy)
+        from ..attestation.policy_file import load_policy_file
+
+        loaded = load_policy_file(self.policy_file, base=policy)
+        for where, p in (("", loaded.policy), *((f" [capsule.{k}]", v) for k, v in loaded.capsules.items())):
+            if p.accept is not None and "software" in p.accept and not self.allow_software_evidence:
+                raise UsageError(f"{self.policy_file}{where}: accept lists 'software', but software evidence is "
+                                 "enabled only by the server's --UNSAFE-allow-software-evidence")
+            missing = (p.accept or frozenset()) - p.configured()
+            if missing:
+                raise UsageError(f"{self.policy_file}{where}: accept lists {', '.join(sorted(missing))} without "
+                                 "a policy for it", hint="add a section such as [tdx] with the accepted measurements")
+        return EvidenceVerifier(loaded.policy, capsules=loaded.capsules)
 
 
 def _measurement(m: str) -> str:
@@ -172,7 +193,7 @@ def _from_toml(config_file: str | os.PathLike[str] | None, environ: Mapping[str,
                          hint=f"known keys: {', '.join(sorted(known))}")
     if "passphrase_file" in data:  # relative to the config file
         data["passphrase_file"] = str(path.parent / data["passphrase_file"])
-    for k in ("provider_key_path", "tpm_pcr_policy"):
+    for k in ("provider_key_path", "tpm_pcr_policy", "policy_file"):
         if k in data and isinstance(data[k], str):
             data[k] = str(path.parent / Path(data[k]).expanduser())
     for k in ("tpm_ek_roots", "tpm_ek_intermediates"):
@@ -210,7 +231,7 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 return frozenset(value.replace(",", " ").split())
             return frozenset(str(v) for v in value)
-        if name == "provider_key_path" or name == "tpm_pcr_policy":
+        if name in ("provider_key_path", "tpm_pcr_policy", "policy_file"):
             return Path(value).expanduser()
         if name in ("tpm_ek_roots", "tpm_ek_intermediates"):
             items = value.split(os.pathsep) if isinstance(value, str) else list(value)

@@ -41,7 +41,7 @@ import hmac
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -429,17 +429,20 @@ def check_tpm_evidence(evidence: Mapping[str, Any], *, expected_report_data: byt
 
 
 def verify_tpm(evidence: Mapping[str, Any], *, expected_report_data: bytes, policy: AttestationPolicy,
-               tpm_policy: TpmPolicy | None = None) -> VerifiedEvidence:
+               tpm_policy: TpmPolicy | None = None, now: dt.datetime | None = None) -> VerifiedEvidence:
     """The verifier for ``tpm`` evidence (an :class:`~mlcapsule.attestation.EvidenceVerifier` default).
 
     The TPM settings come from ``tpm_policy``, else from ``policy.tpm``. Without either, TPM
     evidence is refused: there is no default set of trusted manufacturers, and no process-wide one.
+    Certificates are checked at ``now`` unless the TPM policy pins its own time.
     """
     tp = tpm_policy or getattr(policy, "tpm", None)
     if not isinstance(tp, TpmPolicy):
         raise AttestationError("this server does not accept evidence from the 'tpm' backend: "
                                "no TPM EK roots are configured",
                                hint="the provider must configure the EK CA roots (and PCR policy) it accepts")
+    if now is not None and tp.now is None:
+        tp = replace(tp, now=now)
     parsed = check_tpm_evidence(evidence, expected_report_data=expected_report_data, tpm_policy=tp)
     policy.check_measurement(parsed.measurement)
     return VerifiedEvidence(EVIDENCE_TYPE, parsed.measurement, hashlib.sha256(parsed.ek.raw).hexdigest())
@@ -452,6 +455,6 @@ class TpmVerifier:
         self.tpm_policy = tpm_policy
 
     def __call__(self, evidence: Mapping[str, Any], *, expected_report_data: bytes,
-                 policy: AttestationPolicy) -> VerifiedEvidence:
+                 policy: AttestationPolicy, now: dt.datetime | None = None) -> VerifiedEvidence:
         return verify_tpm(evidence, expected_report_data=expected_report_data, policy=policy,
-                          tpm_policy=self.tpm_policy)
+                          tpm_policy=self.tpm_policy, now=now)
