@@ -234,3 +234,29 @@ def test_signer_rejects_bad_arguments(nsm: FakeNitro) -> None:
         nsm.document(pcrs={0: b"short"}, user_data=None, nonce=None, timestamp=T)
     with pytest.raises(ValueError, match="timezone-aware"):
         nsm.document(pcrs=PCRS, user_data=None, nonce=None, timestamp=dt.datetime(2026, 1, 1))
+
+
+def test_verification_time_outside_the_leaf_validity_refused(nsm: FakeNitro) -> None:
+    """``now=``: a document older than its 3-hour leaf is refused even though it was valid when made."""
+    doc = _doc(nsm)
+    assert _verify(nsm, doc).timestamp == _verify_at(nsm, doc, T + dt.timedelta(hours=2)).timestamp
+    for now in (T - dt.timedelta(seconds=10), T + dt.timedelta(hours=3, seconds=1)):
+        with pytest.raises(AttestationError, match="the enclave certificate is not valid at the verification time"):
+            _verify_at(nsm, doc, now)
+    with pytest.raises(AttestationError, match="is not valid at the verification time 2020-01-01T00:00:00[+]00:00"):
+        _verify_at(nsm, nsm.document(pcrs=PCRS, user_data=BINDING, nonce=None), dt.datetime(2020, 1, 1))  # naive: UTC
+    assert _verify_at(nsm, nsm.document(pcrs=PCRS, user_data=BINDING, nonce=None), dt.datetime.now(dt.UTC))
+
+
+def _verify_at(nsm: FakeNitro, doc: bytes, now: dt.datetime) -> NitroClaims:
+    return verify_nitro(doc, policy=POLICY, expected_report_data=BINDING, root_der=nsm.root_der, now=now)
+
+
+@pytest.mark.parametrize("junk", [b"\x00", b"\xa0", b"xx"])
+def test_trailing_bytes_after_the_document_refused(nsm: FakeNitro, junk: bytes) -> None:
+    """One document, one encoding: junk appended (or inside the signed payload's bytes) is refused."""
+    with pytest.raises(AttestationError, match="COSE_Sign1 envelope has trailing bytes"):
+        _verify(nsm, _doc(nsm) + junk)
+    body = cbor2.dumps(nsm.payload(pcrs=PCRS, user_data=BINDING, timestamp=T)) + junk
+    with pytest.raises(AttestationError, match="payload has trailing bytes"):
+        _verify(nsm, nsm.sign(body, nsm.leaf_key(T)))

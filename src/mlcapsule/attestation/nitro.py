@@ -14,7 +14,7 @@ Nitro Enclaves user guide.
    and bounded as AWS specifies);
 2. the chain: ``cabundle[0]`` is the pinned AWS Nitro root (byte for byte), each next certificate
    is a CA signed by the previous one with ECDSA, the leaf ``certificate`` is signed by the last;
-   every certificate is valid at the document's own ``timestamp``;
+   every certificate is valid at the document's own ``timestamp`` (and at ``now`` when given);
 3. the ES384 signature over the COSE Sig_structure ``["Signature1", protected, b"", payload]``
    with the leaf's P-384 key;
 4. the provider's :class:`NitroPolicy`: debug mode (PCR0, PCR1 and PCR2 all zero) refused unless
@@ -34,6 +34,7 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
+import io
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -99,10 +100,16 @@ class NitroDocument:
 
 
 def _loads(data: bytes, what: str) -> Any:
+    """One CBOR item filling ``data`` exactly (cbor2.loads ignores trailing bytes: a document with junk
+    appended would verify as the original, so the same evidence would have many encodings)."""
+    fp = io.BytesIO(data)
     try:
-        return cbor2.loads(data)
+        obj = cbor2.CBORDecoder(fp).decode()
     except Exception as e:  # cbor2 raises many types (CBORDecodeError, ValueError, RecursionError, ...)
         raise AttestationError(f"the Nitro attestation document's {what} is not valid CBOR") from e
+    if fp.tell() != len(data):
+        raise AttestationError(f"the Nitro attestation document's {what} has trailing bytes after its CBOR item")
+    return obj
 
 
 def _opt_bytes(p: Mapping[Any, Any], name: str) -> bytes | None:
@@ -224,8 +231,8 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def _check_chain(doc: NitroDocument, root_der: bytes) -> x509.Certificate:
-    """The leaf, once the chain from the pinned root to it checks out at the document's timestamp."""
+def _check_chain(doc: NitroDocument, root_der: bytes, now: dt.datetime | None) -> x509.Certificate:
+    """The leaf, once the chain from the pinned root to it checks out at the document's timestamp (and ``now``)."""
     if not hmac.compare_digest(doc.cabundle[0], root_der):
         raise AttestationError("Nitro certificate chain: the cabundle does not start with the pinned AWS Nitro root")
     when = doc.timestamp
@@ -240,10 +247,11 @@ def _check_chain(doc: NitroDocument, root_der: bytes) -> x509.Certificate:
             cert.verify_directly_issued_by(issuer)
         except _VERIFY_ERRORS as e:
             raise AttestationError(f"Nitro certificate chain: the {name} is not signed by its issuer") from e
-        if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
-            raise AttestationError(f"Nitro certificate chain: the {name} is not valid at the document's timestamp "
-                                   f"{when.isoformat()} (valid {cert.not_valid_before_utc.isoformat()} to "
-                                   f"{cert.not_valid_after_utc.isoformat()})")
+        for at, what in ((when, "the document's timestamp"), (now, "the verification time")):
+            if at is not None and not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
+                raise AttestationError(f"Nitro certificate chain: the {name} is not valid at {what} "
+                                       f"{at.isoformat()} (valid {cert.not_valid_before_utc.isoformat()} to "
+                                       f"{cert.not_valid_after_utc.isoformat()})")
     return certs[-1]
 
 
@@ -262,12 +270,14 @@ def _check_signature(doc: NitroDocument, leaf: x509.Certificate) -> None:
 
 
 def verify_nitro(document: bytes, *, policy: NitroPolicy, expected_report_data: bytes | None,
-                 root_der: bytes = AWS_NITRO_ROOT_DER) -> NitroClaims:
+                 root_der: bytes = AWS_NITRO_ROOT_DER, now: dt.datetime | None = None) -> NitroClaims:
     """Verify a Nitro attestation document (raw COSE_Sign1 bytes); see the module docstring.
 
     ``expected_report_data``: the policy's ``bind_to`` field must start with these bytes; None
     skips the binding (only for recorded evidence: it then proves no freshness).
     ``root_der``: the trusted root (tests inject their own).
+    ``now``: when given, every certificate must also be valid then; an NSM's leaf lives about 3 hours,
+    so this bounds the document's age (None: only at the document's own timestamp, as for recordings).
     """
     if not isinstance(policy, NitroPolicy):
         raise TypeError("policy must be a NitroPolicy")
@@ -276,7 +286,8 @@ def verify_nitro(document: bytes, *, policy: NitroPolicy, expected_report_data: 
         raise TypeError("expected_report_data must be 1 to 512 bytes, or None")
     doc = parse_nitro_document(document)
     try:
-        leaf = _check_chain(doc, root_der)
+        when = None if now is None else (now if now.tzinfo else now.replace(tzinfo=dt.UTC))
+        leaf = _check_chain(doc, root_der, when)
         _check_signature(doc, leaf)
     except _CERT_ERRORS as e:  # a mutated certificate whose key pyca cannot load
         raise AttestationError("a Nitro certificate is malformed") from e
