@@ -1,0 +1,53 @@
+"""Fuzz the IPC frames between the host and the enclave worker (both directions).
+
+Input: a mode byte, then one frame body (after the u32 length prefix):
+  0: a JSON frame: ``protocol.decode``, then for a request ``ecalls.parse`` and the state table
+     (``EcallState.check`` in every state), as the worker does;
+  1: a binary tensor frame with inline tensors: ``protocol.decode_tensors`` (twice: the second
+     call takes the cached-head fast path), and with ``copy``;
+  2: a tensor frame against a 64 KiB shared-memory arena (``SharedArena``), as the worker decodes
+     requests whose large tensors lie in shared memory.
+Seeds: every ECALL request and some replies, by the real encoders.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from _common import instrumented, main, ours, split
+
+with instrumented(__name__ == "__main__"):
+    from mlcapsule.enclave import ecalls, protocol
+
+_ARENA = protocol.SharedArena.create("mlcapsule-fuzz")
+_ARENA.reserve(64 * 1024)
+os.pwrite(_ARENA.fd, bytes(range(256)) * 256, 0)
+
+
+def TestOneInput(data: bytes) -> None:  # noqa: N802
+    mode, body = split(data, 3)
+    if mode == 0:
+        with ours():
+            msg = protocol.decode(bytearray(body))
+            if msg.kind == protocol.REQUEST:
+                req = ecalls.parse(msg.header)
+                for state in ecalls.ALLOWED:
+                    machine = ecalls.EcallState()
+                    machine.state = state
+                    with ours():
+                        machine.check(req)
+    elif mode == 1:
+        for copy in (False, True, False):
+            with ours():
+                protocol.decode_tensors(bytearray(body), copy=copy)
+    else:
+        with ours():
+            reuse: list[object] = []
+            protocol.decode_tensors(bytearray(body), _ARENA, reuse=reuse)  # type: ignore[arg-type]
+            protocol.decode_tensors(bytearray(body), _ARENA, reuse=reuse)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main(TestOneInput)
+    sys.exit(0)

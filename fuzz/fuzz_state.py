@@ -1,0 +1,69 @@
+"""Fuzz the sealed state: the software backend's seal, the state's JSON, the ledger, the defenses' blob.
+
+Input: a mode byte, then
+  0: a sealed state file (what is on the client's disk): unsealed by the real software backend;
+  1: the plaintext payload (state JSON, then NUL and the defenses' blob): sealed by the harness
+     with the backend's key first, so the fuzzer reaches the parsers behind the AEAD.
+Then what ``EnclaveCore.load`` does with it, in its order, without the model: ``SealedStore.load``
+(``EnclaveState.from_bytes``), the capsule check, ``bind`` (the counters), the receipt key, the
+license (``verify_license`` under the provider key), ``Ledger.open`` and a charge and a report,
+and ``DefenseState.from_bytes`` under the capsule's defense policy as the license tightens it.
+Seeds: the state the real enclave core sealed after a setup, three queries, a voucher and a report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from _common import DATA, context, instrumented, main, ours, split
+
+with instrumented(__name__ == "__main__"):
+    from mlcapsule.enclave.backends.software import SoftwareBackend
+    from mlcapsule.enclave.crypto.keys import ed25519_public_from_raw
+    from mlcapsule.enclave.defenses.pipeline import DefenseState
+    from mlcapsule.enclave.defenses.policy import DefensePolicy, tighten
+    from mlcapsule.enclave.ledger import Ledger
+    from mlcapsule.enclave.messages.license import verify_license
+    from mlcapsule.enclave.state import STATE_FILE, SealedStore
+
+_CTX = context()
+_WORK = Path(tempfile.mkdtemp(prefix="mlcapsule-fuzz-state-"))
+shutil.copytree(DATA / "platform", _WORK / "platform")  # the counters move: never in fuzz/data
+_BACKEND = SoftwareBackend(platform_dir=_WORK / "platform")
+_CAPSULE_ID, _VERSION = _CTX["capsule_id"], _CTX["version"]
+_PROVIDER = ed25519_public_from_raw(bytes.fromhex(_CTX["provider_public"]))
+_BASE_POLICY = DefensePolicy.from_specs(["prada:delta=0.9,action=lock", "ood"])
+_NOW = dt.datetime(2030, 1, 2, tzinfo=dt.UTC)
+
+
+def TestOneInput(data: bytes) -> None:  # noqa: N802
+    mode, rest = split(data, 2)
+    store = SealedStore(_BACKEND, _WORK, _CAPSULE_ID, _VERSION)
+    blob = rest if mode == 0 else _BACKEND.seal(rest, label=store.label)
+    (_WORK / STATE_FILE).write_bytes(blob)
+    with ours():
+        state = store.load()
+        if state.capsule_id != _CAPSULE_ID or state.version != _VERSION:
+            return
+        state = store.bind(state)
+        lic = verify_license(state.license, _PROVIDER, capsule_id=uuid.UUID(_CAPSULE_ID), version=_VERSION,
+                             receipt_key=state.receipt_key_public())
+        policy = tighten(_BASE_POLICY, lic.defenses) if lic.defenses else _BASE_POLICY
+        extra = store.loaded_extra
+        ledger, _ = Ledger.open(state, store.counters(state))
+        with ours():
+            ledger.charge(1, _NOW)
+        with ours():
+            ledger.report()
+        if extra:
+            DefenseState.from_bytes(extra, policy)
+
+
+if __name__ == "__main__":
+    main(TestOneInput)
+    sys.exit(0)
