@@ -15,6 +15,8 @@ API (other tests and the ``cvm`` backend's fake configfs-tsm tree rely on it)::
     amd.chip_id      # the 64-byte chip ID of the VCEK's hwID extension
     amd.report(report_data, *, measurement=DEFAULT_MEASUREMENT, policy=DEFAULT_POLICY, debug=False, vmpl=0,
                reported_tcb=None, version=3, chip_id=None, ...) -> bytes   # 1184-byte signed report
+    amd.cert_table() -> bytes   # the GHCB certificate table (configfs-tsm ``auxblob``): ARK, ASK, VCEK/VLEK (DER)
+    parse_cert_table(table) -> dict[str, bytes]   # {"ark": DER, "ask": DER, "vcek" or "vlek": DER}
 
 The chain: ARK and ASK/ASVK are RSA-4096 certificates signed with RSASSA-PSS/SHA-384 (salt 48),
 named like AMD's (``CN=ARK-Milan``, ``CN=SEV-Milan``, ``CN=SEV-VLEK-Milan``); the leaf is an ECDSA
@@ -46,6 +48,7 @@ import hashlib
 import json
 import struct
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -59,8 +62,8 @@ from cryptography.x509.oid import NameOID
 
 from mlcapsule.attestation.snp import POLICY_DEBUG, REPORT_SIZE, SIGNED_SIZE, SnpTcb
 
-__all__ = ["CA_VALIDITY", "DEFAULT_MEASUREMENT", "DEFAULT_POLICY", "DEFAULT_TCB", "LEAF_VALIDITY", "PRODUCTS",
-           "FakeAmd"]
+__all__ = ["CA_VALIDITY", "CERT_GUIDS", "DEFAULT_MEASUREMENT", "DEFAULT_POLICY", "DEFAULT_TCB", "LEAF_VALIDITY",
+           "PRODUCTS", "FakeAmd", "parse_cert_table"]
 
 PRODUCTS = ("Milan", "Genoa", "Turin")
 #: (family, model, stepping) of each product's CPUID, as a v3 report carries it.
@@ -87,6 +90,25 @@ OID_BL, OID_TEE, OID_SNP, OID_UCODE, OID_FMC = (_OID + "3.1", _OID + "3.2", _OID
                                                 _OID + "3.9")
 
 Validity = tuple[dt.datetime, dt.datetime]
+
+#: The GUIDs of the GHCB specification's certificate table (big-endian byte order, as Linux's uuid_t).
+CERT_GUIDS = {"ark": uuid.UUID("c0b406a4-a803-4952-9743-3fb6014cd0ae"),
+              "ask": uuid.UUID("4ab7b379-bbac-4fe4-a02f-05aef327c782"),  # the ASVK in a VLEK's table
+              "vcek": uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd"),
+              "vlek": uuid.UUID("a8074bc2-a25a-483e-aae6-39c045a0b8a1")}
+
+
+def parse_cert_table(table: bytes) -> dict[str, bytes]:
+    """The certificates of a GHCB certificate table: 24-byte entries (GUID, offset, length) up to an all-zero one."""
+    names = {g.bytes: n for n, g in CERT_GUIDS.items()}
+    out: dict[str, bytes] = {}
+    for at in range(0, len(table) - 23, 24):
+        guid = table[at:at + 16]
+        if guid == bytes(16):
+            return out
+        offset, length = struct.unpack_from("<II", table, at + 16)
+        out[names.get(guid, str(uuid.UUID(bytes=guid)))] = table[offset:offset + length]
+    raise ValueError("the certificate table has no terminating all-zero entry")
 
 
 def _name(cn: str) -> x509.Name:
@@ -257,6 +279,17 @@ class FakeAmd:
     def chain_pem(self) -> bytes:
         """The ASK (or ASVK) then the ARK, PEM: what ``https://kdsintf.amd.com/vcek/v1/<product>/cert_chain`` serves."""
         return self.ask.public_bytes(Encoding.PEM) + self.ark.public_bytes(Encoding.PEM)
+
+    def cert_table(self) -> bytes:
+        """The GHCB certificate table a host hands out with an extended report (configfs-tsm ``auxblob``)."""
+        certs = [("ark", self.ark.public_bytes(Encoding.DER)), ("ask", self.ask.public_bytes(Encoding.DER)),
+                 (self.signer, self.vcek_der)]
+        offset = 24 * (len(certs) + 1)
+        head, body = b"", b""
+        for name, der in certs:
+            head += CERT_GUIDS[name].bytes + struct.pack("<II", offset + len(body), len(der))
+            body += der
+        return head + bytes(24) + body
 
     def tcb_raw(self, tcb: SnpTcb) -> bytes:
         """The 8-byte TCB_VERSION of ``tcb`` in this product's layout."""

@@ -16,10 +16,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from mlcapsule.attestation.snp import PINNED_ARKS, SIGNED_SIZE, SnpClaims, SnpPolicy, SnpTcb, verify_snp
 from mlcapsule.enclave.errors import AttestationError
-from snp_signer import DEFAULT_MEASUREMENT, DEFAULT_TCB, PRODUCTS, FakeAmd
+from snp_signer import DEFAULT_MEASUREMENT, DEFAULT_TCB, PRODUCTS, FakeAmd, parse_cert_table
 
 SHARED = Path(os.environ.get("MLCAPSULE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 VEC = SHARED / "attestation-vectors"
@@ -77,6 +79,17 @@ def test_signed_evidence_is_reproducible_across_processes() -> None:
     here = FakeAmd("Genoa", 1)
     assert out == here.roots["Genoa"].hex() + here.chain_pem.hex() + here.report(bytes(64)).hex()
     assert FakeAmd("Genoa", 0).roots != here.roots
+
+
+@pytest.mark.parametrize("signer", ["vcek", "vlek"])
+def test_certificate_table_carries_the_chain(signer: str) -> None:
+    """What a fake configfs-tsm ``auxblob`` holds: ARK, ASK (ASVK) and leaf, enough to verify the report."""
+    amd = FakeAmd("Turin", signer=signer)
+    certs = parse_cert_table(amd.cert_table())
+    assert set(certs) == {"ark", "ask", signer} and certs[signer] == amd.vcek_der
+    pem = b"".join(x509.load_der_x509_certificate(certs[k]).public_bytes(Encoding.PEM) for k in ("ask", "ark"))
+    assert pem == amd.chain_pem
+    assert _verify(amd, amd.report(BINDING), vcek_der=certs[signer], chain_pem=pem).signer == signer
 
 
 # -- the provider's policy -------------------------------------------------------------------------
