@@ -146,7 +146,7 @@ def create_app(settings: ServerSettings, *, clock: Clock | None = None,
     if settings.allow_software_evidence:
         log.warning("UNSAFE: accepting evidence from the 'software' backend, which does not protect "
                     "the model against the client machine's owner")
-    if not settings.allowed_measurements:
+    if not verifier.policy.measurements:
         log.warning("no enclave measurement is allowed: every provisioning request will be refused")
 
     @asynccontextmanager
