@@ -60,6 +60,13 @@ def test_signed_report_verifies_with_its_claims(product: str, signer: str, versi
     assert claims.signer_key_sha256 == hashlib.sha256(amd.vcek_der).hexdigest()
 
 
+def test_chip_id_masked_report_verifies_without_a_chip_id(milan: FakeAmd) -> None:
+    claims = _verify(milan, milan.report(BINDING, mask_chip_id=True))
+    assert claims.chip_id == bytes(64).hex() and claims.signer == "vcek"
+    with pytest.raises(AttestationError, match="another chip than the report's CHIP_ID"):  # not masked: must match
+        _verify(milan, milan.report(BINDING, chip_id=bytes(64)))
+
+
 def test_short_report_data_is_a_prefix_binding(milan: FakeAmd) -> None:
     nonce = hashlib.sha256(b"a fresh nonce").digest()
     claims = _verify(milan, milan.report(nonce), expected=nonce)
