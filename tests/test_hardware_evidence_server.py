@@ -22,14 +22,15 @@ from typing import Any
 
 import httpx
 import pytest
-from _server_support import Clock, ProviderFiles, provider_files, raw, serve_in_thread  # noqa: F401
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from dcap_signer import FakeIntel
 
+from _server_support import Clock, ProviderFiles, provider_files, raw, serve_in_thread  # noqa: F401
+from dcap_signer import FakeIntel
 from mlcapsule.attestation.hardware import bound_report_data
 from mlcapsule.enclave._util import b64d, b64e
 from mlcapsule.enclave.crypto.keys import load_provider_key, raw_public
+from mlcapsule.enclave.errors import IntegrityError
 from mlcapsule.enclave.measurement import measurement
 from mlcapsule.enclave.messages.setup import open_payload, report_data
 
@@ -230,7 +231,7 @@ def test_setup_with_hardware_evidence_is_accepted_and_answer_opens_only_in_that_
     body = r.json()
     content_key, license_env = open_payload(b64d(body["payload"]), enclave.hpke, nonce)
     assert len(content_key) == 32 and body["license_id"] in json.dumps(license_env)
-    with pytest.raises(Exception):  # another enclave's key cannot open it
+    with pytest.raises(IntegrityError):  # another enclave's key cannot open it
         open_payload(b64d(body["payload"]), X25519PrivateKey.generate(), nonce)
     devices = server.service.usage()
     assert any(d["license_id"] == body["license_id"] and d["evidence"] == kind for d in devices)
