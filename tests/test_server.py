@@ -99,10 +99,18 @@ def test_payload_opens_only_for_the_attested_enclave(srv: Harness) -> None:
 
 # -- nonces -----------------------------------------------------------------------------------
 def test_nonce_replay_refused(srv: Harness) -> None:
+    """A used nonce serves no other request; the identical request (a client retrying after a
+    lost answer) gets the same sealed answer again, without a second device."""
     enc, nonce = srv.enclave(), srv.nonce()
-    assert srv.provision(enc, nonce).status_code == 200
-    assert error(srv.provision(enc, nonce)) == (409, "ProtocolError")
+    first = srv.provision(enc, nonce)
+    assert first.status_code == 200
+    again = srv.provision(enc, nonce)
+    assert again.status_code == 200 and again.json() == first.json()
     assert error(srv.provision(srv.enclave(), nonce)) == (409, "ProtocolError")
+    other_evidence = srv.enclave().evidence(nonce)  # valid evidence, but another request
+    assert error(srv.provision(enc, nonce, evidence=other_evidence)) == (409, "ProtocolError")
+    bob = srv.add_account("bob")
+    assert error(srv.provision(enc, nonce, token=bob)) == (403, "ProtocolError")
     assert len(devices(srv)) == 1
 
 
@@ -395,8 +403,11 @@ def test_client_against_real_server_maps_errors_to_classes(srv: Harness) -> None
         got = c.provision(srv.files.capsule_id, srv.files.version, **kw)
         key, _ = open_payload(b64d(got["payload"]), enc.hpke, nonce)
         assert key == ContentKey.load(srv.files.content_key_path).key
+        assert c.provision(srv.files.capsule_id, srv.files.version, **kw) == got  # a retry: the same answer
+        other = FakeEnclave(srv.backend)
         with pytest.raises(E.ProtocolError) as replay:
-            c.provision(srv.files.capsule_id, srv.files.version, **kw)
+            c.provision(srv.files.capsule_id, srv.files.version, nonce=nonce, hpke_pub=other.hpke_pub,
+                        receipt_pub=other.receipt_pub, evidence=other.evidence(nonce))
         assert replay.value.status_code == 409 and "already used" in replay.value.message  # type: ignore[attr-defined]
         ack = c.upload_usage(got["license_id"], got["device_id"], enc.chain(got["license_id"], 3))
         assert {k: ack[k] for k in ("seq", "charged", "answered")} == {"seq": 3, "charged": 100, "answered": 60}

@@ -501,13 +501,11 @@ class ProviderService:
 
     @staticmethod
     def _answered(s: Session, nonce: bytes, fingerprint: str) -> Provisioned | None:
-        """The stored answer if a device was provisioned with ``nonce`` by the identical request;
-        None if no device was; NonceReplayed if another request used the nonce."""
+        """The stored answer if a device was provisioned with ``nonce`` by the identical request,
+        else None (then the nonce's own checks decide: unknown, another account's, replayed)."""
         dev = s.scalar(select(Device).where(Device.nonce == nonce))
-        if dev is None:
+        if dev is None or dev.request_sha256 != fingerprint or dev.answer_payload is None:
             return None
-        if dev.request_sha256 != fingerprint or dev.answer_payload is None:
-            raise NonceReplayed("the challenge nonce was already used")
         return Provisioned(dev.license_id, dev.device_id, dev.answer_payload, dev.answer_credential, replayed=True)
 
     def _answer_again(self, done: Provisioned, account: AccountRef) -> Provisioned:
