@@ -197,6 +197,18 @@ def main() -> int:
                                                 "receipts": receipts}), mode=2)
         seed("server", "04-usage-empty.json", jbytes({"protocol": 2, "license_id": "@LICENSE@",
                                                       "device_id": "@DEVICE@", "receipts": []}), mode=2)
+        capsule_b64 = b64e(Path(plain.capsule_path).read_bytes())
+        admin = [({"name": "bob"}, 3),
+                 ({"capsule": capsule_b64, "key": b64e(Path(plain.key_path).read_bytes())}, 4),
+                 ({"account": "fuzz", "capsule": "@CAPSULE@", "budget": 100, "devices": 1_000_000,
+                   "expires": "2031-01-01T00:00:00Z", "defenses": ["prada:delta=0.95"]}, 5),
+                 ({"account": "bob", "capsule": "@CAPSULE@:1"}, 6),
+                 ({"license_id": "@LICENSE@", "queries": 10}, 7),
+                 ({"license_id": "@LICENSE@", "device_id": "@DEVICE@", "reset_detectors": True}, 8),
+                 ({"license_id": "@LICENSE@", "device_id": "@DEVICE@", "receipts": receipts}, 9),
+                 ({"name": "reader-1", "role": "reader"}, 10)]
+        for body_, mode_ in admin:
+            seed("server", f"{mode_:02d}-admin.json", jbytes(body_), mode=mode_)
 
         # -- TPM evidence from the real tpm backend on a swtpm (if installed) ------------------------------------
         _tpm_seeds(work)
