@@ -6,12 +6,21 @@ The client machine's HTTP transport: outside the enclave (it is untrusted host c
 Errors come back as the exception class the server named (``{"error": {"type": ...}}``), with
 the server's message and hint, and the HTTP status in ``exc.status_code``. A server that cannot
 be reached raises :class:`~mlcapsule.enclave.errors.TransportError` naming the URL.
+
+Retries: a request that fails on the way (connection refused or reset, no answer, a timeout)
+or gets a 502, 503 or 504 answer (a proxy whose upstream died, a database outage) is sent
+again, identical, after a growing pause (``retries`` times); a 500 is a server bug or
+misconfiguration that the same request would meet again, and is not retried. Every
+endpoint is safe to repeat: a retried challenge only makes another nonce; the server answers a
+retried provisioning (same nonce, keys and evidence) with the answer it already gave, without a
+second device slot; and it acknowledges a retried usage upload without counting it twice.
 """
 
 from __future__ import annotations
 
 import binascii
 import datetime as dt
+import time
 import uuid
 from typing import Any
 
@@ -23,6 +32,12 @@ from .enclave._util import b64d, b64e
 from .enclave.messages.receipts import USAGE_PROTOCOL
 
 API = "/v1"
+#: Attempts after the first, and the first pause in seconds (doubled each time, up to 8 s): about
+#: 15 s of retries, enough for a server restart or a load balancer's fail-over.
+RETRIES = 5
+BACKOFF = 0.5
+MAX_BACKOFF = 8.0
+RETRY_STATUS = frozenset({502, 503, 504})
 
 
 def _error_class(name: Any) -> type[E.MlcapsuleError]:
@@ -35,11 +50,16 @@ def _error_class(name: Any) -> type[E.MlcapsuleError]:
 class ProviderClient:
     """Talks to a provider's server at ``url`` (e.g. ``https://models.example.com``) as the
     account whose bearer ``token`` the provider issued. Use as a context manager, or call
-    :meth:`close`.
+    :meth:`close`. ``retries``, ``backoff`` and ``max_backoff``: see the module's docstring
+    (``retries=0`` sends each request once).
     """
 
     def __init__(self, url: str, token: str | None, *, timeout: float = 30,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, retries: int = RETRIES,
+                 backoff: float = BACKOFF, max_backoff: float = MAX_BACKOFF) -> None:
+        if retries < 0 or backoff < 0 or max_backoff < 0:
+            raise E.UsageError("retries, backoff and max_backoff must be at least 0")
+        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self.url = url.rstrip("/")
         if self.url.endswith(API):
             self.url = self.url[: -len(API)]
@@ -60,7 +80,27 @@ class ProviderClient:
         self._http.close()
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+                 retry: bool = True) -> dict[str, Any]:
+        """One API call, sent again on a transport error or a 502/503/504 answer (see the module's
+        docstring) unless ``retry`` is false. The body is the same object every time."""
+        attempt = 0
+        while True:
+            try:
+                return self._request_once(method, path, body)
+            except E.MlcapsuleError as e:
+                status = getattr(e, "status_code", None)
+                transient = status in RETRY_STATUS or (status is None and isinstance(e, E.TransportError))
+                if not retry or not transient or attempt >= self.retries:
+                    raise
+                pause = min(self.max_backoff, self.backoff * 2 ** attempt)
+                retry_after = getattr(e, "retry_after", None)
+                if retry_after is not None:
+                    pause = min(self.max_backoff, max(pause, retry_after))
+            time.sleep(pause)
+            attempt += 1
+
+    def _request_once(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         try:
             r = self._http.request(method, API + path, json=body)
         except httpx.TimeoutException as e:
@@ -83,6 +123,8 @@ class ProviderClient:
             exc = E.ServerError(f"the server at {self.url} answered {path} with HTTP {r.status_code}",
                                 hint="check the server URL; is it an mlcapsule provider server?")
         exc.status_code = r.status_code  # type: ignore[attr-defined]
+        after = r.headers.get("Retry-After", "")
+        exc.retry_after = float(after) if after.isdigit() else None  # type: ignore[attr-defined]
         raise exc
 
     @staticmethod
@@ -94,7 +136,8 @@ class ProviderClient:
 
     # -- API --------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        return self._request("GET", "/health")
+        """The server's status, asked once (no retries: it is a probe)."""
+        return self._request("GET", "/health", retry=False)
 
     def challenge(self, capsule_id: uuid.UUID | str, version: int) -> tuple[bytes, dt.datetime]:
         """A fresh single-use nonce and when it expires."""
