@@ -26,10 +26,37 @@ err_console = CliConsole(stderr=True, highlight=False)
 def _settings(database_url: str | None, config: str | None, **flags: Any) -> Any:
     from ..server.settings import ServerSettings
 
+    if _remote() is not None:
+        if database_url or config:
+            raise UsageError("--server talks to a server's admin API: --database-url and --config are for a local "
+                             "database", hint="give one or the other")
+        return None
     return ServerSettings.load(config_file=config, database_url=database_url, **flags)
 
 
+_REMOTE = "mlcapsule.admin.remote"  # click context meta: the admin API client, when --server is given
+
+
+def _remote() -> Any:
+    """The :class:`~mlcapsule.server.admin_api.AdminClient` of ``admin --server URL``, or None (a
+    local database)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.meta.get(_REMOTE) is None:
+        return None
+    client = ctx.meta[_REMOTE]
+    if isinstance(client, tuple):
+        from ..server.admin_api import AdminClient
+
+        url, token = client
+        client = ctx.meta[_REMOTE] = AdminClient(url, token)
+        ctx.call_on_close(client.close)
+    return client
+
+
 def _service(settings: Any, *, with_key: bool = False) -> Any:
+    remote = _remote()
+    if remote is not None:  # the server's admin API: the same methods, on the server's service
+        return remote
     from ..attestation import AttestationPolicy
     from ..server.db import create_schema, make_engine, session_factory
     from ..server.service import ProviderService
@@ -235,8 +262,25 @@ def _safe_url(url: str) -> str:
 
 # -- admin ------------------------------------------------------------------------------------
 @click.group()
-def admin() -> None:
-    """Administer the provider server: accounts, capsules, grants, vouchers, usage, alarms."""
+@click.option("--server", "server_url", envvar="MLCAPSULE_ADMIN_SERVER", default=None, metavar="URL",
+              help="Administer the server at URL over its admin API (/v1/admin/) instead of a local database "
+                   "[env: MLCAPSULE_ADMIN_SERVER].")
+@click.option("--admin-token", envvar="MLCAPSULE_ADMIN_TOKEN", default=None, metavar="TOKEN",
+              help="The admin token for --server (`admin token create`) [env: MLCAPSULE_ADMIN_TOKEN, which keeps it "
+                   "out of the process list].")
+@click.pass_context
+def admin(ctx: click.Context, server_url: str | None, admin_token: str | None) -> None:
+    """Administer the provider server: accounts, capsules, grants, vouchers, usage, alarms.
+
+    On a local database by default (--database-url, --config), or on a running server with
+    --server URL and an admin token: the same commands, the same output.
+    """
+    if server_url:
+        if not admin_token:
+            raise UsageError("--server needs an admin token",
+                             hint="give --admin-token or set MLCAPSULE_ADMIN_TOKEN (`mlcapsule admin token create "
+                                  "--role read|operator --name NAME` on the server's database makes one)")
+        ctx.meta[_REMOTE] = (server_url, admin_token)
 
 
 @admin.group()
@@ -300,11 +344,11 @@ def capsule_add(capsule_path: str, key_path: str, database_url: str | None, conf
                 provider_key: str | None, passphrase_file: str | None) -> None:
     """Register CAPSULE and its content key. The database then holds the key: protect it like the key file."""
     settings = _settings(database_url, config, provider_key_path=provider_key, passphrase_file=passphrase_file)
-    pub = _provider_public(settings)
+    pub = _provider_public(settings) if settings is not None else b""  # remote: the server pins its own key
     if pub is None:
         err_console.print(f"[yellow]warning:[/] no provider key at {settings.provider_key_path}: not checking that "
                           "the capsule is signed by the key this server signs licenses with")
-    info, new = _service(settings).register_capsule(capsule_path, key_path, provider_public=pub)
+    info, new = _service(settings).register_capsule(capsule_path, key_path, provider_public=pub or None)
     state = "registered" if new else "already registered"
     console.print(f"{state}: {info['name']} (capsule {info['capsule_id']} v{info['version']}, "
                   f"lease size {info['lease_size']})")
@@ -538,6 +582,10 @@ def migrate(database_url: str | None, config: str | None) -> None:
     """Create or upgrade the database schema (every command and `serve` also do this on start)."""
     from ..server.db import make_engine, migrate as do_migrate, schema_revisions
 
+    if _remote() is not None:
+        raise UsageError("admin migrate works on a local database, not over --server",
+                         hint="a server migrates its database when it starts; or run `mlcapsule admin migrate "
+                              "--database-url URL` where the database is reachable")
     settings = _settings(database_url, config)
     engine = make_engine(settings.database_url)
     try:
@@ -551,6 +599,80 @@ def migrate(database_url: str | None, config: str | None) -> None:
     else:
         console.print(f"{where}: schema {'set up' if before is None else 'upgraded from ' + before} "
                       f"at revision {head}")
+
+
+@admin.command("grants")
+@db_options
+@_json_option
+def grants_list(database_url: str | None, config: str | None, as_json: bool) -> None:
+    """List grants: account, capsule, terms, devices provisioned."""
+    svc = _service(_settings(database_url, config))
+    if _remote() is not None:
+        rows = svc.list_grants()
+    else:
+        from ..server.admin_api import list_grants
+
+        rows = list_grants(svc)
+    if as_json:
+        _print_json(rows)
+        return
+    t = Table("account", "capsule", "budget", "devices", "expires", "state", "defenses")
+    for r in rows:
+        t.add_row(r["account"], r["capsule"], "unlimited" if r["budget"] is None else str(r["budget"]),
+                  f"{r['devices_provisioned']}/{r['devices']}", _when(r["expires"]),
+                  "revoked" if r["revoked"] else "live", ", ".join(r["defenses"]) or "-")
+    console.print(t)
+
+
+@admin.group()
+def token() -> None:
+    """Admin API tokens (roles: read, operator)."""
+
+
+def _tokens(database_url: str | None, config: str | None) -> Any:
+    svc = _service(_settings(database_url, config))
+    if _remote() is not None:
+        return svc
+    from ..server.admin_api import AdminTokens
+
+    return AdminTokens(svc)
+
+
+@token.command("create")
+@click.option("--role", type=click.Choice(["read", "operator"]), required=True,
+              help="read: list accounts, capsules, grants, usage, alarms; operator: everything.")
+@click.option("--name", required=True, help="A name for the token (to list and revoke it).")
+@db_options
+def token_create(role: str, name: str, database_url: str | None, config: str | None) -> None:
+    """Create an admin API token and print it (shown only this once; only a hash is stored)."""
+    info, secret = _tokens(database_url, config).token_create(name, role)
+    console.print(f"admin token {info['name']} ({info['role']}) created. The token (shown once, only a hash is "
+                  "stored; give it with MLCAPSULE_ADMIN_TOKEN):")
+    console.print(secret, soft_wrap=True)
+
+
+@token.command("list")
+@db_options
+@_json_option
+def token_list(database_url: str | None, config: str | None, as_json: bool) -> None:
+    """List admin tokens (names and roles, never the tokens)."""
+    rows = _tokens(database_url, config).token_list()
+    if as_json:
+        _print_json(rows)
+        return
+    t = Table("name", "role", "created", "revoked")
+    for r in rows:
+        t.add_row(r["name"], r["role"], _when(r["created"]), _when(r["revoked_at"]))
+    console.print(t)
+
+
+@token.command("revoke")
+@click.argument("name")
+@db_options
+def token_revoke(name: str, database_url: str | None, config: str | None) -> None:
+    """Revoke admin token NAME: refused from the next request on."""
+    r = _tokens(database_url, config).token_revoke(name)
+    console.print(f"admin token {r['name']} ({r['role']}) revoked")
 
 
 def register(cli: click.Group) -> None:

@@ -90,7 +90,7 @@ class AdminTokens:
                                hint="choose another --name, or revoke it first") from e
         return info, token
 
-    def list(self) -> list[dict[str, Any]]:
+    def rows(self) -> list[dict[str, Any]]:
         with self.service._tx() as s:
             return [_token_row(t) for t in s.scalars(select(AdminToken).order_by(AdminToken.name))]
 
@@ -115,6 +115,17 @@ class AdminTokens:
                                hint="check --admin-token / MLCAPSULE_ADMIN_TOKEN: `mlcapsule admin token create` "
                                     "makes one on the server's database")
         return AdminRef(row.id, row.name, row.role)
+
+
+    # The names the command line calls (as on :class:`AdminClient`).
+    def token_create(self, name: str, role: str) -> tuple[dict[str, Any], str]:
+        return self.create(name, role)
+
+    def token_list(self) -> list[dict[str, Any]]:
+        return self.rows()
+
+    def token_revoke(self, name: str) -> dict[str, Any]:
+        return self.revoke(name)
 
 
 def _token_row(t: AdminToken) -> dict[str, Any]:
@@ -446,7 +457,7 @@ def router(service: Any) -> APIRouter:
     @r.get("/tokens", response_model=list[TokenRow])
     def token_list(_: Operator) -> Any:
         """Admin tokens (names and roles; never the tokens)."""
-        return tokens.list()
+        return tokens.rows()
 
     @r.post("/tokens", response_model=TokenCreated, status_code=201)
     def token_create(req: TokenCreate, _: Operator) -> Any:
@@ -462,5 +473,150 @@ def router(service: Any) -> APIRouter:
     return r
 
 
-__all__ = ["ADMIN_TOKEN_PREFIX", "ROLES", "AdminForbidden", "AdminRef", "AdminTokens", "capsule_ref",
+# -- the client (``mlcapsule admin --server URL``) ----------------------------------------------
+#: Fields of the API's rows that are times: the client turns them back into datetimes, so the
+#: command line prints a remote server's rows exactly as a local database's.
+_TIME_FIELDS = frozenset({"created", "registered", "expires", "last_sync", "received", "revoked_at"})
+
+
+def _times(row: Any) -> Any:
+    if isinstance(row, list):
+        return [_times(r) for r in row]
+    if isinstance(row, dict):
+        return {k: (dt.datetime.fromisoformat(v) if k in _TIME_FIELDS and isinstance(v, str) else v)
+                for k, v in row.items()}
+    return row
+
+
+@dataclass(frozen=True)
+class _Named:
+    name: str
+
+
+class AdminClient:
+    """The admin API at ``url`` with an admin token: the methods ``mlcapsule admin`` calls on a
+    local :class:`~mlcapsule.server.service.ProviderService`, with the same results, so every
+    command prints the same whichever it talks to. Errors are raised as the class the server named."""
+
+    def __init__(self, url: str, token: str, *, timeout: float = 120) -> None:
+        import httpx
+
+        from .. import __version__
+
+        self.url = url.rstrip("/")
+        for suffix in ("/v1/admin", "/v1"):
+            if self.url.endswith(suffix):
+                self.url = self.url[: -len(suffix)]
+        if not self.url.startswith(("http://", "https://")):
+            raise E.UsageError(f"server URL {url!r} must start with http:// or https://")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers={
+            "User-Agent": f"mlcapsule/{__version__}", "Accept": "application/json",
+            "Authorization": f"Bearer {token}"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
+        import httpx
+
+        from ..provider_client import _error_class
+
+        try:
+            r = self._http.request(method, "/v1/admin" + path, json=body, params=params)
+        except httpx.TimeoutException as e:
+            raise E.TransportError(f"the server at {self.url} did not answer in time ({type(e).__name__})") from e
+        except httpx.HTTPError as e:
+            raise E.TransportError(f"cannot reach the server at {self.url}: {e}") from e
+        try:
+            data = r.json()
+        except ValueError:
+            data = None
+        if r.is_success and data is not None:
+            return _times(data)
+        err = data.get("error") if isinstance(data, dict) else None
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            hint = err.get("hint") if isinstance(err.get("hint"), str) else None
+            raise _error_class(err.get("type"))(err["message"], hint=hint or None)
+        raise E.ServerError(f"the server at {self.url} answered {path} with HTTP {r.status_code}",
+                            hint="check --server: is it an mlcapsule provider server of this version?")
+
+    # -- the ProviderService methods the commands use ----------------------------------------
+    def list_accounts(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/accounts"))
+
+    def add_account(self, name: str) -> tuple[Any, str]:
+        d = self._call("POST", "/accounts", {"name": name})
+        return _Named(d["name"]), d["token"]
+
+    def list_capsules(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/capsules"))
+
+    def register_capsule(self, capsule_path: Any, key_path: Any, *, provider_public: bytes | None = None
+                         ) -> tuple[dict[str, Any], bool]:
+        d = self._call("POST", "/capsules", {"capsule": base64.b64encode(Path(capsule_path).read_bytes()).decode(),
+                                             "key": base64.b64encode(Path(key_path).read_bytes()).decode()})
+        new = d.pop("new")
+        return d, bool(new)
+
+    @staticmethod
+    def _ref(ref: str) -> str:
+        """A capsule file is named by its id and version (the server never opens local paths)."""
+        if Path(ref).is_file():
+            from ..enclave.format.container import CapsuleFile
+            from ..enclave.format.trust import UnsafeTrustManifestKey
+
+            with CapsuleFile(ref, trust=UnsafeTrustManifestKey()) as cf:  # only its id and version
+                return f"{cf.manifest.capsule_id}:{cf.manifest.version}"
+        return ref
+
+    def grant(self, account_name: str, capsule_ref: str, *, budget: int | None, devices: int,
+              expires: dt.datetime | None, defenses: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", "/grants", {
+            "account": account_name, "capsule": self._ref(capsule_ref), "budget": budget, "devices": devices,
+            "expires": expires.isoformat() if expires is not None else None, "defenses": list(defenses or [])}))
+
+    def revoke(self, account_name: str, capsule_ref: str) -> dict[str, Any]:
+        return dict(self._call("POST", "/revocations", {"account": account_name, "capsule": self._ref(capsule_ref)}))
+
+    def list_grants(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/grants"))
+
+    def issue_voucher(self, license_id: str, queries: int) -> dict[str, Any]:
+        return dict(self._call("POST", "/vouchers", {"license_id": license_id, "queries": queries}))
+
+    def issue_unlock(self, license_id: str, *, device_id: str | None = None,
+                     reset_detectors: bool = False) -> dict[str, Any]:
+        return dict(self._call("POST", "/unlocks", {"license_id": license_id, "device_id": device_id,
+                                                    "reset_detectors": reset_detectors}))
+
+    def alarms(self, license_id: str | None = None) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/alarms", params={"license": license_id} if license_id else None))
+
+    def usage(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/usage"))
+
+    def import_usage(self, report: Any) -> tuple[str, Any]:
+        from ..enclave.messages.receipts import ChainHead
+
+        if not isinstance(report, dict):
+            raise E.UsageError("not a usage report: expected a JSON object with license_id, device_id and receipts",
+                               hint="give the file written by `mlcapsule setup --replace --export-receipts FILE`")
+        d = self._call("POST", "/receipts", {k: report.get(k) for k in ("license_id", "device_id", "receipts")})
+        return d["account"], ChainHead(d["seq"], d["hash"], d["charged"], d["answered"])
+
+    # -- admin tokens (AdminTokens) ------------------------------------------------------------
+    def token_create(self, name: str, role: str) -> tuple[dict[str, Any], str]:
+        d = self._call("POST", "/tokens", {"name": name, "role": role})
+        return {"name": d["name"], "role": d["role"]}, d["token"]
+
+    def token_list(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/tokens"))
+
+    def token_revoke(self, name: str) -> dict[str, Any]:
+        from urllib.parse import quote
+
+        return dict(self._call("DELETE", "/tokens/" + quote(name, safe="")))
+
+
+__all__ = ["AdminClient", "ADMIN_TOKEN_PREFIX", "ROLES", "AdminForbidden", "AdminRef", "AdminTokens", "capsule_ref",
            "list_grants", "router"]
