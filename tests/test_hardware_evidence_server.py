@@ -102,10 +102,10 @@ def _nitro() -> Any:
 
 
 def nitro(rd: bytes, *, debug: bool = False, hw: bytes = PCRS[0], tcb: str = "UpToDate",
-          collateral: bool = True) -> dict[str, Any]:
+          collateral: bool = True, age: float = 5) -> dict[str, Any]:
     pcrs = {0: bytes(48), 1: bytes(48), 2: bytes(48)} if debug else {**PCRS, 0: hw}
     doc = _nitro().document(pcrs=pcrs, user_data=rd, nonce=None,
-                            timestamp=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5))
+                            timestamp=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age))
     return {"type": "nitro", "version": 1, "document": b64e(doc)}
 
 
@@ -352,3 +352,11 @@ def test_policy_file_typo_is_refused_at_start(tmp_path: Path, provider_files: Pr
     (tmp_path / "policy.toml").write_text('accept = ["sgx"]\n')
     with pytest.raises(UsageError, match="without a policy"):
         settings.evidence_verifier()
+
+
+def test_stale_nitro_document_is_refused(server: Server) -> None:
+    """A document whose short-lived leaf certificate expired before now (4 hours old) is refused."""
+    enclave = Enclave.new()
+    nonce = server.nonce()
+    r = server.provision(enclave, nonce, nitro(bound_report_data(enclave.binding(nonce), MEASUREMENT), age=4 * 3600))
+    refused(r, "valid")

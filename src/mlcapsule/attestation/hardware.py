@@ -295,7 +295,9 @@ def verify_nitro_evidence(evidence: Mapping[str, Any], *, expected_report_data: 
     if policy.nitro is None:
         raise _not_accepted("nitro", "Nitro")
     kwargs: dict[str, Any] = {} if policy.nitro_root_der is None else {"root_der": policy.nitro_root_der}
-    claims = verify_nitro(document, policy=policy.nitro, expected_report_data=expected_report_data, **kwargs)
+    # Certificates valid at the document's time *and* now: the leaf lives hours, bounding its age.
+    claims = verify_nitro(document, policy=policy.nitro, expected_report_data=expected_report_data, now=_now(now),
+                          **kwargs)
     bound = claims.user_data if policy.nitro.bind_to == "user_data" else claims.nonce
     measurement = _measurement_of("Nitro", bound, expected_report_data)
     return VerifiedEvidence("nitro", measurement, hashlib.sha256(claims.module_id.encode()).hexdigest(), details={
