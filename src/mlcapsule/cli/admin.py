@@ -179,14 +179,16 @@ def key_options(f: Any) -> Any:
                    "measurements, minimum TCB, debug, per-capsule rules. See docs/attestation.md.")
 @click.option("--nonce-ttl", type=click.IntRange(0, 86400), default=None,
               help="Challenge lifetime in seconds [default: 120].")
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Server processes sharing the port (all state is in the database, so any number of "
+                   "instances can also share one PostgreSQL). See docs/deployment.md.")
 def serve(host: str | None, port: int | None, database_url: str | None, config: str | None,
           provider_key: str | None, passphrase_file: str | None, allow_software: bool | None,
           measurements: tuple[str, ...], tpm_roots: tuple[str, ...], tpm_intermediates: tuple[str, ...],
-          tpm_pcr_policy: str | None, policy_file: str | None, nonce_ttl: int | None) -> None:
+          tpm_pcr_policy: str | None, policy_file: str | None, nonce_ttl: int | None, workers: int) -> None:
     """Run the provider's provisioning server."""
-    import uvicorn
-
     from ..server.app import create_app
+    from ..server.prefork import serve as serve_workers
 
     settings = _settings(database_url, config, host=host, port=port, provider_key_path=provider_key,
                          passphrase_file=passphrase_file, allow_software_evidence=allow_software,
@@ -205,9 +207,9 @@ def serve(host: str | None, port: int | None, database_url: str | None, config: 
         sock.listen(2048)  # connections queue from here on, so "serving on" is true when printed
         port = sock.getsockname()[1]
         shown = f"[{settings.host}]" if ":" in settings.host else settings.host
-        console.print(f"serving on http://{shown}:{port}/v1/ (database {_safe_url(settings.database_url)})",
-                      soft_wrap=True)
-        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+        console.print(f"serving on http://{shown}:{port}/v1/ (database {_safe_url(settings.database_url)})"
+                      + (f", {workers} workers" if workers > 1 else ""), soft_wrap=True)
+        serve_workers(app, sock, workers=workers, log_level="info")
     finally:
         sock.close()
 
