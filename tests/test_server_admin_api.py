@@ -18,15 +18,23 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
+from _server_support import (  # noqa: F401
+    Harness,
+    ProviderFiles,
+    db_url,
+    harness,
+    pg_server,
+    pg_url,
+    platform,
+    provider_files,
+    serve_in_thread,
+)
 from mlcapsule import errors as E
 from mlcapsule.cli.main import cli
 from mlcapsule.enclave.crypto.keys import load_provider_key
 from mlcapsule.enclave.messages.voucher import verify_voucher
 from mlcapsule.server.admin_api import AdminTokens
 from mlcapsule.server.db import AdminToken
-
-from _server_support import (Harness, ProviderFiles, db_url, harness, pg_server, pg_url,  # noqa: F401
-                             platform, provider_files, serve_in_thread)
 
 
 @pytest.fixture

@@ -20,11 +20,20 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from _server_support import (  # noqa: F401
+    T0,
+    FakeEnclave,
+    Harness,
+    ProviderFiles,
+    db_url,
+    harness,
+    pg_server,
+    pg_url,
+    platform,
+    provider_files,
+)
 from mlcapsule.enclave.messages.receipts import GENESIS, entry_hash, make_entry
 from mlcapsule.server.observability import REFUSAL_REASONS, JsonFormatter, configure_logging, log_config
-
-from _server_support import (T0, FakeEnclave, Harness, ProviderFiles, db_url, harness, pg_server,  # noqa: F401
-                             pg_url, platform, provider_files)
 
 
 @pytest.fixture
