@@ -15,6 +15,7 @@ backend's NV counters make them hold.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from collections.abc import Callable, Iterable
@@ -105,7 +106,15 @@ class EnclaveState:
         try:
             d["content_key"] = b64d(d["content_key"])
             d["receipt_key"] = b64d(d["receipt_key"])
-            return cls(**d)
+            state = cls(**d)
+            # What the ledger and the receipt key use later, checked now (fuzzing, issue 15): a
+            # key of another length, or a time that is not an aware ISO 8601 one, escaped from
+            # load() as pyca's ValueError or datetime's ValueError / TypeError.
+            times = [t for t in (state.last_time, state.expires) if t]
+            if (len(state.content_key) != 32 or len(state.receipt_key) != 32
+                    or any(dt.datetime.fromisoformat(t).tzinfo is None for t in times)):
+                raise ValueError("bad key length or time")
+            return state
         except (ValueError, KeyError, TypeError) as e:  # not base64, or a required field missing
             raise FormatError("the sealed state is malformed") from e
 
