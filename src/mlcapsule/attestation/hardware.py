@@ -190,6 +190,8 @@ DCAP_FIELDS = frozenset({"type", "version", "quote", "collateral"})
 def _dcap(kind: str, evidence: Mapping[str, Any], policy: AttestationPolicy) -> tuple[bytes, Any]:
     check_evidence_header(evidence, evidence_type=kind, fields=DCAP_FIELDS, version=1)
     name = kind.upper()
+    if getattr(policy, kind) is None:
+        raise _not_accepted(kind, name)
     quote = _b64(evidence, name, "quote", MAX_QUOTE_B64)
     collateral = evidence["collateral"]
     if collateral is None:
@@ -216,8 +218,6 @@ def verify_sgx_evidence(evidence: Mapping[str, Any], *, expected_report_data: by
     from .dcap import verify_sgx
 
     quote, collateral = _dcap("sgx", evidence, policy)
-    if policy.sgx is None:
-        raise _not_accepted("sgx", "SGX")
     claims = verify_sgx(quote, collateral, policy=policy.sgx, now=int(_now(now).timestamp()),
                         expected_report_data=expected_report_data)
     measurement = _measurement_of("SGX", claims.report_data, expected_report_data)
@@ -232,8 +232,6 @@ def verify_tdx_evidence(evidence: Mapping[str, Any], *, expected_report_data: by
     from .dcap import verify_tdx
 
     quote, collateral = _dcap("tdx", evidence, policy)
-    if policy.tdx is None:
-        raise _not_accepted("tdx", "TDX")
     claims = verify_tdx(quote, collateral, policy=policy.tdx, now=int(_now(now).timestamp()),
                         expected_report_data=expected_report_data)
     measurement = _measurement_of("TDX", claims.report_data, expected_report_data)
