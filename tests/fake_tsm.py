@@ -11,6 +11,8 @@ that the reader can be any process, the hardened enclave worker included (no hoo
 * the thread notices each new entry folder and fills it: ``inblob``, ``outblob``, ``auxblob``
   (SNP) and ``generation`` are FIFOs, made before ``provider``, a regular file, which is the
   last to appear (the backend waits for it; on a kernel it is there at once);
+* with ``privlevel_floor`` (an SEV-SNP guest above VMPL 0) it also makes ``privlevel_floor``
+  (a regular file) and ``privlevel`` (a FIFO, counted as inblob is);
 * it keeps ``inblob``'s read end open; each writer that opens, writes and closes it is one write
   (``generation`` + 1), as configfs hands a binary attribute to the driver on close;
 * when a reader opens ``outblob`` or ``auxblob``, the thread makes the blob from the last inblob
@@ -73,8 +75,8 @@ def pem_certs(pem: bytes) -> list[bytes]:
 @dataclass
 class _Entry:
     path: Path
-    inblob_fd: int
-    pending: bytearray = field(default_factory=bytearray)
+    fds: dict[str, int]  # write-only attribute -> the read end the fake holds
+    pending: dict[str, bytearray] = field(default_factory=dict)
     inblob: bytes = b""
     generation: int = 0
     served: dict[str, int] = field(default_factory=dict)  # blob name -> generation it was served at
@@ -85,12 +87,13 @@ class FakeTsm:
     """The tree at ``root`` (made if missing), served until :meth:`stop` (or the ``with`` block ends)."""
 
     def __init__(self, root: Path, provider: str, outblob: Blob, auxblob: Blob | None = None, *,
-                 race: int = 0) -> None:
+                 race: int = 0, privlevel_floor: int | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.provider, self.outblob, self.auxblob = provider, outblob, auxblob
-        self.race = race
+        self.race, self.privlevel_floor = race, privlevel_floor
         self.inblobs: list[bytes] = []  # every inblob written, in order
+        self.privlevels: list[bytes] = []  # every privlevel written (with privlevel_floor: an SNP guest above VMPL 0)
         self.entries = 0  # entries made
         self.reports = 0  # outblobs served
         self.error: BaseException | None = None
@@ -118,32 +121,43 @@ class FakeTsm:
                 continue
             self._seen.add(d.name)
             path = Path(d.path)
-            names = ["inblob", "outblob", "generation"] + (["auxblob"] if self.auxblob is not None else [])
+            writable = ["inblob"] + (["privlevel"] if self.privlevel_floor is not None else [])
+            names = [*writable, "outblob", "generation"] + (["auxblob"] if self.auxblob is not None else [])
             for name in names:
                 os.mkfifo(path / name, 0o600)
-            fd = os.open(path / "inblob", os.O_RDONLY | os.O_NONBLOCK)
+            fds = {name: os.open(path / name, os.O_RDONLY | os.O_NONBLOCK) for name in writable}
+            if self.privlevel_floor is not None:
+                (path / "privlevel_floor").write_text(f"{self.privlevel_floor}\n")
             tmp = path / ".provider"
             tmp.write_text(self.provider + "\n")
             tmp.rename(path / "provider")  # last: the reader waits for it
             with self._lock:
                 self.entries += 1
-            self._live[d.name] = _Entry(path, fd)
+            self._live[d.name] = _Entry(path, fds)
 
     def _drain(self, e: _Entry) -> None:
-        """Read what writers wrote to inblob; a writer that closed is one write (generation + 1)."""
-        while True:
-            try:
-                chunk = os.read(e.inblob_fd, 65536)
-            except BlockingIOError:
-                return  # a writer is still attached
-            if not chunk:  # no writer, nothing left
-                if e.pending:
-                    e.inblob, e.pending = bytes(e.pending), bytearray()
-                    e.generation += 1
-                    with self._lock:
-                        self.inblobs.append(e.inblob)
-                return
-            e.pending += chunk
+        """Read what writers wrote to inblob (and privlevel); a writer that closed is one write
+        (generation + 1)."""
+        for name, fd in e.fds.items():
+            pending = e.pending.setdefault(name, bytearray())
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    break  # a writer is still attached
+                if not chunk:  # no writer, nothing left
+                    if pending:
+                        data = bytes(pending)
+                        pending.clear()
+                        e.generation += 1
+                        with self._lock:
+                            if name == "inblob":
+                                e.inblob = data
+                                self.inblobs.append(data)
+                            else:
+                                self.privlevels.append(data)
+                    break
+                pending += chunk
 
     def _open_reader_side(self, e: _Entry, name: str) -> int | None:
         try:
@@ -183,14 +197,16 @@ class FakeTsm:
             try:
                 self._drain(e)
                 self._write_all(fd, f"{e.generation}\n".encode())
-                for name in ("provider", "inblob", "outblob", "auxblob", "generation"):
+                for name in ("provider", "inblob", "privlevel", "privlevel_floor", "outblob", "auxblob",
+                             "generation"):
                     try:
                         os.unlink(e.path / name)
                     except FileNotFoundError:
                         pass
             finally:
                 os.close(fd)  # after the files are gone: the reader's rmdir then works
-            os.close(e.inblob_fd)
+            for wfd in e.fds.values():
+                os.close(wfd)
             del self._live[e.path.name]
 
     @staticmethod
@@ -211,7 +227,8 @@ class FakeTsm:
         self._stop.set()
         self._thread.join(timeout=10)
         for e in self._live.values():
-            os.close(e.inblob_fd)
+            for fd in e.fds.values():
+                os.close(fd)
         self._live.clear()
         if self.error is not None:
             raise self.error
@@ -255,7 +272,8 @@ def signed_tdx(root: Path, intel: Any, **quote_kw: Any) -> FakeTsm:
     return FakeTsm(root, "tdx_guest", lambda inblob: intel.tdx_quote(inblob, **quote_kw), race=race)
 
 
-def signed_snp(root: Path, amd: Any, *, certs: bool = True, race: int = 0, **report_kw: Any) -> FakeTsm:
+def signed_snp(root: Path, amd: Any, *, certs: bool = True, race: int = 0, privlevel_floor: int | None = None,
+               **report_kw: Any) -> FakeTsm:
     """An SEV-SNP guest whose reports ``amd`` (a snp_signer.FakeAmd) signs over the inblob; with
     ``certs`` the host's certificate table holds its VCEK (or VLEK), ASK and ARK, else it is empty."""
     if certs:
@@ -264,4 +282,4 @@ def signed_snp(root: Path, amd: Any, *, certs: bool = True, race: int = 0, **rep
     else:
         table = b""
     return FakeTsm(root, "sev_guest", lambda inblob: amd.report(inblob, **report_kw), lambda _inblob: table,
-                   race=race)
+                   race=race, privlevel_floor=privlevel_floor)

@@ -110,6 +110,23 @@ def test_signed_snp_evidence_passes_the_servers_verifier_with_our_measurement(tr
     assert verified.type == "snp" and verified.measurement == measurement().hex()
 
 
+def test_snp_guest_above_vmpl0_asks_at_its_privlevel_floor(tree: Path, tmp_path: Path) -> None:
+    """A guest under an SVSM (VMPL 2 here) writes privlevel = privlevel_floor before inblob; the
+    generation check then expects two writes of its own, and still catches a third."""
+    from mlcapsule.attestation import AttestationPolicy, EvidenceVerifier
+    from mlcapsule.attestation.snp import SnpPolicy
+    from snp_signer import FakeAmd
+
+    amd = FakeAmd("Milan", seed=0)
+    with signed_snp(tree, amd, privlevel_floor=2, race=1, vmpl=2, measurement=SNP_MEASUREMENT) as fake:
+        ev = cvm(tree, tmp_path).evidence(BINDING)
+        assert fake.privlevels == [b"2\n", b"2\n"]  # the raced entry, then the clean one
+        assert fake.leftovers() == []
+    policy = AttestationPolicy(measurements=frozenset({measurement().hex()}), snp_roots=dict(amd.roots),
+                               snp=SnpPolicy(measurements=frozenset({SNP_MEASUREMENT.hex()}), max_vmpl=2))
+    assert EvidenceVerifier(policy).verify(ev, expected_report_data=BINDING).details["vmpl"] == 2
+
+
 def test_snp_guest_without_host_certificates_sends_none(tree: Path, tmp_path: Path) -> None:
     from snp_signer import FakeAmd
 

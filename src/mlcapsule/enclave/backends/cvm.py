@@ -5,8 +5,9 @@ Evidence comes from the guest kernel's configfs-tsm interface (Linux 6.7 and lat
 the 64 bytes of report data to its ``inblob``, reads ``provider`` (``tdx_guest`` or
 ``sev_guest``), ``outblob`` (the TDX quote, or the SEV-SNP attestation report) and, on SEV-SNP,
 ``auxblob`` (the host's certificate table: VCEK or VLEK, ASK, ARK), then ``generation``, and
-removes the entry. ``generation`` counts the writes to the entry; if it is not 1 (our one
-write), another program wrote to the entry between our write and our read, the report may carry
+removes the entry. ``generation`` counts the writes to the entry; if it is not the number of
+ours (1; 2 on an SEV-SNP guest above VMPL 0, which first writes ``privlevel`` with the value of
+``privlevel_floor``), another program wrote to the entry between our write and our read, the report may carry
 its data, and the worker tries again with a new entry (the kernel's documented race check).
 
 Report data: ``binding (32) || mlcapsule measurement (32)`` (docs: notes/evidence_wire.md), so
@@ -300,7 +301,16 @@ class CvmBackend(Backend):
             provider = self._read_provider(entry)
             if provider != self.provider:
                 raise EnclaveError(f"the attestation provider changed from {self.provider} to {provider}")
+            writes = 0
+            if self.tee == "snp":
+                # A guest under an SVSM runs above VMPL 0 and may only ask for reports at its own
+                # level or a less privileged one: ask at the floor the kernel gives.
+                floor = self._privlevel_floor(entry)
+                if floor:
+                    _write(entry / "privlevel", f"{floor}\n".encode())
+                    writes += 1
             _write(entry / "inblob", inblob)
+            writes += 1
             outblob = _read(entry / "outblob")
             auxblob = b""
             if self.tee == "snp":
@@ -313,11 +323,25 @@ class CvmBackend(Backend):
             raise self._tsm_error(e, "make a report") from e
         finally:
             self._remove(entry)
-        if generation != b"1":  # our one write; more: someone else wrote in between
+        if generation != str(writes).encode():  # our writes; more: someone else wrote in between
             return None
         if not outblob:
             raise EnclaveError("the kernel returned an empty report", hint="check dmesg for the guest driver's error")
         return outblob, auxblob
+
+    @staticmethod
+    def _privlevel_floor(entry: Path) -> int:
+        try:
+            text = _read(entry / "privlevel_floor", limit=64)
+        except FileNotFoundError:
+            return 0
+        try:
+            floor = int(text.strip() or b"0")
+        except ValueError as e:
+            raise EnclaveError(f"{entry}/privlevel_floor is not a number") from e
+        if not 0 <= floor <= 3:
+            raise EnclaveError(f"{entry}/privlevel_floor is {floor}, not a VMPL (0-3)")
+        return floor
 
     def report(self, report_data64: bytes) -> tuple[bytes, bytes]:
         """(outblob, auxblob) for 64 bytes of report data, retried when another writer races us."""
