@@ -249,3 +249,95 @@ def serve_in_thread(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(20)
         sock.close()
+
+
+# -- `mlcapsule serve` as real processes (scale and crash tests) ----------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def provider_db(db_url: str, files: ProviderFiles, *, devices: int, budget: int | None = 1000) -> str:
+    """Prepare the database a `mlcapsule serve` process will use: the schema, account alice,
+    the capsule and alice's grant for ``devices`` devices. Returns alice's token."""
+    from mlcapsule.attestation import AttestationPolicy
+    from mlcapsule.server.db import create_schema, make_engine, session_factory
+    from mlcapsule.server.service import ProviderService
+
+    engine = make_engine(db_url)
+    try:
+        create_schema(engine)
+        svc = ProviderService(session_factory(engine), policy=AttestationPolicy(),
+                              provider_key=load_provider_key(files.key_path))
+        _, token = svc.add_account("alice")
+        svc.register_capsule(files.capsule_path, files.content_key_path,
+                             provider_public=raw_public(load_provider_key(files.key_path).public_key()))
+        svc.grant("alice", files.capsule_id, budget=budget, devices=devices, expires=None)
+        return token
+    finally:
+        engine.dispose()
+
+
+class ServerProcess:
+    """`python -m mlcapsule serve` on 127.0.0.1:``port``, accepting software evidence of
+    ``backend``'s measurement; its output goes to ``log``. :meth:`start` returns once the server
+    answers /v1/health, and can start it again on the same port after it died."""
+
+    def __init__(self, db_url: str, files: ProviderFiles, backend: SoftwareBackend, log: Path, *,
+                 workers: int = 1, port: int | None = None) -> None:
+        import sys
+
+        self.port = port or free_port()
+        self.log = log
+        self.cmd = [sys.executable, "-m", "mlcapsule", "serve", "--port", str(self.port), "--database-url", db_url,
+                    "--provider-key", str(files.key_path), "--UNSAFE-allow-software-evidence",
+                    "--allow-measurement", backend.measurement().hex(), "--workers", str(workers)]
+        self.proc: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, env: dict[str, str] | None = None, timeout: float = 120) -> None:
+        import os
+        import subprocess
+
+        import httpx
+
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(self.cmd, env={**os.environ, **(env or {})}, stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/v1/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"the server did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+
+    def wait(self, timeout: float = 120) -> int:
+        return int(self.proc.wait(timeout=timeout))
+
+    def children(self) -> list[int]:
+        """The worker processes of a `--workers N` server."""
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
