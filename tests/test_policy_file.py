@@ -99,3 +99,29 @@ def test_capsule_section_replaces_only_what_it_names(tmp_path: Path) -> None:
     with pytest.raises(AttestationError, match="not accepted by this server for this capsule"):
         v.verify({"type": "sgx", "version": 1, "quote": "AA==", "collateral": None}, expected_report_data=bytes(32),
                  capsule_id=CAP)
+
+
+def test_show_prints_the_identities_to_copy_into_the_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from dcap_signer import FakeIntel
+
+    from mlcapsule.attestation.show import main
+
+    mr_td = bytes(range(48))
+    quote = FakeIntel(seed=0).tdx_quote(bytes(64), mr_td=mr_td)
+    (tmp_path / "quote.bin").write_bytes(quote)
+    assert main([str(tmp_path / "quote.bin")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["type"] == "tdx" and shown["mr_td"] == mr_td.hex()
+    # the same through an evidence object, and the value round-trips into a policy that accepts it
+    import base64
+
+    (tmp_path / "ev.json").write_text(json.dumps({"type": "tdx", "version": 1, "collateral": None,
+                                                  "quote": base64.b64encode(quote).decode()}))
+    assert main([str(tmp_path / "ev.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["mr_td"] == mr_td.hex()
+    assert parse(f'[tdx]\nmr_td = ["{shown["mr_td"]}"]\n').policy.tdx.mr_tds == {mr_td}
+    (tmp_path / "junk").write_bytes(b"\x00junk")
+    assert main([str(tmp_path / "junk")]) == 1
+    assert "not an SGX or TDX quote" in capsys.readouterr().err
