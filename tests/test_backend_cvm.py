@@ -108,6 +108,8 @@ def test_signed_snp_evidence_passes_the_servers_verifier_with_our_measurement(tr
                                snp=SnpPolicy(measurements=frozenset({SNP_MEASUREMENT.hex()})))
     verified = EvidenceVerifier(policy).verify(ev, expected_report_data=BINDING)
     assert verified.type == "snp" and verified.measurement == measurement().hex()
+    with pytest.raises(Exception, match="(?i)report.?data|binding"):
+        EvidenceVerifier(policy).verify(ev, expected_report_data=bytes(32))  # another setup's binding
 
 
 def test_snp_guest_above_vmpl0_asks_at_its_privlevel_floor(tree: Path, tmp_path: Path) -> None:
