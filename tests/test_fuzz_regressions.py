@@ -77,3 +77,19 @@ def test_every_seed_raises_only_our_errors_in_its_harness(harnesses: Any, target
     harness = harnesses(target)
     for seed in sorted((FUZZ / "corpus" / target).iterdir()):
         harness.TestOneInput(seed.read_bytes())  # raises on a finding
+
+
+# -- finding 5 (license, voucher, unlock, ack): a lone surrogate ("\ud800" in the JSON) escaped the
+# signature check as UnicodeEncodeError (an "internal enclave error" for apply_voucher) --------------------
+@pytest.mark.parametrize("kind", ["license/v1", "voucher/v1", "unlock/v1", "usage-ack/v1"])
+def test_signed_message_with_a_lone_surrogate_is_a_format_error(kind: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from mlcapsule.enclave.messages import signed
+
+    key = Ed25519PrivateKey.generate()
+    envelope = {"type": kind, "body": json.loads('{"license_id": "\\ud800"}'), "signature": "AA=="}
+    with pytest.raises(FormatError, match="not canonical JSON"):
+        signed.verify(kind, envelope, key.public_key())
+    with pytest.raises(FormatError, match="not canonical JSON"):
+        signed.sign(kind, envelope["body"], key)

@@ -29,7 +29,10 @@ def _message(kind: str, body: dict[str, Any]) -> bytes:
 
 
 def _checked_message(kind: str, body: dict[str, Any]) -> bytes:
-    message = _message(kind, body)
+    try:
+        message = _message(kind, body)
+    except (ValueError, RecursionError) as e:  # a lone surrogate from JSON "\ud800" has no UTF-8 (fuzzing, issue 15)
+        raise FormatError(f"signed {kind} is malformed (its body is not canonical JSON)") from e
     if len(message) > MAX_ENVELOPE:
         raise FormatError(f"signed {kind} is too large ({len(message)} bytes, at most {MAX_ENVELOPE})")
     return message
