@@ -143,6 +143,9 @@ class Capsule:
             finish["credential"] = answer["credential"]
         status = self._enclave.call("setup_finish", finish)
         self.load_info = {"license": "license"}
+        if self.backend == "cvm" and not self.tcti:  # remember the vTPM it found (or none): the state opens only there
+            platform = (self._enclave.info.get("threat_model") or {}).get("platform") or {}
+            self.tcti = str(platform.get("vtpm_tcti") or "none")
         self._remembered = {**self._remembered, "server": url}
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # service mode: not made yet
         _write_backend_choice(self.state_dir, self.backend, self.tcti, server=url, tsm_path=self.tsm_path)

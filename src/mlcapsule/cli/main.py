@@ -564,8 +564,9 @@ def _backend_options(f: Any) -> Any:
                      help="cvm backend: the configfs-tsm report folder [default: $MLCAPSULE_TSM_PATH, else "
                           "/sys/kernel/config/tsm/report].")(f)
     f = click.option("--tcti", help="tpm and cvm backends: how to reach the (v)TPM, e.g. device:/dev/tpmrm0 or "
-                                    "swtpm:path=SOCKET; cvm: none for no vTPM (no rollback protection) "
-                                    "[default: $MLCAPSULE_TPM_TCTI, else device:/dev/tpmrm0].")(f)
+                                    "swtpm:path=SOCKET [tpm default: $MLCAPSULE_TPM_TCTI, else device:/dev/tpmrm0]; "
+                                    "cvm: none for no vTPM (then NO rollback protection) [cvm default: "
+                                    "device:/dev/tpmrm0 if it exists, else none].")(f)
     return click.option("--backend", type=click.Choice(["software", "tpm", "cvm"]), default=None,
                         help="Enclave backend [default: the one that set the capsule up, else software].")(f)
 
