@@ -211,34 +211,24 @@ def test_log_config_picks_the_format_and_keeps_sqlalchemy_quiet(monkeypatch: pyt
 
 
 # -- several workers --------------------------------------------------------------------------
-FACTORY = '''
-import os
-from mlcapsule.server.app import create_app
-from mlcapsule.server.settings import ServerSettings
-
-def make():
-    return create_app(ServerSettings(database_url=os.environ["T_DB"], provider_key_path=os.environ["T_KEY"],
-                                     allow_software_evidence=True))
-'''
-
-
-def test_metrics_of_several_workers_are_summed(tmp_path: Path, provider_files: ProviderFiles,  # noqa: F811
-                                               platform: Any) -> None:  # noqa: F811
-    """uvicorn with 2 worker processes and PROMETHEUS_MULTIPROC_DIR: /metrics counts every
-    request whichever worker served it and whichever worker answers the scrape."""
+def test_serve_with_workers_sums_their_metrics_and_logs_json(tmp_path: Path, provider_files: ProviderFiles,  # noqa: F811
+                                                             platform: Any) -> None:  # noqa: F811
+    """`mlcapsule serve --workers 2 --log-format json`: /metrics counts every request whichever
+    worker served it and whichever answers the scrape (prometheus-client's multiprocess mode in a
+    private folder, removed at exit), and the log lines, uvicorn's access log included, are JSON."""
     db = f"sqlite:///{tmp_path / 'server.db'}"
     with harness(db, provider_files, platform) as h:
         token = h.token
-    (tmp_path / "factory_app.py").write_text(FACTORY)
-    (tmp_path / "prom").mkdir()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "T_DB": db, "T_KEY": str(provider_files.key_path), "PYTHONPATH": str(tmp_path),
-           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "factory_app:make", "--workers", "2",
-                             "--port", str(port), "--log-level", "warning"], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env |= {"MLCAPSULE_HOME": str(tmp_path / "home"), "MLCAPSULE_LOG_LEVEL": "info", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "mlcapsule", "serve", "--port", str(port), "--database-url", db,
+                             "--provider-key", str(provider_files.key_path), "--UNSAFE-allow-software-evidence",
+                             "--allow-measurement", platform.measurement().hex(), "--workers", "2",
+                             "--log-format", "json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -248,23 +238,30 @@ def test_metrics_of_several_workers_are_summed(tmp_path: Path, provider_files: P
                     break
             except httpx.HTTPError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
         body = {"capsule_id": provider_files.capsule_id, "version": provider_files.version}
         n = 24
-        for _ in range(n):  # new connections: the kernel spreads them over the workers
+        for _ in range(n):  # a new connection each: the kernel spreads them over the workers
             r = httpx.post(url + "/v1/challenge", json=body, headers={"Authorization": f"Bearer {token}"},
                            timeout=10)
             assert r.status_code == 200, r.text
-        pids = {f.name.split("_")[-1] for f in (tmp_path / "prom").glob("counter_*.db")}
-        assert len(pids) == 2, "both workers wrote their counters"
-        for _ in range(4):  # whichever worker answers the scrape, it sums both
+        (folder,) = tmp_path.glob("mlcapsule-metrics-*")
+        # The parent built the app (its counters stay at 0), then each worker counts in its own file.
+        assert len({f.name for f in folder.glob("counter_*.db")}) == 3
+        for _ in range(6):  # whichever worker answers the scrape, it sums both
             with httpx.Client(base_url=url) as c:
                 assert value(scrape(c), "mlcapsule_challenges_total") == n
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=20)
+            _, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            _, err = proc.communicate()
+    assert not list(tmp_path.glob("mlcapsule-metrics-*")), "the metrics folder is removed at exit"
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    access = [r for r in records if r["logger"] == "uvicorn.access"]
+    assert sum("POST /v1/challenge" in r["message"] for r in access) == n
+    assert any(r["logger"] == "mlcapsule.server" and "workers" in r["message"] for r in records)
+    assert not any(line.startswith("INFO:") for line in err.splitlines()), "no uvicorn text lines"

@@ -182,12 +182,19 @@ def key_options(f: Any) -> Any:
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Server processes sharing the port (all state is in the database, so any number of "
                    "instances can also share one PostgreSQL). See docs/deployment.md.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), envvar="MLCAPSULE_LOG_FORMAT", default="text",
+              show_default=True, help="Log lines as text, or one JSON object per line [env: MLCAPSULE_LOG_FORMAT; "
+                                      "level: MLCAPSULE_LOG_LEVEL, default info].")
 def serve(host: str | None, port: int | None, database_url: str | None, config: str | None,
           provider_key: str | None, passphrase_file: str | None, allow_software: bool | None,
           measurements: tuple[str, ...], tpm_roots: tuple[str, ...], tpm_intermediates: tuple[str, ...],
-          tpm_pcr_policy: str | None, policy_file: str | None, nonce_ttl: int | None, workers: int) -> None:
+          tpm_pcr_policy: str | None, policy_file: str | None, nonce_ttl: int | None, workers: int,
+          log_format: str) -> None:
     """Run the provider's provisioning server."""
+    import logging.config
+
     from ..server.app import create_app
+    from ..server.observability import log_config, prepare_multiprocess
     from ..server.prefork import serve as serve_workers
 
     settings = _settings(database_url, config, host=host, port=port, provider_key_path=provider_key,
@@ -202,6 +209,10 @@ def serve(host: str | None, port: int | None, database_url: str | None, config: 
     if not settings.allowed_measurements and settings.policy_file is None:
         err_console.print("[yellow]warning:[/] no --allow-measurement given: "
                           "every provisioning request will be refused")
+    logs = log_config(log_format)
+    logging.config.dictConfig(logs)
+    # Before the app (and prometheus-client) exist: the workers then share one metrics folder.
+    end_metrics = prepare_multiprocess(workers)
     try:
         app = create_app(settings, provider_key=load_server_key(settings))
         sock.listen(2048)  # connections queue from here on, so "serving on" is true when printed
@@ -209,9 +220,10 @@ def serve(host: str | None, port: int | None, database_url: str | None, config: 
         shown = f"[{settings.host}]" if ":" in settings.host else settings.host
         console.print(f"serving on http://{shown}:{port}/v1/ (database {_safe_url(settings.database_url)})"
                       + (f", {workers} workers" if workers > 1 else ""), soft_wrap=True)
-        serve_workers(app, sock, workers=workers, log_level="info")
+        serve_workers(app, sock, workers=workers, log_level=str(logs["root"]["level"]).lower(), log_config=logs)
     finally:
         sock.close()
+        end_metrics()
 
 
 def listen_socket(host: str, port: int) -> Any:

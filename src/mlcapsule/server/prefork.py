@@ -37,19 +37,22 @@ _FAST_DEATH = 2.0
 _MAX_FAST_DEATHS = 5
 
 
-def serve(app: Any, sock: socket.socket, *, workers: int = 1, log_level: str = "info") -> None:
-    """Serve ``app`` on the bound, listening ``sock`` with ``workers`` processes (1: this one)."""
+def serve(app: Any, sock: socket.socket, *, workers: int = 1, log_level: str = "info",
+          log_config: dict[str, Any] | None = None) -> None:
+    """Serve ``app`` on the bound, listening ``sock`` with ``workers`` processes (1: this one).
+    ``log_config`` (:func:`~mlcapsule.server.observability.log_config`) replaces uvicorn's own."""
     import uvicorn
 
     if workers < 1:
         raise ValueError("workers must be at least 1")
+    logs: dict[str, Any] = {"log_config": log_config} if log_config is not None else {}
     if workers == 1:
-        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level, **logs)).run(sockets=[sock])
         return
     engine = getattr(getattr(app, "state", None), "engine", None)
     if engine is not None:
         engine.dispose()  # the parent's pooled connections must not be shared with the workers
-    _Supervisor(app, sock, workers, log_level).run()
+    _Supervisor(app, sock, workers, log_level, logs).run()
 
 
 def _describe(status: int) -> str:
@@ -63,8 +66,10 @@ def _describe(status: int) -> str:
 
 
 class _Supervisor:
-    def __init__(self, app: Any, sock: socket.socket, workers: int, log_level: str) -> None:
+    def __init__(self, app: Any, sock: socket.socket, workers: int, log_level: str,
+                 logs: dict[str, Any] | None = None) -> None:
         self.app, self.sock, self.workers, self.log_level = app, sock, workers, log_level
+        self.logs: dict[str, Any] = logs or {}
         self.children: dict[int, float] = {}  # pid -> when it started (monotonic)
         self.signals = 0
 
@@ -77,7 +82,7 @@ class _Supervisor:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             import uvicorn
 
-            uvicorn.Server(uvicorn.Config(self.app, log_level=self.log_level)).run(sockets=[self.sock])
+            uvicorn.Server(uvicorn.Config(self.app, log_level=self.log_level, **self.logs)).run(sockets=[self.sock])
             code = 0
         except KeyboardInterrupt:
             code = 0
