@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +239,16 @@ class Capsule:
                 raise InputError("this model has several inputs: pass a dict of arrays")
             x = {self.manifest.inputs[0].name: x}
         return self.run(x)[self.manifest.outputs[0].name]
+
+    def stream(self, frames: Iterable[Any], **options: Any) -> Iterator[Any]:
+        """Keyword spotting on an audio stream: a generator of detections (issue 16).
+
+        ``frames``: chunks of 16 kHz mono audio (int16, or float in [-1, 1]) of any size; options
+        ``hop`` (seconds, 0.25), ``smoothing`` (windows, 3), ``threshold`` (0.7), ``refractory``
+        (seconds, 1.0). See :func:`mlcapsule.kws.stream.detect` for what is charged."""
+        from .kws.stream import detect
+
+        return detect(self, frames, **options)
 
     # -- information --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -852,6 +852,10 @@ from .evaluate import evaluate as _evaluate  # noqa: E402
 
 cli.add_command(_evaluate)
 
+from ..kws.cli import listen as _listen  # noqa: E402
+
+cli.add_command(_listen)
+
 _restore_sigint()  # last: every import above is covered by the start-up handler (add commands above it)
 
 

@@ -23,7 +23,9 @@ from .crypto.keys import ContentKey, ed25519_public_from_raw
 from .defenses.ood import OodStats
 from .defenses.pipeline import Alarm, DefenseState, apply, unlock
 from .defenses.policy import DefensePolicy, tighten
+from .detect import ChargePolicy, Detector
 from .errors import (
+    BudgetExhaustedError,
     FormatError,
     InputError,
     IntegrityError,
@@ -101,6 +103,9 @@ class EnclaveCore:
         self._ood_stats: OodStats | None = None
         self._kennen: Any = None  # an ONNX Runtime session
         self._defense_dirty = False
+        #: Charged per detection (the manifest's policy.charge, issue 16): the detector of this
+        #: session's stream; only its verdicts leave the enclave.
+        self.detector: Detector | None = None
 
     # -- ECALLs -------------------------------------------------------------------------------
     def hello(self) -> dict[str, Any]:
@@ -148,6 +153,7 @@ class EnclaveCore:
             self.model = self._build_model(capsule, content_key)
         finally:
             capsule.close()
+        self.detector = _detector(m)
         self.manifest, self._checked = m, ((), 0)
         self.license_mode = mode
         self.load_seconds = time.perf_counter() - t0
@@ -206,12 +212,16 @@ class EnclaveCore:
         if self.model is not None:
             self.model.close()
         self.model, self.manifest, self.license_mode, self._checked = model, m, "license", ((), 0)
+        self.detector = _detector(m)
         return self._license_status()
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.model is None or self.manifest is None:
             raise NotProvisionedError("no capsule is loaded in the enclave")
         feeds, n = check_inputs(self.manifest.inputs, inputs)
+        if self.detector is not None:
+            outputs = self._detect(feeds, list(feeds.values()), n)
+            return {spec.name: out for spec, out in zip(self.manifest.outputs, outputs, strict=True)}
         if self.ledger is not None:
             self._charge(n)  # before the model runs: no partial answer can leak
         outputs = self._run(feeds, list(feeds.values()), n)
@@ -232,9 +242,37 @@ class EnclaveCore:
         else:
             feeds, n = check_inputs(m.inputs, {spec.name: x for spec, x in zip(m.inputs, arrays, strict=True)})
             self._checked, self._input_names = (sig, n), [spec.name for spec in m.inputs]
+        if self.detector is not None:
+            return self._detect(feeds, arrays, n)
         if self.ledger is not None:
             self._charge(n)  # before the model runs: no partial answer can leak
         return self._run(feeds, arrays, n)
+
+    def _detect(self, feeds: dict[str, np.ndarray], arrays: list[np.ndarray], n: int) -> list[np.ndarray]:
+        """Charged per detection: one window per call; the detector (enclave/detect.py) runs in
+        here on the provider's signed parameters and only its verdict leaves: zeros, or a one at
+        the class detected. A detection is charged before it is answered. The budget must have
+        room for one before the model runs, so an exhausted budget refuses every window alike
+        (refusing only at a detection would tell the client that one came)."""
+        det = self.detector
+        assert det is not None
+        if n != 1:
+            raise InputError("this capsule is charged per detection: send one window per call",
+                             hint="use `mlcapsule listen` or Capsule.stream, which do")
+        ledger = self.ledger
+        if ledger is not None:
+            self._charge(0)  # an expired license is refused here, before anything runs
+            budget = ledger.state.budget
+            if budget is not None and budget - ledger.answered < 1:
+                raise BudgetExhaustedError(f"the query budget is exhausted ({budget} detections)")
+        outputs = self._run(feeds, arrays, 1)
+        hit = det.push(outputs[0][0])
+        answer = np.zeros_like(outputs[0])
+        if hit is not None:
+            if ledger is not None:
+                self._charge(1)
+            answer[0, hit[0]] = 1
+        return [answer]
 
     def _run(self, feeds: dict[str, np.ndarray], arrays: list[np.ndarray], n: int) -> list[np.ndarray]:
         """The model, then the defenses: only a defended answer leaves this method."""
@@ -529,6 +567,19 @@ class EnclaveCore:
     @staticmethod
     def _decrypt(capsule: CapsuleFile, name: str, key: bytes) -> bytearray:
         return capsule.plaintext(name, key)
+
+
+def _detector(m: Manifest) -> Detector | None:
+    """The detector of a capsule charged per detection, else None."""
+    if not m.policy.charge:
+        return None
+    policy = ChargePolicy.from_dict(m.policy.charge)
+    if policy.per != "detection":
+        return None
+    shape = m.outputs[0].shape
+    if len(m.outputs) != 1 or len(shape) != 2 or not isinstance(shape[1], int) or shape[1] < 1:
+        raise FormatError("a capsule charged per detection must have one output of shape (batch, classes)")
+    return Detector(policy, shape[1])
 
 
 def check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:

@@ -103,18 +103,25 @@ class Policy:
     #: The provider's defense policy (format 1.2), as ``DefensePolicy.to_dict()``; {} for none.
     #: Validated here: a capsule whose policy this build does not understand does not load.
     defenses: dict[str, Any] = field(default_factory=dict)
+    #: What a query costs (issue 16), as ``ChargePolicy.to_dict()`` (enclave/detect.py); {} (the
+    #: default, left out of the manifest) charges every row. ``{"per": "detection", ...}``: the
+    #: enclave runs the detector itself and charges only its detections (format 1.2).
+    charge: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "budget": self.budget,
             "expires": self.expires.isoformat() if self.expires else None,
             "lease_size": self.lease_size,
             "defenses": self.defenses,
         }
+        if self.charge:
+            d["charge"] = self.charge
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "policy") -> Policy:
-        _no_extra(d if isinstance(d, dict) else {}, {"budget", "expires", "lease_size", "defenses"}, where)
+        _no_extra(d if isinstance(d, dict) else {}, {"budget", "expires", "lease_size", "defenses", "charge"}, where)
         budget = _opt(d, "budget", int, where)
         if budget is not None and budget < 0:
             raise FormatError(f"manifest: {where}.budget must be >= 0")
@@ -131,7 +138,12 @@ class Policy:
             except MlcapsuleError as e:
                 raise FormatError(f"manifest: {where}.defenses is not a defense policy this build knows: {e.message}",
                                   hint="upgrade mlcapsule, or ask the provider for a capsule packed for it") from e
-        return cls(budget, parse_time(_opt(d, "expires", str, where), where + ".expires"), lease, defenses)
+        charge = _opt(d, "charge", dict, where) or {}
+        if charge:
+            from ..detect import ChargePolicy
+
+            ChargePolicy.from_dict(charge, where + ".charge")
+        return cls(budget, parse_time(_opt(d, "expires", str, where), where + ".expires"), lease, defenses, charge)
 
 
 @dataclass(frozen=True)

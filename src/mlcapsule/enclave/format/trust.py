@@ -157,12 +157,12 @@ def check_segments(segments: tuple[SegmentInfo, ...], data_length: int) -> None:
 
 
 def manifest_minor(manifest: Manifest) -> int:
-    """The lowest minor version that describes ``manifest``: 2 if it carries a defense policy,
-    1 if it uses ``runtime.initializers``, else 0.
+    """The lowest minor version that describes ``manifest``: 2 if it carries a defense policy or
+    a charge policy (issue 16), 1 if it uses ``runtime.initializers``, else 0.
 
     Capsules that need no newer field stay readable by older readers; a capsule with defenses
     must not be: a 1.1 reader would answer without them."""
-    if manifest.policy.defenses:
+    if manifest.policy.defenses or manifest.policy.charge:
         return 2
     return 1 if manifest.runtime.initializers != "shared" else 0
 
