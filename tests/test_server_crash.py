@@ -1,0 +1,184 @@
+"""Crash safety: the server process is killed (SIGKILL) at each step of a provisioning and of a
+usage upload, then started again; the client, retrying the identical request, always finishes.
+No device slot is lost (the grant allows one device: a lost slot would lock the client out) or
+given twice, and no receipt is lost or counted twice. On SQLite and on PostgreSQL.
+
+The kill comes from the server itself: started with ``MLCAPSULE_SERVER_CRASH_AT=<point>`` in its
+environment, it SIGKILLs itself when it reaches that point (see
+``mlcapsule.server.service.CRASH_POINTS``), so each step is hit exactly, without timing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from mlcapsule.enclave._util import b64d
+from mlcapsule.enclave.crypto.keys import ContentKey, load_provider_key
+from mlcapsule.enclave.errors import PolicyError, ProtocolError
+from mlcapsule.enclave.messages.license import verify_license
+from mlcapsule.enclave.messages.receipts import GENESIS, entry_hash, make_entry, verify_ack
+from mlcapsule.enclave.messages.setup import open_payload
+from mlcapsule.provider_client import ProviderClient
+from mlcapsule.server.db import AlarmRecord, Device, make_engine, session_factory
+from mlcapsule.server.service import CRASH_ENV, CRASH_ONCE_ENV, CRASH_POINTS
+
+from _server_support import (T0, FakeEnclave, ProviderFiles, ServerProcess, db_url, pg_server, pg_url,  # noqa: F401
+                             platform, provider_db, provider_files)
+
+pytestmark = pytest.mark.slow
+
+
+def receipts(enc: FakeEnclave, license_id: str) -> list[dict[str, Any]]:
+    """Six receipts: setup, lease, an alarm, report, a defense gap of 7 queries, lease. The alarm
+    and the gap are added to the device's counters: counted twice, they would show."""
+    alarm = {"alarms": [{"detector": "prada", "query": 5, "statistic": 0.71, "threshold": 0.9, "action": "record"}]}
+    steps = [("setup", 0, 0, None), ("lease", 100, 0, None), ("alarm", 100, 0, alarm), ("report", 100, 60, None),
+             ("defense-gap", 100, 60, {"queries": 7, "reason": "crash"}), ("lease", 200, 60, None)]
+    out, prev = [], GENESIS
+    for seq, (kind, charged, answered, data) in enumerate(steps, start=1):
+        e = make_entry(enc.receipt, seq=seq, prev=prev, kind=kind, license_id=license_id,
+                       time=(T0 + dt.timedelta(minutes=seq)).isoformat(), charged=charged, answered=answered,
+                       data=data)
+        out.append(e)
+        prev = entry_hash(e)
+    return out
+
+
+class Client(threading.Thread):
+    """A client that sets up (challenge, provision) and syncs twice (receipts 1-4, then 4-6),
+    retrying each request, identical, for as long as the server takes to come back."""
+
+    def __init__(self, url: str, token: str, files: ProviderFiles, enc: FakeEnclave) -> None:
+        super().__init__(daemon=True)
+        self.url, self.token, self.files, self.enc = url, token, files, enc
+        self.out: dict[str, Any] = {}
+
+    def run(self) -> None:
+        try:
+            with ProviderClient(self.url, self.token, timeout=60, retries=400, backoff=0.05, max_backoff=0.5) as c:
+                nonce, _ = c.challenge(self.files.capsule_id, self.files.version)
+                self.out["nonce"] = nonce
+                got = c.provision(self.files.capsule_id, self.files.version, nonce=nonce, hpke_pub=self.enc.hpke_pub,
+                                  receipt_pub=self.enc.receipt_pub, evidence=self.enc.evidence(nonce))
+                self.out["provisioned"] = got
+                chain = receipts(self.enc, got["license_id"])
+                self.out["ack1"] = c.upload_usage(got["license_id"], got["device_id"], chain[:4])
+                self.out["ack2"] = c.upload_usage(got["license_id"], got["device_id"], chain[3:])
+        except BaseException as e:  # checked by the test
+            self.out["error"] = e
+
+
+def check_books(db: str, files: ProviderFiles, enc: FakeEnclave, out: dict[str, Any]) -> None:
+    """The client got its key and license, one slot is used, every receipt counted once."""
+    assert "error" not in out, repr(out.get("error"))
+    got, nonce = out["provisioned"], out["nonce"]
+    provider_pub = load_provider_key(files.key_path).public_key()
+    key, envelope = open_payload(b64d(got["payload"]), enc.hpke, nonce)
+    assert key == ContentKey.load(files.content_key_path).key
+    lic = verify_license(envelope, provider_pub, capsule_id=uuid.UUID(files.capsule_id), version=files.version,
+                         receipt_key=enc.receipt_pub)
+    assert (lic.license_id, lic.device_id) == (got["license_id"], got["device_id"])
+    for name, seq in (("ack1", 4), ("ack2", 6)):
+        ack = out[name]
+        assert ack["seq"] == seq
+        assert verify_ack(ack["ack"], provider_pub, license_id=lic.license_id, device_id=lic.device_id).seq == seq
+    assert (out["ack2"]["charged"], out["ack2"]["answered"]) == (200, 60)
+    engine = make_engine(db)
+    try:
+        with session_factory(engine)() as s:
+            [dev] = s.scalars(select(Device)).all()  # exactly one device: no slot given twice
+            assert (dev.license_id, dev.slot, dev.nonce) == (lic.license_id, 0, nonce)
+            assert (dev.head_seq, dev.charged, dev.answered) == (6, 200, 60)
+            assert (dev.defense_gaps, dev.gap_queries) == (1, 7)  # the gap receipt, counted once
+            assert s.scalar(select(func.count(AlarmRecord.id))) == 1  # the alarm, stored once
+    finally:
+        engine.dispose()
+
+
+def after_restart(db: str, srv: ServerProcess, token: str, files: ProviderFiles, platform: Any,
+                  out: dict[str, Any]) -> None:
+    """The slot is this client's for good: another device is refused, and the used challenge
+    serves no other request."""
+    other = FakeEnclave(platform)
+    with ProviderClient(srv.url, token, retries=0) as c:
+        nonce = out["nonce"]
+        with pytest.raises(ProtocolError, match="already used"):
+            c.provision(files.capsule_id, files.version, nonce=nonce, hpke_pub=other.hpke_pub,
+                        receipt_pub=other.receipt_pub, evidence=other.evidence(nonce))
+        fresh, _ = c.challenge(files.capsule_id, files.version)
+        with pytest.raises(PolicyError, match="device"):
+            c.provision(files.capsule_id, files.version, nonce=fresh, hpke_pub=other.hpke_pub,
+                        receipt_pub=other.receipt_pub, evidence=other.evidence(fresh))
+
+
+@pytest.mark.parametrize("point", sorted(CRASH_POINTS))
+def test_server_killed_at_each_step_client_finishes_no_slot_or_receipt_lost_or_doubled(
+        point: str, db_url: str, provider_files: ProviderFiles, platform: Any, tmp_path: Path) -> None:  # noqa: F811
+    token = provider_db(db_url, provider_files, devices=1)
+    srv = ServerProcess(db_url, provider_files, platform, tmp_path / "serve.log")
+    srv.start(env={CRASH_ENV: point})
+    enc = FakeEnclave(platform)
+    client = Client(srv.url, token, provider_files, enc)
+    client.start()
+    try:
+        deadline = time.monotonic() + 300
+        while srv.proc.poll() is None:  # the client's requests reach the crash point
+            assert client.is_alive(), f"the client stopped before the server died: {client.out}"
+            assert time.monotonic() < deadline, "the server did not reach " + point
+            time.sleep(0.05)
+        assert srv.proc.returncode == -signal.SIGKILL, srv.log.read_text()[-2000:]
+        assert "FAULT INJECTION" in srv.log.read_text()
+        stage = "provisioned" if point.startswith("usage.") else "nonce"
+        assert stage in client.out and "ack1" not in client.out  # it died during that request
+        srv.start()  # again, without the crash point; the client is still retrying
+        client.join(300)
+        assert not client.is_alive(), "the client did not finish"
+        check_books(db_url, provider_files, enc, client.out)
+        after_restart(db_url, srv, token, provider_files, platform, client.out)
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("point", ["provision.after_commit", "usage.after_update"])
+def test_worker_killed_is_replaced_and_the_client_finishes_without_help(
+        point: str, db_url: str, provider_files: ProviderFiles, platform: Any, tmp_path: Path) -> None:  # noqa: F811
+    """With `serve --workers 2`, the worker that dies is replaced by the supervisor (the crash
+    point fires once: MLCAPSULE_SERVER_CRASH_ONCE), and the retrying client finishes on its own."""
+    token = provider_db(db_url, provider_files, devices=1)
+    marker = tmp_path / "crashed"
+    srv = ServerProcess(db_url, provider_files, platform, tmp_path / "serve.log", workers=2)
+    srv.start(env={CRASH_ENV: point, CRASH_ONCE_ENV: str(marker)})
+    enc = FakeEnclave(platform)
+    try:
+        client = Client(srv.url, token, provider_files, enc)
+        client.start()
+        client.join(300)
+        assert not client.is_alive(), "the client did not finish"
+        assert marker.exists(), "the crash point was not reached"
+        assert "stopped (killed by SIGKILL); starting another" in srv.log.read_text()
+        check_books(db_url, provider_files, enc, client.out)
+    finally:
+        srv.stop()
+
+
+def test_crash_points_are_off_unless_the_server_environment_names_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client cannot turn a crash point on (only the server process's environment can), and a
+    misspelt point is refused at start-up rather than silently never firing."""
+    from mlcapsule.attestation import AttestationPolicy
+    from mlcapsule.server.errors import Misconfigured
+    from mlcapsule.server.service import ProviderService
+
+    monkeypatch.delenv(CRASH_ENV, raising=False)
+    assert ProviderService(None, policy=AttestationPolicy())._crash_at is None  # type: ignore[arg-type]
+    monkeypatch.setenv(CRASH_ENV, "provision.after_lunch")
+    with pytest.raises(Misconfigured, match="not a crash point"):
+        ProviderService(None, policy=AttestationPolicy())  # type: ignore[arg-type]
