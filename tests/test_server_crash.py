@@ -104,7 +104,7 @@ def check_books(db: str, files: ProviderFiles, enc: FakeEnclave, out: dict[str, 
         engine.dispose()
 
 
-def after_restart(db: str, srv: ServerProcess, token: str, files: ProviderFiles, platform: Any,
+def after_restart(db: str, srv: ServerProcess, token: str, files: ProviderFiles, platform: Any,  # noqa: F811
                   out: dict[str, Any]) -> None:
     """The slot is this client's for good: another device is refused, and the used challenge
     serves no other request."""

@@ -116,8 +116,8 @@ def test_two_instances_100_concurrent_setups_3_devices_give_exactly_3_slots(
         a.stop()
 
 
-def test_serve_workers_replaces_a_killed_worker_and_stops_them_all(provider_files: ProviderFiles, platform: Any,
-                                                                   tmp_path: Path) -> None:
+def test_serve_workers_replaces_a_killed_worker_and_stops_them_all(
+        provider_files: ProviderFiles, platform: Any, tmp_path: Path) -> None:  # noqa: F811
     """`mlcapsule serve --workers 2` runs two worker processes; one killed with SIGKILL is
     replaced and the server goes on answering; SIGTERM stops the supervisor and every worker."""
     db = f"sqlite:///{tmp_path / 'server.db'}"
