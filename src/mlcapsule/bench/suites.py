@@ -512,6 +512,13 @@ def suite_defenses(ws: Workspace) -> dict[str, Any]:
     return run(ws)
 
 
+def suite_server(ws: Workspace) -> dict[str, Any]:
+    """The provider server under load (issue 15): see :mod:`.server`."""
+    from .server import suite_server as run
+
+    return run(ws)
+
+
 SUITES: dict[str, Callable[[Workspace], dict[str, Any]]] = {
     "dense": suite_dense, "conv": suite_conv, "networks": suite_networks, "fixed": suite_fixed, "tpm": suite_tpm,
-    "defenses": suite_defenses}
+    "defenses": suite_defenses, "server": suite_server}

@@ -800,7 +800,7 @@ def demo(workdir: str | None) -> None:
 
 @cli.command()
 @click.option("--suite", "suites", multiple=True,
-              type=click.Choice(["dense", "conv", "networks", "fixed", "tpm", "defenses"]),
+              type=click.Choice(["dense", "conv", "networks", "fixed", "tpm", "defenses", "server"]),
               help="Run only this suite (repeatable) [default: all].")
 @click.option("--quick", is_flag=True,
               help="Small models, few repetitions: a smoke run (results go to benchmarks/results/quick).")
@@ -811,14 +811,18 @@ def demo(workdir: str | None) -> None:
 @click.option("--markdown", type=click.Path(dir_okay=False), help="The report to write [default: BENCHMARKS.md].")
 @click.option("--workdir", type=click.Path(file_okay=False),
               help="Keep the models and capsules here [default: a temp folder].")
+@click.option("--database-url", envvar="MLCAPSULE_BENCH_DATABASE_URL", default=None, metavar="URL",
+              help="The server suite: run the server on this PostgreSQL database [default: start a throwaway one].")
 def bench(suites: tuple[str, ...], quick: bool, threads: int | None, results_dir: str | None, markdown: str | None,
-          workdir: str | None) -> None:
+          workdir: str | None, database_url: str | None) -> None:
     """Benchmark capsules against plain ONNX Runtime and the MLCapsule paper; writes BENCHMARKS.md.
 
     Run it from the repository root. The full run takes about 5 minutes on 2 cores.
     """
     from ..bench import run as run_bench
 
+    if database_url:
+        os.environ["MLCAPSULE_BENCH_DATABASE_URL"] = database_url
     run_bench(list(suites) or None, quick=quick, results_dir=results_dir, markdown=markdown, threads=threads,
               workdir=workdir, log=lambda msg: err_console.print(msg, highlight=False))
 
