@@ -325,16 +325,17 @@ def guest(request: pytest.FixtureRequest, tree: Path, tmp_path: Path) -> Iterato
         yield kind, fake, conf / "policy.toml"
 
 
-@pytest.mark.parametrize("guest", ["tdx", "snp"], indirect=True)
-def test_cvm_setup_against_a_real_server_then_offline_predict_with_a_vtpm(
-        guest: tuple[str, FakeTsm, Path], tree: Path, tmp_path: Path, provider_files: ProviderFiles,  # noqa: F811
-        swtpm: Swtpm) -> None:  # noqa: F811
+def _set_up_then_predict(guest: tuple[str, FakeTsm, Path], tree: Path, tmp_path: Path, files: ProviderFiles,
+                         *setup_args: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Provider: capsule, account and grant, then ``serve --policy`` on loopback; client:
+    ``setup --backend cvm`` against it, the server stopped, an offline ``predict`` (checked against
+    the model), ``status --json``. Returns (backend.json, status)."""
     kind, fake, policy = guest
     prov, client = tmp_path / "provider-home", tmp_path / "client-home"
     port, db = _free_port(), f"sqlite:///{tmp_path / 'server.db'}"
     admin = ["--database-url", db]
-    cap, key = provider_files.capsule_path, provider_files.key_path
-    _ok(_mlcapsule(prov, "admin", "capsule", "add", cap, "--key", provider_files.content_key_path, *admin,
+    cap, key = files.capsule_path, files.key_path
+    _ok(_mlcapsule(prov, "admin", "capsule", "add", cap, "--key", files.content_key_path, *admin,
                    "--provider-key", key))
     token = re.search(r"[A-Za-z0-9_\-]{30,}", _ok(_mlcapsule(prov, "admin", "account", "add", "clinic", *admin)))
     assert token
@@ -343,13 +344,15 @@ def test_cvm_setup_against_a_real_server_then_offline_predict_with_a_vtpm(
     server = _Server(prov, port, db, key, policy)
     try:
         out = _ok(_mlcapsule(client, "setup", cap, "--token", token.group(0), "--server", f"http://127.0.0.1:{port}",
-                             "--backend", "cvm", "--tsm-path", tree, "--tcti", swtpm.tcti))
+                             "--backend", "cvm", "--tsm-path", tree, *setup_args))
         assert "set up: license" in out
     finally:
         server.stop()
     measurement.cache_clear()  # other work on the enclave folder in this process's lifetime changes it
     assert fake.inblobs and all(b[32:] == measurement() for b in fake.inblobs)
     assert fake.leftovers() == []
+    choice = json.loads((client / "state" / f"{files.capsule_id}-v{files.version}" / "backend.json").read_text())
+    assert choice["backend"] == "cvm" and choice["tsm_path"] == str(tree.resolve())
 
     # Offline: the server is gone; the backend, tree and vTPM come from what setup remembered.
     x = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
@@ -359,9 +362,29 @@ def test_cvm_setup_against_a_real_server_then_offline_predict_with_a_vtpm(
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), x @ w, rtol=1e-6)
 
     status = json.loads(_ok(_mlcapsule(client, "status", cap, "--json")))
-    assert status["backend"] == "cvm"
-    assert status["threat_model"]["platform"]["tee"] == kind
-    assert status["threat_model"]["platform"]["vtpm_tcti"] == swtpm.tcti
+    assert status["backend"] == "cvm" and status["threat_model"]["platform"]["tee"] == kind
     assert status["license_status"]["charged"] >= 3
+    return choice, status
+
+
+@pytest.mark.parametrize("guest", ["tdx", "snp"], indirect=True)
+def test_cvm_setup_against_a_real_server_then_offline_predict_with_a_vtpm(
+        guest: tuple[str, FakeTsm, Path], tree: Path, tmp_path: Path, provider_files: ProviderFiles,  # noqa: F811
+        swtpm: Swtpm) -> None:  # noqa: F811
+    choice, status = _set_up_then_predict(guest, tree, tmp_path, provider_files, "--tcti", swtpm.tcti)
+    assert choice["tcti"] == swtpm.tcti
+    assert status["threat_model"]["platform"]["vtpm_tcti"] == swtpm.tcti
     # The budget's counter is the vTPM's: it moved with the leases.
     assert (swtpm.counter_value(f"c-{provider_files.capsule_id}-v{provider_files.version}") or 0) > 0
+
+
+@pytest.mark.parametrize("guest", ["tdx"], indirect=True)
+def test_cvm_without_vtpm_remembers_that_and_has_no_rollback_protection(
+        guest: tuple[str, FakeTsm, Path], tree: Path, tmp_path: Path, provider_files: ProviderFiles) -> None:  # noqa: F811
+    found = "device:/dev/tpmrm0" if os.path.exists("/dev/tpmrm0") else "none"
+    args = () if found == "none" else ("--tcti", "none")  # a machine with a TPM: ask for none explicitly
+    choice, status = _set_up_then_predict(guest, tree, tmp_path, provider_files, *args)
+    assert choice["tcti"] == "none"  # what setup found is remembered, so later runs use the same store
+    platform = status["threat_model"]["platform"]
+    assert platform["vtpm"] is False and platform["rollback_protected"] is False
+    assert status["license_status"]["rollback_protected"] is False
