@@ -74,6 +74,19 @@ def test_metrics_move_after_a_setup(srv: Harness) -> None:
     assert not any(k[0].startswith("mlcapsule_uploads") for k in d)
 
 
+def test_a_retried_setup_is_counted_as_a_replay_not_a_new_device(srv: Harness) -> None:
+    enc = srv.enclave()
+    nonce = srv.nonce()
+    first = srv.provision(enc, nonce)
+    before = scrape(srv)
+    again = srv.provision(enc, nonce)  # the same request: the answer was lost, the client retries
+    assert again.status_code == 200 and again.json() == first.json()
+    d = delta(before, scrape(srv))
+    assert value(d, "mlcapsule_setups_total") == 1
+    assert value(d, "mlcapsule_provision_replays_total") == 1
+    assert value(d, "mlcapsule_provisions_total") == 0
+
+
 def alarm_chain(enc: FakeEnclave, license_id: str) -> list[dict[str, Any]]:
     alarm = {"alarms": [{"detector": "prada", "query": 12, "statistic": 0.8, "threshold": 0.9, "action": "lock"},
                         {"detector": "x" * 40, "query": 13, "statistic": None, "threshold": None, "action": "record"}],

@@ -187,7 +187,7 @@ def create_app(settings: ServerSettings, *, clock: Clock | None = None,
         p = service.provision(acc, capsule_id=req.capsule_id, version=req.version, nonce=b64d(req.nonce),
                               hpke_pub=b64d(req.hpke_pub), receipt_pub=b64d(req.receipt_pub),
                               evidence=req.evidence)
-        metrics.provisions.inc()
+        metrics.provisioned(p)
         return ProvisionResponse(license_id=p.license_id, device_id=p.device_id, payload=b64e(p.payload),
                                  credential=p.credential)
 

@@ -91,8 +91,10 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.challenges = Counter("mlcapsule_challenges", "Challenges (setup nonces) issued", registry=r)
         self.setups = Counter("mlcapsule_setups", "Setup requests received (POST /v1/provision)", registry=r)
-        self.provisions = Counter("mlcapsule_provisions", "Devices provisioned (setups answered with a key)",
+        self.provisions = Counter("mlcapsule_provisions", "Devices provisioned (new setups answered with a key)",
                                   registry=r)
+        self.replays = Counter("mlcapsule_provision_replays", "Setups answered again with the stored answer "
+                               "(an identical retry after a lost answer)", registry=r)
         self.refusals = Counter("mlcapsule_refusals", "Requests refused, by endpoint and reason",
                                 ["endpoint", "reason"], registry=r)
         self.uploads = Counter("mlcapsule_uploads", "Usage uploads accepted (POST /v1/usage)", registry=r)
@@ -116,6 +118,10 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def provisioned(self, p: Any) -> None:
+        """Count a setup answered: a new device, or the stored answer of a retry."""
+        (self.replays if getattr(p, "replayed", False) else self.provisions).inc()
 
     # -- usage accounting (around ProviderService.upload_usage) -----------------------------
     def usage_before(self, service: Any, license_id: str, device_id: str) -> tuple[int, int] | None:
