@@ -218,6 +218,12 @@ def test_vtpm_seals_and_counts(tree: Path, tmp_path: Path, swtpm: Swtpm) -> None
             cvm(tree, tmp_path).unseal(blob, label=b"L")
 
 
+def test_unreachable_vtpm_is_a_clear_error_naming_the_way_out(tree: Path, tmp_path: Path) -> None:
+    with recorded_tdx(tree), pytest.raises(EnclaveError, match="cannot use the vTPM") as e:
+        cvm(tree, tmp_path, f"swtpm:path={tmp_path / 'no-tpm.sock'}")
+    assert "--tcti none" in (e.value.hint or "") and "no rollback protection" in (e.value.hint or "")
+
+
 def test_without_vtpm_the_threat_model_says_no_rollback_protection(tree: Path, tmp_path: Path) -> None:
     with recorded_snp(tree):
         b = cvm(tree, tmp_path)
