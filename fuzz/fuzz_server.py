@@ -6,7 +6,7 @@ Input: a mode byte (the endpoint), then the raw request body, POSTed with the ri
  10 /v1/admin/tokens                                         (an operator admin token)
 Placeholders in the body are filled in before it is sent, so that mutated requests still reach
 the service behind the schemas: ``@CAPSULE@`` (the registered capsule's id), ``@NONCE@`` (a fresh
-challenge's nonce), ``@HPKE@`` and ``@RECEIPT@`` (an enclave's keys), ``@EVIDENCE@`` (software
+challenge's nonce), ``@HPKE@`` and ``@RECEIPT@`` (an enclave's keys), ``"@EVIDENCE@"`` (software
 evidence from the real backend for that nonce and those keys), ``@LICENSE@`` and ``@DEVICE@``
 (a license provisioned at start-up). The rule for the server: every answer is a 2xx or a 4xx
 (or the 503 of an unavailable database); a 500, or an exception out of the app, is a finding.
@@ -101,7 +101,7 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802
         nonce = _nonce(_CLIENT, _USER)
         body = body.replace(b"@NONCE@", b64e(nonce).encode())
         evidence = _BACKEND.evidence(report_data(nonce, _HPKE, _RECEIPT))
-        body = body.replace(b"@EVIDENCE@", json.dumps(evidence).encode())
+        body = body.replace(b'"@EVIDENCE@"', json.dumps(evidence).encode())
     headers = _USER if mode < 3 else _OPERATOR
     r = _CLIENT.post(_PATHS[mode], content=body, headers=headers)
     if r.status_code >= 500 and r.status_code != 503:
@@ -109,5 +109,5 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802
 
 
 if __name__ == "__main__":
-    main(TestOneInput)
+    main(TestOneInput, json_input=True, prefix=1)
     sys.exit(0)

@@ -19,5 +19,5 @@ TestOneInput = harness("sgx", D.parse_sgx_quote, D.verify_sgx,
                        D.SgxPolicy(mr_enclaves={_MRENCLAVE}, allow_tcb_statuses={"ConfigurationAndSWHardeningNeeded"}))
 
 if __name__ == "__main__":
-    main(TestOneInput)
+    main(TestOneInput, json_input=True, prefix=1)
     sys.exit(0)

@@ -65,5 +65,5 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802
 
 
 if __name__ == "__main__":
-    main(TestOneInput)
+    main(TestOneInput, json_input=True, prefix=1, nul_tail=True)
     sys.exit(0)

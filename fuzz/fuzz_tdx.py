@@ -18,5 +18,5 @@ _MRTD = D.parse_tdx_quote(__import__("_common").data_file("tdx_quote")).mr_td
 TestOneInput = harness("tdx", D.parse_tdx_quote, D.verify_tdx, D.TdxPolicy(mr_tds={_MRTD}))
 
 if __name__ == "__main__":
-    main(TestOneInput)
+    main(TestOneInput, json_input=True, prefix=1)
     sys.exit(0)

@@ -49,5 +49,5 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802
 
 
 if __name__ == "__main__":
-    main(TestOneInput)
+    main(TestOneInput, json_input=True)
     sys.exit(0)

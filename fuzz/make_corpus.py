@@ -188,7 +188,7 @@ def main() -> int:
         seed("server", "00-challenge.json", jbytes({"capsule_id": "@CAPSULE@", "version": m.version}), mode=0)
         seed("server", "01-provision.json", jbytes({
             "capsule_id": "@CAPSULE@", "version": m.version, "nonce": "@NONCE@", "hpke_pub": "@HPKE@",
-            "receipt_pub": "@RECEIPT@", "evidence": "@EVIDENCE@"}).replace(b'"@EVIDENCE@"', b"@EVIDENCE@"), mode=1)
+            "receipt_pub": "@RECEIPT@", "evidence": "@EVIDENCE@"}), mode=1)
         seed("server", "02-provision-verbatim.json", jbytes({
             "capsule_id": str(m.capsule_id), "version": m.version, "nonce": b64e(nonce),
             "hpke_pub": begin["hpke_pub"], "receipt_pub": begin["receipt_pub"], "evidence": begin["evidence"]}),
