@@ -155,6 +155,7 @@ def test_no_secret_is_logged_across_an_end_to_end_run(tmp_path: Path, platform: 
 
     # The capture did see the run, at DEBUG: the server's own lines, the access log, httpx.
     assert "provisioned device" in text and "POST /v1/provision" in text and "/v1/admin/capsules" in text
+    assert "admin API: POST /v1/admin/vouchers by admin token 'ops' (operator)" in text  # the audit line
     assert '"level": "DEBUG"' in captured.getvalue()
     for name, secret in secrets.items():
         for form in forms(secret):

@@ -23,6 +23,7 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import logging
 import re
 import secrets
 import tempfile
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import exc as sa_exc, func, select
@@ -39,6 +40,9 @@ from sqlalchemy import exc as sa_exc, func, select
 from ..enclave import errors as E
 from .db import Account, AdminToken, Capsule, Device, Grant
 from .errors import Unauthorized
+from .schemas import ErrorResponse
+
+log = logging.getLogger("mlcapsule.server")
 
 ROLES = ("read", "operator")
 Role = Literal["read", "operator"]
@@ -344,11 +348,10 @@ class TokenRow(BaseModel):
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "missing or invalid admin token"},
-    403: {"description": "this token's role does not allow the call"},
-    422: {"description": "malformed request, or refused by the service (unknown account, license...)"},
-    503: {"description": "database unavailable"},
-}
+    code: {"model": ErrorResponse, "description": text} for code, text in {
+        401: "missing or invalid admin token", 403: "this token's role does not allow the call",
+        422: "malformed request, or refused by the service (unknown account, license...)",
+        503: "database unavailable"}.items()}
 
 
 def _b64(text: str, what: str) -> bytes:
@@ -364,10 +367,13 @@ def router(service: Any) -> APIRouter:
     bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken",
                         description="an admin token from `mlcapsule admin token create` (never an account token)")
 
-    def admin(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> AdminRef:
+    def admin(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> AdminRef:
         if credentials is None or credentials.scheme.lower() != "bearer":
             return tokens.authenticate(None)
-        return tokens.authenticate(credentials.credentials)
+        who = tokens.authenticate(credentials.credentials)
+        if request.method != "GET":  # an audit line per change (names only, never a token or key)
+            log.info("admin API: %s %s by admin token %r (%s)", request.method, request.url.path, who.name, who.role)
+        return who
 
     def operator(who: AdminRef = Depends(admin)) -> AdminRef:
         if who.role != "operator":
