@@ -34,12 +34,18 @@ class Model:
     n_test: int
 
 
-def train_model(recipe: Recipe, *, epochs: int = 12, channels: int = 64, blocks: int = 4, seed: int = 0,
-                log: Log | None = None, dataset: Dataset | None = None) -> Model:
+#: The full spotter: 10 keywords, ~4,000 training clips (benchmarks/kws.py, examples/kws).
+FULL_TRAINING: dict[str, Any] = {"epochs": 12, "channels": 64, "blocks": 4, "batch": 64}
+#: The tests' spotter: Recipe.tiny(), trained in seconds.
+TINY_TRAINING: dict[str, Any] = {"epochs": 30, "channels": 32, "blocks": 2, "batch": 32}
+
+
+def train_model(recipe: Recipe, *, epochs: int = 12, channels: int = 64, blocks: int = 4, batch: int = 64,
+                seed: int = 0, log: Log | None = None, dataset: Dataset | None = None) -> Model:
     from .train import to_onnx, train
 
     ds = dataset or load(recipe, log=log)
-    t = train(ds, epochs=epochs, channels=channels, blocks=blocks, seed=seed, log=log)
+    t = train(ds, epochs=epochs, channels=channels, blocks=blocks, batch=batch, seed=seed, log=log)
     return Model(to_onnx(t.net), ds.classes, t.test_accuracy, t.per_class, t.train_seconds,
                  len(ds.y_train), len(ds.y_test))
 
