@@ -519,6 +519,13 @@ def suite_server(ws: Workspace) -> dict[str, Any]:
     return run(ws)
 
 
+def suite_kws(ws: Workspace) -> dict[str, Any]:
+    """Keyword spotting (issue 16): see :mod:`mlcapsule.kws.bench`."""
+    from ..kws.bench import suite
+
+    return suite(ws)
+
+
 SUITES: dict[str, Callable[[Workspace], dict[str, Any]]] = {
     "dense": suite_dense, "conv": suite_conv, "networks": suite_networks, "fixed": suite_fixed, "tpm": suite_tpm,
-    "defenses": suite_defenses, "server": suite_server}
+    "defenses": suite_defenses, "server": suite_server, "kws": suite_kws}
