@@ -130,11 +130,11 @@ def suite(ws: Any) -> dict[str, Any]:
             ort_call = _cycle(lambda w: plain.run(None, {"audio": w}), wins)
             s = interleaved({"capsule": cap_call, "plain_ort": ort_call}, rounds=6 if ws.quick else 20,
                             per_round=25 if ws.quick else 50, warmup=5, settle=2)
-            row = {"run": r + 1, "capsule_ms": stats(s["capsule"]), "plain_ms": stats(s["plain_ort"])}
-            row["ratio"] = ratio(row["capsule_ms"], row["plain_ms"])
+            cs, ps = stats(s["capsule"]), stats(s["plain_ort"])
+            row: dict[str, Any] = {"run": r + 1, "capsule_ms": cs, "plain_ms": ps, "ratio": ratio(cs, ps)}
             runs.append(row)
-            log(f"kws run {r + 1}: capsule {row['capsule_ms']['median']:.3f} ms, plain ORT "
-                f"{row['plain_ms']['median']:.3f} ms per window ({row['ratio']:.2f}x)")
+            log(f"kws run {r + 1}: capsule {cs['median']:.3f} ms, plain ORT {ps['median']:.3f} ms per window "
+                f"({row['ratio']:.2f}x)")
         out["per_window"] = runs
         out["resident_memory"] = enclave_memory(cap.status())
     finally:
