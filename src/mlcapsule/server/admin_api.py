@@ -427,7 +427,11 @@ def router(service: Any) -> APIRouter:
             cap_path.write_bytes(data)
             key_path.touch(mode=0o600)
             key_path.write_bytes(key)
-            info, new = service.register_capsule(cap_path, key_path, provider_public=None)
+            try:
+                info, new = service.register_capsule(cap_path, key_path, provider_public=None)
+            except E.KeyFileError as e:  # the uploaded key is the caller's fault: a 422, not a 500 (fuzzing)
+                raise E.FormatError(f"the uploaded content key is not valid: {e.message}",
+                                    hint="upload the .key file written when the capsule was packed") from e
         return CapsuleRegistered(**info, new=new)
 
     @r.post("/grants", response_model=GrantResult)
