@@ -22,7 +22,7 @@ from mlcapsule.enclave.errors import FormatError
 from mlcapsule.enclave.state import EnclaveState
 
 FUZZ = Path(__file__).resolve().parents[1] / "fuzz"
-TARGETS = ("container", "manifest", "state", "license", "voucher", "receipts", "ipc", "software", "tpm", "sgx",
+TARGETS = ("container", "manifest", "state", "license", "voucher", "setup", "receipts", "ipc", "software", "tpm", "sgx",
            "tdx", "snp", "nitro", "server")
 
 
@@ -93,3 +93,28 @@ def test_signed_message_with_a_lone_surrogate_is_a_format_error(kind: str) -> No
         signed.verify(kind, envelope, key.public_key())
     with pytest.raises(FormatError, match="not canonical JSON"):
         signed.sign(kind, envelope["body"], key)
+
+
+# -- finding 6 (fuzz_setup): a provisioning payload whose content key is not a string escaped as
+# AttributeError, and one nested too deep as RecursionError (anyone can encrypt to the enclave's HPKE key) --
+@pytest.mark.parametrize("plaintext", [b'{"content_key": 5, "license": {}}', b'{"content_key": null}',
+                                       b"[" * 100_000], ids=["number", "null", "deep"])
+def test_provisioning_payload_the_host_encrypted_is_a_format_error(plaintext: bytes) -> None:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from mlcapsule.enclave.messages.setup import HPKE_INFO, SUITE, open_payload
+
+    key, nonce = X25519PrivateKey.generate(), bytes(32)
+    ciphertext = SUITE.encrypt(plaintext, key.public_key(), info=HPKE_INFO + nonce)
+    with pytest.raises(FormatError, match="provisioning payload is malformed"):
+        open_payload(ciphertext, key, nonce)
+
+
+# -- finding 7 (fuzz_server): an admin capsule upload whose key file does not parse answered 500 ------------
+def test_admin_capsule_upload_with_a_key_that_does_not_parse_is_a_422(harnesses: Any) -> None:
+    server = harnesses("server")
+    capsule = base64.b64encode((FUZZ / "data" / "tiny.capsule").read_bytes()).decode()
+    for key in (b"[1]", b"5", b'{"format": "mlcapsule-content-key/v1", "key": null}'):
+        r = server._CLIENT.post("/v1/admin/capsules", headers=server._OPERATOR,
+                                json={"capsule": capsule, "key": base64.b64encode(key).decode()})
+        assert r.status_code == 422 and r.json()["error"]["type"] == "FormatError", r.text

@@ -57,9 +57,13 @@ def open_payload(ciphertext: bytes, hpke_key: X25519PrivateKey, nonce: bytes) ->
         raise IntegrityError("the provisioning payload failed to decrypt") from e
     try:
         obj = json.loads(plaintext)
+        # Anyone who sees the enclave's HPKE key can encrypt a payload to it (base mode): a content
+        # key that was not a string escaped as AttributeError, deep nesting as RecursionError (fuzzing).
+        if not isinstance(obj, dict) or not isinstance(obj.get("content_key"), str):
+            raise TypeError("not an object with a content key")
         key = b64d(obj["content_key"])
         lic = obj["license"]
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise FormatError("the provisioning payload is malformed") from e
     if len(key) != 32 or not isinstance(lic, dict):
         raise FormatError("the provisioning payload is malformed")
