@@ -3,12 +3,15 @@
 Input: a mode byte, then
   0: a sealed state file (what is on the client's disk): unsealed by the real software backend;
   1: the plaintext payload (state JSON, then NUL and the defenses' blob): sealed by the harness
-     with the backend's key first, so the fuzzer reaches the parsers behind the AEAD.
+     with the backend's key first, so the fuzzer reaches the parsers behind the AEAD;
+  2: a defenses' blob alone: ``DefenseState.from_bytes`` under the policy, and
+     ``OodStats.from_bytes`` (the OOD statistics the capsule carries, same container).
 Then what ``EnclaveCore.load`` does with it, in its order, without the model: ``SealedStore.load``
 (``EnclaveState.from_bytes``), the capsule check, ``bind`` (the counters), the receipt key, the
 license (``verify_license`` under the provider key), ``Ledger.open`` and a charge and a report,
 and ``DefenseState.from_bytes`` under the capsule's defense policy as the license tightens it.
-Seeds: the state the real enclave core sealed after a setup, three queries, a voucher and a report.
+Seeds: the state the real enclave core sealed after a setup, three queries, a voucher and a report,
+its defenses' blob, and the OOD statistics of the real packer's capsule.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from _common import DATA, context, instrumented, main, ours, split
 with instrumented(__name__ == "__main__"):
     from mlcapsule.enclave.backends.software import SoftwareBackend
     from mlcapsule.enclave.crypto.keys import ed25519_public_from_raw
+    from mlcapsule.enclave.defenses.ood import OodStats
     from mlcapsule.enclave.defenses.pipeline import DefenseState
     from mlcapsule.enclave.defenses.policy import DefensePolicy, tighten
     from mlcapsule.enclave.ledger import Ledger
@@ -42,7 +46,13 @@ _NOW = dt.datetime(2030, 1, 2, tzinfo=dt.UTC)
 
 
 def TestOneInput(data: bytes) -> None:  # noqa: N802
-    mode, rest = split(data, 2)
+    mode, rest = split(data, 3)
+    if mode == 2:
+        with ours():
+            DefenseState.from_bytes(rest, _BASE_POLICY)
+        with ours():
+            OodStats.from_bytes(rest)
+        return
     store = SealedStore(_BACKEND, _WORK, _CAPSULE_ID, _VERSION)
     blob = rest if mode == 0 else _BACKEND.seal(rest, label=store.label)
     (_WORK / STATE_FILE).write_bytes(blob)

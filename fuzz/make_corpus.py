@@ -64,7 +64,9 @@ def main() -> int:
     from mlcapsule.enclave.backends.software import SoftwareBackend
     from mlcapsule.enclave.core import EnclaveCore
     from mlcapsule.enclave.crypto.keys import generate_provider_key, load_provider_key, raw_public
+    from mlcapsule.enclave.format.container import CapsuleFile
     from mlcapsule.enclave.format.manifest import Policy
+    from mlcapsule.enclave.format.trust import UnsafeTrustManifestKey
     from mlcapsule.enclave.messages.license import License
     from mlcapsule.enclave.messages.receipts import Ack
     from mlcapsule.enclave.messages.setup import seal_payload
@@ -98,9 +100,6 @@ def main() -> int:
         for v in sorted((ROOT / "tests" / "vectors").glob("*.capsule")):  # the golden vectors of each version
             seed("container", f"vector-{v.name}", v.read_bytes())
         for i, path in enumerate([res.capsule_path, plain.capsule_path]):
-            from mlcapsule.enclave.format.container import CapsuleFile
-            from mlcapsule.enclave.format.trust import UnsafeTrustManifestKey
-
             with CapsuleFile(path, trust=UnsafeTrustManifestKey()) as cf:
                 seed("manifest", f"{i:02d}-manifest.json", cf.manifest_bytes)
 
@@ -143,6 +142,19 @@ def main() -> int:
         sealed = (state_dir / STATE_FILE).read_bytes()
         seed("state", "00-sealed", sealed, mode=0)
         seed("state", "01-payload", backend.unseal(sealed, label=store.label), mode=1)
+        seed("state", "02-defense-state", backend.unseal(sealed, label=store.label).partition(b"\0")[2], mode=2)
+        with CapsuleFile(res.capsule_path, trust=UnsafeTrustManifestKey()) as cf:
+            seed("state", "03-ood-stats", bytes(cf.plaintext("defense.ood", b64d(content_key["key"]))), mode=2)
+        # The provisioning payload, encrypted to fuzz_setup.py's fixed enclave key (mode 0) and in clear (mode 1).
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        from mlcapsule.enclave._util import canonical_json
+        from mlcapsule.enclave.messages.setup import HPKE_INFO, SUITE
+
+        plaintext = canonical_json({"content_key": content_key["key"], "license": envelope})
+        fuzz_enclave = X25519PrivateKey.from_private_bytes(bytes(range(32))).public_key()
+        seed("setup", "00-ciphertext", SUITE.encrypt(plaintext, fuzz_enclave, info=HPKE_INFO + bytes(32)), mode=0)
+        seed("setup", "01-plaintext.json", plaintext, mode=1)
         seed("license", "00-license.json", jbytes(envelope))
         seed("voucher", "00-voucher.json", jbytes(voucher), mode=0)
         seed("voucher", "01-unlock.json", jbytes(unlock), mode=1)

@@ -118,3 +118,17 @@ def test_admin_capsule_upload_with_a_key_that_does_not_parse_is_a_422(harnesses:
         r = server._CLIENT.post("/v1/admin/capsules", headers=server._OPERATOR,
                                 json={"capsule": capsule, "key": base64.b64encode(key).decode()})
         assert r.status_code == 422 and r.json()["error"]["type"] == "FormatError", r.text
+
+
+# -- finding 8 (fuzz_state, mode 2): a defenses' blob whose JSON header nests too deep escaped as RecursionError
+def test_defense_state_blob_with_a_deeply_nested_header_is_a_format_error() -> None:
+    import struct
+
+    from mlcapsule.enclave.defenses.pipeline import DefenseState
+    from mlcapsule.enclave.defenses.policy import DefensePolicy
+
+    policy = DefensePolicy.from_specs(["prada:delta=0.9,action=lock", "ood"])
+    good = DefenseState.new(policy).to_bytes()
+    header = b"[" * 100_000
+    with pytest.raises(FormatError, match="header is not JSON"):
+        DefenseState.from_bytes(good[:6] + struct.pack(">I", len(header)) + header, policy)

@@ -65,7 +65,7 @@ def unpack(blob: bytes, magic: bytes, version: int, what: str,
         raise damaged(what, "bad header length")
     try:
         header = json.loads(bytes(view[_PREFIX.size:_PREFIX.size + hlen]))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError (fuzzing)
         raise damaged(what, "header is not JSON") from None
     if not isinstance(header, dict) or set(header) != {"fields", "arrays"} or not isinstance(header["fields"], dict) \
             or not isinstance(header["arrays"], list):
