@@ -110,11 +110,12 @@ def test_provisioning_payload_the_host_encrypted_is_a_format_error(plaintext: by
         open_payload(ciphertext, key, nonce)
 
 
-# -- finding 7 (fuzz_server): an admin capsule upload whose key file does not parse answered 500 ------------
+# -- findings 7 and 9 (fuzz_server): an admin capsule upload whose key file does not parse answered 500, and
+# one nested too deep escaped the app as RecursionError (ContentKey.from_json) ------------------------------
 def test_admin_capsule_upload_with_a_key_that_does_not_parse_is_a_422(harnesses: Any) -> None:
     server = harnesses("server")
     capsule = base64.b64encode((FUZZ / "data" / "tiny.capsule").read_bytes()).decode()
-    for key in (b"[1]", b"5", b'{"format": "mlcapsule-content-key/v1", "key": null}'):
+    for key in (b"[1]", b"5", b'{"format": "mlcapsule-content-key/v1", "key": null}', b"[" * 5000):
         r = server._CLIENT.post("/v1/admin/capsules", headers=server._OPERATOR,
                                 json={"capsule": capsule, "key": base64.b64encode(key).decode()})
         assert r.status_code == 422 and r.json()["error"]["type"] == "FormatError", r.text
@@ -132,3 +133,11 @@ def test_defense_state_blob_with_a_deeply_nested_header_is_a_format_error() -> N
     header = b"[" * 100_000
     with pytest.raises(FormatError, match="header is not JSON"):
         DefenseState.from_bytes(good[:6] + struct.pack(">I", len(header)) + header, policy)
+
+
+def test_content_key_file_nested_too_deep_is_a_key_file_error() -> None:
+    from mlcapsule.enclave.crypto.keys import ContentKey
+    from mlcapsule.enclave.errors import KeyFileError
+
+    with pytest.raises(KeyFileError, match="not a valid mlcapsule content key file"):
+        ContentKey.from_json(b'{"format": "mlcapsule-content-key/v1", "key": ' + b"[" * 5000)

@@ -130,7 +130,7 @@ class ContentKey:
             if len(key) != CONTENT_KEY_LEN:
                 raise ValueError("length")
             return cls(uuid.UUID(obj["capsule_id"]), int(obj["version"]), key)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # deep nesting (fuzzing)
             raise KeyFileError("not a valid mlcapsule content key file") from e
 
     @classmethod
