@@ -101,7 +101,9 @@ def main(test_one_input: Callable[[bytes], None], *, json_input: bool = False, p
             doc = json_or_none(body)
             if doc is None:
                 return atheris.Mutate(data, max_size)
-            out = head + json.dumps(mutate_json(random.Random(seed), doc)).encode() + tail
+            # The "deep" marker becomes 1,500 open brackets: the JSON decoder's RecursionError.
+            text = json.dumps(mutate_json(random.Random(seed), doc)).replace(_DEEP_JSON, "[" * 1500)
+            out = head + text.encode() + tail
             return out if len(out) <= max_size else atheris.Mutate(data, max_size)
 
         atheris.Setup(sys.argv, test_one_input, custom_mutator=mutator)
@@ -110,11 +112,14 @@ def main(test_one_input: Callable[[bytes], None], *, json_input: bool = False, p
 
 #: Values a structure-aware mutation puts in the place of another: every JSON type, the edges of
 #: the integer types, non-finite numbers (Python's json reads NaN and Infinity), a lone surrogate,
-#: strings that look like base64, hex digests or times, and nesting.
+#: strings that look like base64, hex digests or times, and nesting (the last one, a marker, becomes
+#: nesting deeper than Python's JSON decoder takes).
 SPECIAL: tuple[Any, ...] = (
     None, True, False, 0, -1, 1, 2**31, 2**63, 2**64, -(2**63) - 1, 10**30, 1.5, -0.0, 1e308, float("nan"),
     float("inf"), "", "x", "x" * 300, "\ud800", "0" * 64, "A" * 44, "AAAA", "2030-01-01T00:00:00",
-    "2030-01-01T00:00:00+00:00", "yesterday", "\x00", [], {}, [[]], {"a": 1}, [1, 2], ["x"], [[[[[[[[[[]]]]]]]]]])
+    "2030-01-01T00:00:00+00:00", "yesterday", "\x00", [], {}, [[]], {"a": 1}, [1, 2], ["x"], [[[[[[[[[[]]]]]]]]]],
+    "\x00deep\x00")
+_DEEP_JSON = json.dumps("\x00deep\x00")
 
 
 def _paths(doc: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
