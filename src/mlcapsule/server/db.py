@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from sqlalchemy import (
     inspect,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
@@ -285,8 +286,36 @@ def make_engine(database_url: str, *, echo: bool = False) -> Engine:
 
         return engine
     if backend == "postgresql":
-        return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=20, max_overflow=40, pool_timeout=60)
+        engine = create_engine(url, echo=echo, pool_size=20, max_overflow=40, pool_timeout=60)
+        _ping_when_idle(engine)
+        return engine
     raise UsageError(f"database {backend!r} is not supported", hint="use sqlite:///PATH or postgresql+psycopg://...")
+
+
+#: A pooled connection that sat unused this long is pinged before it is handed out again.
+PING_AFTER_IDLE = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Like ``pool_pre_ping``, which costs a round trip on every checkout (five per setup), but
+    only for connections that sat in the pool for :data:`PING_AFTER_IDLE` seconds: those are the
+    ones a database restart or an idle timeout may have closed. A connection in steady use is
+    not pinged; if the database went away meanwhile, the statement fails (the request gets 503)
+    and SQLAlchemy discards the pool's connections, as it would after the ping."""
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as e:  # the pool replaces the connection and tries again
+            raise DisconnectionError("a pooled database connection is closed") from e
 
 
 MIGRATIONS = Path(__file__).with_name("migrations")
