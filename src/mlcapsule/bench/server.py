@@ -64,6 +64,9 @@ GOAL_RATIO = 0.4
 
 
 # -- PostgreSQL: a throwaway server (as tests/pg.py does) --------------------------------------------
+_POSTMASTERS: dict[str, int] = {}  # URL of a throwaway server -> its postmaster's pid (for CPU accounting)
+
+
 def find_pg_bin() -> Path | None:
     """The newest /usr/lib/postgresql/N/bin with initdb, pg_ctl and postgres, else those on PATH."""
     found = []
@@ -132,7 +135,12 @@ def throwaway_postgres() -> Iterator[str]:
 
         with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True) as c:
             c.execute("CREATE DATABASE bench")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/bench"
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/bench"
+        _POSTMASTERS[url] = int((data / "postmaster.pid").read_text().split()[0])
+        try:
+            yield url
+        finally:
+            _POSTMASTERS.pop(url, None)
     finally:
         try:
             if started:
@@ -237,6 +245,63 @@ class Server:
             self.proc.wait()
 
 
+# -- CPU accounting: what each operation costs, whatever else runs on the machine ----------------------
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc), or [] if it is gone."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for t in glob.glob(f"/proc/{p}/task/*/children"):
+            try:
+                todo += [int(c) for c in Path(t).read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+def _cpu(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes (those that still exist)."""
+    total = 0
+    for p in pids:
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(f[11]) + int(f[12])
+    return total / _TICK
+
+
+@dataclass
+class Probe:
+    """CPU seconds used by the server (every worker), the database (a throwaway PostgreSQL's
+    processes; None for a given database) and this load generator, between two snapshots."""
+
+    server_pid: int
+    postmaster_pid: int | None
+
+    def snapshot(self) -> dict[str, float]:
+        t = os.times()
+        out = {"server": _cpu(_tree(self.server_pid)), "client": t.user + t.system}
+        if self.postmaster_pid is not None:
+            out["database"] = _cpu(_tree(self.postmaster_pid))
+        return out
+
+
+async def _watch(w: Window, probe: Probe | None) -> None:
+    """Snapshot the CPU counters at the window's start and end."""
+    if probe is None:
+        return
+    await asyncio.sleep(max(0.0, w.start - time.perf_counter()))
+    a = probe.snapshot()
+    await asyncio.sleep(max(0.0, w.end - time.perf_counter()))
+    b = probe.snapshot()
+    w.cpu = {k: b[k] - a[k] for k in b}
+
+
 # -- the clients --------------------------------------------------------------------------------------
 def _raw(pub: Any) -> bytes:
     return bytes(pub.public_bytes(Encoding.Raw, PublicFormat.Raw))
@@ -284,6 +349,7 @@ class Window:
     per_request: dict[str, list[float]] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     units: int = 0  # receipts, for uploads
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds in the window, by process group
 
     def inside(self, t0: float, t1: float) -> bool:
         return self.start <= t0 and t1 <= self.end
@@ -300,6 +366,11 @@ class Window:
         if unit:
             out[unit] = self.units
             out[unit + "_per_second"] = self.units / span
+        if self.cpu:
+            n = max(1, len(self.latencies))
+            out["cpu_seconds"] = self.cpu
+            out["cpu_ms_per_op"] = {k: 1e3 * v / n for k, v in self.cpu.items()}
+            out["cpu_ms_per_op"]["total"] = sum(out["cpu_ms_per_op"].values())
         return out
 
 
@@ -310,7 +381,7 @@ def _client(clients: int) -> Any:
     return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0))
 
 
-async def _trivial(url: str, clients: int, warmup: float, seconds: float) -> dict[str, Any]:
+async def _trivial(url: str, clients: int, warmup: float, seconds: float, probe: Probe | None = None) -> dict[str, Any]:
     async with _client(clients) as http:
         t_start = time.perf_counter() + warmup
         w = Window(t_start, t_start + seconds)
@@ -327,12 +398,12 @@ async def _trivial(url: str, clients: int, warmup: float, seconds: float) -> dic
                 elif w.inside(t0, t1):
                     w.latencies.append(t1 - t0)
 
-        await asyncio.gather(*(one() for _ in range(clients)))
+        await asyncio.gather(_watch(w, probe), *(one() for _ in range(clients)))
     return w.result()
 
 
 async def _setups(url: str, prov: Provider, backend: Any, enclaves: list[Enclave], clients: int, warmup: float,
-                  seconds: float, devices: list[DeviceRef]) -> dict[str, Any]:
+                  seconds: float, devices: list[DeviceRef], probe: Probe | None = None) -> dict[str, Any]:
     from ..enclave._util import b64d, b64e
     from ..enclave.messages.setup import report_data
 
@@ -371,7 +442,7 @@ async def _setups(url: str, prov: Provider, backend: Any, enclaves: list[Enclave
                     w.per_request["challenge"].append(t1 - t0)
                     w.per_request["provision"].append(t3 - t2)
 
-        await asyncio.gather(*(one(i) for i in range(clients)))
+        await asyncio.gather(_watch(w, probe), *(one(i) for i in range(clients)))
     res = w.result()
     if not enclaves:
         res["errors"]["ran out of pre-made enclave keys"] = 1
@@ -404,7 +475,7 @@ def make_chains(devices: list[DeviceRef], receipts_per_upload: int, total: int) 
 
 
 async def _uploads(url: str, devices: list[DeviceRef], chains: list[list[list[dict[str, Any]]]], clients: int,
-                   warmup: float, seconds: float) -> dict[str, Any]:
+                   warmup: float, seconds: float, probe: Probe | None = None) -> dict[str, Any]:
     from ..server.schemas import USAGE_PROTOCOL
 
     async with _client(clients) as http:
@@ -435,7 +506,7 @@ async def _uploads(url: str, devices: list[DeviceRef], chains: list[list[list[di
             if time.perf_counter() < w.end:
                 exhausted = True
 
-        await asyncio.gather(*(one() for _ in range(clients)))
+        await asyncio.gather(_watch(w, probe), *(one() for _ in range(clients)))
     res = w.result("receipts")
     if exhausted:
         res["errors"]["ran out of pre-made receipt chains"] = 1
@@ -455,7 +526,7 @@ class Config:
     #: Setups per second the key pool and the receipt chains are sized for (more is fine: the
     #: pool is topped up between cells; the result says if a run ran out).
     expect_setups: float = 600.0
-    expect_receipts: float = 10000.0
+    expect_receipts: float = 6000.0
 
     @classmethod
     def from_env(cls, quick: bool, environ: Any = os.environ) -> Config:
@@ -474,17 +545,20 @@ class Config:
                    expect_receipts=base.expect_receipts)
 
 
-def _cell(url: str, prov: Provider, backend: Any, cfg: Config, clients: int, log: Any) -> dict[str, Any]:
+def _cell(srv: Server, db_url: str, prov: Provider, backend: Any, cfg: Config, clients: int,
+          log: Any) -> dict[str, Any]:
     """Trivial endpoint, setups, then uploads with the devices those setups made, at ``clients``."""
-    trivial = asyncio.run(_trivial(url, clients, cfg.warmup, cfg.seconds))
+    assert srv.proc is not None
+    url, probe = srv.url, Probe(srv.proc.pid, _POSTMASTERS.get(db_url))
+    trivial = asyncio.run(_trivial(url, clients, cfg.warmup, cfg.seconds, probe))
     n_keys = int(cfg.expect_setups * (cfg.seconds + cfg.warmup + 1)) + 2 * clients
     enclaves = [Enclave() for _ in range(n_keys)]
     devices: list[DeviceRef] = []
-    setups = asyncio.run(_setups(url, prov, backend, enclaves, clients, cfg.warmup, cfg.seconds, devices))
+    setups = asyncio.run(_setups(url, prov, backend, enclaves, clients, cfg.warmup, cfg.seconds, devices, probe))
     total = int(cfg.expect_receipts * (cfg.seconds + cfg.warmup + 1))
     used = devices[: max(clients, min(len(devices), total // (4 * cfg.receipts_per_upload) or 1))]
     chains = make_chains(used, cfg.receipts_per_upload, total)
-    uploads = asyncio.run(_uploads(url, used, chains, clients, cfg.warmup, cfg.seconds))
+    uploads = asyncio.run(_uploads(url, used, chains, clients, cfg.warmup, cfg.seconds, probe))
     row = {"clients": clients, "trivial": trivial, "setups": setups, "uploads": uploads,
            "load_average": load_average()}
     log(f"  {clients:3d} clients: trivial {trivial['per_second']:7.0f}/s "
@@ -492,6 +566,7 @@ def _cell(url: str, prov: Provider, backend: Any, cfg: Config, clients: int, log
         f" | setups {setups['per_second']:6.1f}/s p50 {setups['latency_ms'].get('median', 0):6.1f} "
         f"p99 {setups['latency_ms'].get('p99', 0):6.1f} ms | uploads {uploads['per_second']:6.1f}/s "
         f"({uploads['receipts_per_second']:6.0f} receipts/s) p99 {uploads['latency_ms'].get('p99', 0):6.1f} ms"
+        + (f" | CPU ms/setup {setups['cpu_ms_per_op']}" if setups.get("cpu_ms_per_op") else "")
         + (f" | errors {setups['errors'] | uploads['errors'] | trivial['errors']}"
            if setups["errors"] or uploads["errors"] or trivial["errors"] else ""))
     return row
@@ -549,7 +624,7 @@ def run_suite(ws: Workspace, cfg: Config) -> dict[str, Any]:
             log(f" {workers} worker(s)")
             with Server(url, ws, workers, ws.root / f"serve-{workers}.log", measurement) as srv:
                 for clients in cfg.clients:
-                    rows.append({"workers": workers, **_cell(srv.url, prov, backend, cfg, clients, log)})
+                    rows.append({"workers": workers, **_cell(srv, url, prov, backend, cfg, clients, log)})
         top = max(cfg.clients)
         best = max((r for r in rows if r["clients"] == top), key=lambda r: r["setups"]["per_second"])
         runs = [_summary(best)]
@@ -557,7 +632,7 @@ def run_suite(ws: Workspace, cfg: Config) -> dict[str, Any]:
             log(f" headline again: {best['workers']} worker(s), {top} clients, {cfg.repeats - 1} more run(s)")
             with Server(url, ws, best["workers"], ws.root / "serve-headline.log", measurement) as srv:
                 for _ in range(cfg.repeats - 1):
-                    runs.append(_summary(_cell(srv.url, prov, backend, cfg, top, log)))
+                    runs.append(_summary(_cell(srv, url, prov, backend, cfg, top, log)))
         keys = runs[0].keys()
         headline = {"workers": best["workers"], "clients": top, "runs": runs,
                     "median": {k: statistics.median(r[k] for r in runs) for k in keys},
