@@ -59,11 +59,12 @@ def provisioned(h: Harness) -> dict[str, Any]:
     r = h.provision(enc)
     assert r.status_code == 200, r.text
     body = r.json()
+    receipts = enc.chain(body["license_id"], 5)
     up = h.client.post("/v1/usage", json={"protocol": 2, "license_id": body["license_id"],
-                                          "device_id": body["device_id"],
-                                          "receipts": enc.chain(body["license_id"], 3)}, headers=h.auth())
+                                          "device_id": body["device_id"], "receipts": receipts[:3]},
+                       headers=h.auth())
     assert up.status_code == 200, up.text
-    return dict(body)
+    return {**body, "later_receipts": receipts}
 
 
 def admin_paths(h: Harness) -> list[tuple[str, str]]:
@@ -242,6 +243,12 @@ def test_remote_cli_prints_what_the_local_cli_prints(db_url: str, provider_files
         assert (v.seq, v.queries) == (1, 25)
         r = run("admin", *remote, "unlock", "--license", lic["license_id"], "--reset-detectors")
         assert r.exit_code == 0 and json.loads(r.stdout)["body"]["reset"] is True, r.output
+        report = tmp_path / "receipts.json"
+        report.write_text(json.dumps({k: lic[k] for k in ("license_id", "device_id")}
+                                     | {"receipts": lic["later_receipts"]}))
+        r = run("admin", *remote, "import-receipts", str(report))
+        assert r.exit_code == 0 and "chain at 5, 120 queries answered, 200 charged" in r.output, r.output
+        assert r.output == run("admin", "import-receipts", str(report), *local).output  # again: nothing new
         r = run("admin", *remote, "revoke", "bob", h.files.capsule_id)
         assert r.exit_code == 0 and "revoked: bob" in r.output, r.output
 
