@@ -182,3 +182,95 @@ def test_crash_points_are_off_unless_the_server_environment_names_one(monkeypatc
     monkeypatch.setenv(CRASH_ENV, "provision.after_lunch")
     with pytest.raises(Misconfigured, match="not a crash point"):
         ProviderService(None, policy=AttestationPolicy())  # type: ignore[arg-type]
+
+
+def test_a_real_enclave_sets_up_and_syncs_through_server_crashes(
+        provider_files: ProviderFiles, platform: Any, tmp_path: Path) -> None:  # noqa: F811
+    """`Capsule.setup` and `sync` with a real enclave worker and the default client retries, on
+    a grant of one device: the server worker dies right after committing the provisioning, and
+    (second server run) right after committing the upload. The setup still gets its key and
+    license (no lock-out), the capsule predicts offline, and the sync is counted once."""
+    import numpy as np
+
+    import mlcapsule
+    from mlcapsule.enclave.crypto.keys import raw_public
+    from mlcapsule.enclave.format.trust import TrustProviderKey
+
+    db = f"sqlite:///{tmp_path / 'server.db'}"
+    token = provider_db(db, provider_files, devices=1)
+    trust = TrustProviderKey(raw_public(load_provider_key(provider_files.key_path).public_key()))
+
+    def open_capsule() -> Any:
+        return mlcapsule.open_capsule(provider_files.capsule_path, trust=trust, state_dir=tmp_path / "state",
+                                      platform_dir=platform.dir)
+
+    srv = ServerProcess(db, provider_files, platform, tmp_path / "serve.log", workers=2)
+    srv.start(env={CRASH_ENV: "provision.after_commit", CRASH_ONCE_ENV: str(tmp_path / "crashed-1")})
+    try:
+        with open_capsule() as cap:
+            lic = cap.setup(token=token, server=srv.url)
+            assert (tmp_path / "crashed-1").exists()
+            out = cap.predict(np.ones((3, 4), dtype=np.float32))
+            assert np.asarray(out).shape == (3, 3)
+    finally:
+        srv.stop()
+    srv.start(env={CRASH_ENV: "usage.after_commit", CRASH_ONCE_ENV: str(tmp_path / "crashed-2")})
+    try:
+        with open_capsule() as cap:
+            ack = cap.sync(token=token, server=srv.url)
+            assert (tmp_path / "crashed-2").exists()
+            assert cap.status()["license_status"]["receipts_pending"] == 0
+    finally:
+        srv.stop()
+    engine = make_engine(db)
+    try:
+        with session_factory(engine)() as s:
+            [dev] = s.scalars(select(Device)).all()
+            assert dev.license_id == lic["license_id"]
+            assert (dev.head_seq, dev.charged, dev.answered) == (ack["seq"], ack["charged"], ack["answered"])
+            assert dev.answered == 3 and dev.head_seq >= 2
+    finally:
+        engine.dispose()
+
+
+def test_client_retries_transient_answers_only() -> None:
+    """ProviderClient sends a request again on 502/503/504 (the same body each time), not on a
+    500 (a server bug, that the same request meets again) or a 4xx, and asks /health once."""
+    import json
+
+    import httpx
+
+    seen: list[tuple[str, bytes]] = []
+    script: list[int] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append((req.url.path, req.content))
+        status = script.pop(0)
+        if status == 200:
+            return httpx.Response(200, json={"nonce": "A" * 43 + "=", "expires_at": "2030-01-01T00:00:00+00:00"})
+        return httpx.Response(status, json={"error": {"type": "ServerError", "message": f"status {status}",
+                                                     "hint": ""}})
+
+    def client() -> ProviderClient:
+        return ProviderClient("https://models.example", "t", transport=httpx.MockTransport(handler), backoff=0)
+
+    script[:] = [503, 502, 504, 200]
+    with client() as c:
+        nonce, _ = c.challenge(str(uuid.uuid4()), 1)
+    assert len(nonce) == 32 and len(seen) == 4 and len({body for _, body in seen}) == 1
+    for status in (500, 409, 429):
+        seen.clear()
+        script[:] = [status, 200]
+        with client() as c, pytest.raises(Exception, match=f"status {status}"):
+            c.challenge(str(uuid.uuid4()), 1)
+        assert len(seen) == 1
+    seen.clear()
+    script[:] = [503] * 10
+    with client() as c, pytest.raises(Exception, match="status 503"):
+        c.challenge(str(uuid.uuid4()), 1)
+    assert len(seen) == 6  # the first attempt and 5 retries
+    seen.clear()
+    script[:] = [503, 200]
+    with client() as c, pytest.raises(Exception, match="status 503"):
+        c.health()
+    assert len(seen) == 1 and json.loads(seen[0][1] or b"null") is None
