@@ -274,3 +274,39 @@ def test_client_retries_transient_answers_only() -> None:
     with client() as c, pytest.raises(Exception, match="status 503"):
         c.health()
     assert len(seen) == 1 and json.loads(seen[0][1] or b"null") is None
+
+
+def test_revision_0006_round_trip_keeps_devices_and_retries_work_after_it(
+        db_url: str, provider_files: ProviderFiles, platform: Any) -> None:  # noqa: F811
+    """A server with devices, vouchers and alarms goes down to 0005 and up again to the head: the
+    devices stay (a device from before 0006 has no stored answer and keeps syncing), and a new
+    provisioning is idempotent."""
+    from alembic import command
+
+    from _server_support import harness
+    from mlcapsule.server.db import alembic_config, migrate, schema_revisions
+
+    with harness(db_url, provider_files, platform, devices=3) as h:
+        enc = h.enclave()
+        r = h.provision(enc)
+        assert r.status_code == 200
+        lic = r.json()
+        chain = receipts(enc, lic["license_id"])
+        body = {"protocol": 2, "license_id": lic["license_id"], "device_id": lic["device_id"]}
+        assert h.client.post("/v1/usage", json={**body, "receipts": chain[:3]}, headers=h.auth()).status_code == 200
+        h.service.issue_voucher(lic["license_id"], 10)
+        with h.engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0005")
+        assert schema_revisions(h.engine)[0] == "0005"
+        head = migrate(h.engine)
+        assert head == schema_revisions(h.engine)[1] >= "0006"
+        with h.service.sessions() as s:
+            [dev] = s.scalars(select(Device)).all()
+            assert (dev.nonce, dev.answer_payload, dev.head_seq) == (None, None, 3)
+        r = h.client.post("/v1/usage", json={**body, "receipts": chain[2:]}, headers=h.auth())
+        assert r.status_code == 200 and r.json()["seq"] == 6
+        enc2, nonce = h.enclave(), h.nonce()
+        first, again = h.provision(enc2, nonce), h.provision(enc2, nonce)
+        assert first.status_code == again.status_code == 200 and first.json() == again.json()
+        with h.service.sessions() as s:
+            assert s.scalar(select(func.count(Device.id))) == 2
