@@ -144,3 +144,55 @@ def test_serve_workers_replaces_a_killed_worker_and_stops_them_all(
         assert "starting another" in srv.log.read_text()
     finally:
         srv.stop()
+
+
+def fire_same(url: str, token: str, path: str, body: dict[str, Any], n: int) -> list[httpx.Response]:
+    """POST the same body ``n`` times at once, each on its own connection."""
+    barrier = threading.Barrier(n)
+    out: list[Any] = [None] * n
+
+    def one(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"}) as c:
+            c.get("/v1/health")
+            barrier.wait(timeout=120)
+            out[i] = c.post(path, json=body)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert all(r is not None for r in out), "a request did not finish"
+    return out
+
+
+def test_copies_of_one_request_racing_get_one_answer_and_count_once(
+        db_url: str, provider_files: ProviderFiles, platform: Any) -> None:  # noqa: F811
+    """A retry racing its original (the client gave up waiting, the first copy is still running):
+    20 copies of one provisioning request at once get the same answer and one slot; 20 copies of
+    one upload at once are all acknowledged with the same head, and its receipts count once."""
+    from _server_support import harness, serve_in_thread
+    from mlcapsule.enclave.messages.receipts import GENESIS, entry_hash, make_entry
+
+    with harness(db_url, provider_files, platform, devices=5) as h, serve_in_thread(h.app) as url:
+        enc, nonce = h.enclave(), h.nonce()
+        body = enc.provision_body(h.files.capsule_id, h.files.version, nonce)
+        answers = fire_same(url, h.token, "/v1/provision", body, 20)
+        assert {r.status_code for r in answers} == {200}
+        assert len({r.text for r in answers}) == 1
+        lic = answers[0].json()
+        assert [d.license_id for d in devices_in(db_url)] == [lic["license_id"]]
+
+        chain, prev = [], GENESIS
+        for seq, (kind, charged, data) in enumerate([("setup", 0, None), ("lease", 100, None),
+                                                     ("defense-gap", 100, {"queries": 4, "reason": "crash"})], 1):
+            e = make_entry(enc.receipt, seq=seq, prev=prev, kind=kind, license_id=lic["license_id"],
+                           time=f"2030-01-01T00:0{seq}:00+00:00", charged=charged, answered=0, data=data)
+            chain.append(e)
+            prev = entry_hash(e)
+        upload = {"protocol": 2, "license_id": lic["license_id"], "device_id": lic["device_id"], "receipts": chain}
+        acks = fire_same(url, h.token, "/v1/usage", upload, 20)
+        assert {r.status_code for r in acks} == {200}, {r.text for r in acks if r.status_code != 200}
+        assert {r.json()["seq"] for r in acks} == {3}
+        [dev] = devices_in(db_url)
+        assert (dev.head_seq, dev.charged, dev.defense_gaps, dev.gap_queries) == (3, 100, 1, 4)
