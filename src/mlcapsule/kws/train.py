@@ -95,7 +95,8 @@ def _spec_augment(f: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def train(ds: Dataset, *, epochs: int = 12, batch: int = 64, lr: float = 3e-3, channels: int = 64,
-          blocks: int = 4, seed: int = 0, threads: int | None = 1,
+          blocks: int = 4, seed: int = 0, threads: int | None = 1, label_smoothing: float = 0.05,
+          dropout: float = 0.2,
           log: Callable[[str], Any] | None = None) -> Trained:
     """Train on ``ds.x_train``; report the accuracy on the held-out voices of ``ds.x_test``.
 
@@ -111,11 +112,12 @@ def train(ds: Dataset, *, epochs: int = 12, batch: int = 64, lr: float = 3e-3, c
         xte = torch.cat([fe(torch.from_numpy(ds.x_test[i:i + 512])) for i in range(0, len(ds.x_test), 512)])
     ytr = torch.from_numpy(ds.y_train)
     net = DSCNN(len(ds.classes), channels, blocks)
+    net.drop.p = dropout
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-3)
     steps = epochs * -(-len(xtr) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     g = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     for epoch in range(epochs):
         net.train()
         perm = torch.randperm(len(xtr), generator=g)
