@@ -301,6 +301,24 @@ def _recorded() -> None:
     # Nitro: the raw COSE_Sign1 document.
     for name in ("example_attestation", "invalid_attestation"):
         seed("nitro", f"{name}.cbor", base64.b64decode(v(f"nitro/{name}.b64")))
+    # The same recordings in the evidence wire format (fuzz_hardware.py), with and without collateral.
+    def b(rel: str) -> str:
+        return base64.b64encode(v(rel)).decode()
+
+    wire = {"00-sgx.json": {"type": "sgx", "version": 1, "quote": b("dcapqvl/sgx_quote"),
+                            "collateral": json.loads(v("dcapqvl/sgx_quote_collateral.json"))},
+            "01-sgx-no-collateral.json": {"type": "sgx", "version": 1, "quote": b("dcapqvl/sgx_quote"),
+                                          "collateral": None},
+            "02-tdx.json": {"type": "tdx", "version": 1, "quote": b("dcapqvl/tdx_quote"),
+                            "collateral": json.loads(v("dcapqvl/tdx_quote_collateral.json"))},
+            "03-snp.json": {"type": "snp", "version": 1, "report": b("snp/attestation.bin"),
+                            "vcek": b("snp/vcek.testcer"), "chain": v("snp/ask_ark_milan.pem").decode()},
+            "04-snp-no-certificates.json": {"type": "snp", "version": 1, "report": b("snp/attestation.bin"),
+                                            "vcek": None, "chain": None},
+            "05-nitro.json": {"type": "nitro", "version": 1, "document": base64.b64encode(
+                base64.b64decode(v("nitro/example_attestation.b64"))).decode()}}
+    for name, evidence in wire.items():
+        seed("hardware", name, jbytes(evidence))
 
 
 if __name__ == "__main__":

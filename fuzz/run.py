@@ -28,7 +28,7 @@ from pathlib import Path
 FUZZ = Path(__file__).resolve().parent
 #: Every harness, in the order they run (fuzz_dcap.py is the SGX/TDX harnesses' shared part).
 TARGETS = ("container", "manifest", "state", "license", "voucher", "setup", "receipts", "ipc", "software", "tpm", "sgx",
-           "tdx", "snp", "nitro", "server")
+           "tdx", "snp", "nitro", "hardware", "server")
 
 
 def run_one(target: str, *, seconds: int, seed: int, timeout: int, work: Path, python: str) -> tuple[bool, str]:

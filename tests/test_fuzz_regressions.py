@@ -23,7 +23,7 @@ from mlcapsule.enclave.state import EnclaveState
 
 FUZZ = Path(__file__).resolve().parents[1] / "fuzz"
 TARGETS = ("container", "manifest", "state", "license", "voucher", "setup", "receipts", "ipc", "software", "tpm", "sgx",
-           "tdx", "snp", "nitro", "server")
+           "tdx", "snp", "nitro", "hardware", "server")
 
 
 def _state(**changes: Any) -> bytes:
