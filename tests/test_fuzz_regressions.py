@@ -141,3 +141,14 @@ def test_content_key_file_nested_too_deep_is_a_key_file_error() -> None:
 
     with pytest.raises(KeyFileError, match="not a valid mlcapsule content key file"):
         ContentKey.from_json(b'{"format": "mlcapsule-content-key/v1", "key": ' + b"[" * 5000)
+
+
+# -- finding 10 (fuzz_server): an admin grant of more devices or queries than the database's integers hold
+# answered 500 (OverflowError on SQLite, DataError on PostgreSQL) ------------------------------------------
+@pytest.mark.parametrize(("devices", "budget"), [(2**63, 100), (2**31, 100), (2, 2**64)],
+                         ids=["devices-2^63", "devices-2^31", "budget-2^64"])
+def test_admin_grant_beyond_the_database_integers_is_a_422(harnesses: Any, devices: int, budget: int) -> None:
+    server = harnesses("server")
+    r = server._CLIENT.post("/v1/admin/grants", headers=server._OPERATOR, json={
+        "account": "fuzz", "capsule": server._CTX["capsule_id"], "budget": budget, "devices": devices})
+    assert r.status_code == 422, r.text

@@ -210,8 +210,10 @@ class CapsuleRow(BaseModel):
 class GrantRequest(_Req):
     account: str = Field(max_length=128)
     capsule: str = Field(max_length=64, description="CAPSULE_ID[:VERSION] (latest version if omitted)")
-    budget: int | None = Field(default=None, ge=0, description="queries per device license; null = unlimited")
-    devices: int = Field(default=1, ge=1)
+    # The database's integer columns bound both (a larger number was a 500: fuzzing, issue 15).
+    budget: int | None = Field(default=None, ge=0, le=2**63 - 1,
+                               description="queries per device license; null = unlimited")
+    devices: int = Field(default=1, ge=1, le=2**31 - 1)
     expires: dt.datetime | None = Field(default=None, description="aware ISO 8601 time; null = never")
     defenses: list[str] = Field(default_factory=list, max_length=32)
 
