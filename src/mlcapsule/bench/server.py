@@ -359,7 +359,7 @@ class Window:
 
     def result(self, unit: str | None = None) -> dict[str, Any]:
         span = self.end - self.start
-        out = {"seconds": span, "count": len(self.latencies), "per_second": len(self.latencies) / span,
+        out: dict[str, Any] = {"seconds": span, "count": len(self.latencies), "per_second": len(self.latencies) / span,
                "latency_ms": stats(self.latencies), "errors": dict(self.errors)}
         if self.per_request:
             out["request_latency_ms"] = {k: stats(v) for k, v in self.per_request.items()}
@@ -643,10 +643,27 @@ def run_suite(ws: Workspace, cfg: Config) -> dict[str, Any]:
         "config": {"workers": list(cfg.workers), "clients": list(cfg.clients), "seconds": cfg.seconds,
                    "warmup": cfg.warmup, "repeats": cfg.repeats, "receipts_per_upload": cfg.receipts_per_upload,
                    "database": "given" if cfg.database_url else "throwaway PostgreSQL",
-                   "logical_cpus": os.cpu_count()},
+                   "logical_cpus": os.cpu_count(), "stack": _stack()},
         "rows": rows, "headline": headline}
     res["goals"] = goals(res)
     return res
+
+
+def _stack() -> dict[str, Any]:
+    """What the server runs on: uvicorn picks uvloop and httptools when they are importable (the
+    server processes inherit this environment)."""
+    import importlib.metadata as md
+    import importlib.util
+
+    def version(name: str) -> str | None:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {k: version(k) for k in ("uvicorn", "fastapi", "starlette", "sqlalchemy", "psycopg", "httpx")} | {
+        "uvloop": importlib.util.find_spec("uvloop") is not None,
+        "httptools": importlib.util.find_spec("httptools") is not None}
 
 
 def suite_server(ws: Workspace) -> dict[str, Any]:
