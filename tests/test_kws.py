@@ -270,7 +270,7 @@ def test_stream_charges_per_window_or_per_detection(spotter: Spotter, tmp_path: 
                                     **dirs) as cap:
             list(cap.stream(stream.chunks(audio), counter=counts))
             charged[name] = (license_status(cap)["answered"], counts["windows"], counts["detections"])
-    assert charged["window"][0] == charged["window"][1] > 20
+    assert charged["window"][0] == charged["window"][1] > 10
     assert charged["detect"][0] == charged["detect"][2] >= 1
     assert charged["detect"][0] < charged["detect"][1]
 
