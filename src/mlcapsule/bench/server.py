@@ -615,6 +615,7 @@ def run_suite(ws: Workspace, cfg: Config) -> dict[str, Any]:
 
         log(f"server bench: database {make_url(url).render_as_string(hide_password=True)}"
             + ("" if cfg.database_url else " (a throwaway PostgreSQL started for this run)"))
+        before = calibration()
         accounts = max(cfg.clients)
         prov = prepare_database(url, ws, accounts, devices=1_000_000)
         backend = _backend(ws.root / "platform")
@@ -639,7 +640,7 @@ def run_suite(ws: Workspace, cfg: Config) -> dict[str, Any]:
                     "min": {k: min(r[k] for r in runs) for k in keys},
                     "max": {k: max(r[k] for r in runs) for k in keys}}
     res: dict[str, Any] = {
-        "suite": "server", "title": "Server under load",
+        "suite": "server", "title": "Server under load", "calibration": {"before": before, "after": calibration()},
         "config": {"workers": list(cfg.workers), "clients": list(cfg.clients), "seconds": cfg.seconds,
                    "warmup": cfg.warmup, "repeats": cfg.repeats, "receipts_per_upload": cfg.receipts_per_upload,
                    "database": "given" if cfg.database_url else "throwaway PostgreSQL",
@@ -647,6 +648,24 @@ def run_suite(ws: Workspace, cfg: Config) -> dict[str, Any]:
         "rows": rows, "headline": headline}
     res["goals"] = goals(res)
     return res
+
+
+def calibration(n: int = 2000) -> dict[str, Any]:
+    """A fixed amount of CPU work, timed: the median of ``n`` Ed25519 verifications (µs). About
+    50-70 µs on an idle core of this class; on a shared machine it shows how much of a core this
+    process got, and the server's own receipt checks are the same operation."""
+    import statistics
+
+    key = Ed25519PrivateKey.generate()
+    pub, msg = key.public_key(), b"x" * 200
+    sig = key.sign(msg)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        pub.verify(sig, msg)
+        times.append(time.perf_counter() - t0)
+    return {"ed25519_verify_us_median": statistics.median(times) * 1e6,
+            "ed25519_verify_us_min": min(times) * 1e6, "load_average": load_average()}
 
 
 def _stack() -> dict[str, Any]:
