@@ -700,6 +700,11 @@ def _ms(s: dict[str, Any] | None, k: str) -> str:
     return "–" if v is None else f"{v:.1f}"
 
 
+def _cpu_cell(r: dict[str, Any], keys: tuple[str, ...], scale: float) -> str:
+    per = r.get("cpu_ms_per_op") or {}
+    return " / ".join("–" if per.get(k) is None else f"{per[k] * scale:.1f}" for k in keys)
+
+
 def render_section(res: dict[str, Any]) -> list[str]:
     cfg = res.get("config", {})
     out = ["## Server under load", "",
@@ -713,7 +718,7 @@ def render_section(res: dict[str, Any]) -> list[str]:
            f"{cfg.get('seconds')} s measured after {cfg.get('warmup')} s of warm-up, one account per client.", ""]
     head = ["workers", "clients", "trivial req/s", "setups/s", "setup ms p50 / mean / p99",
             "provision ms p50 / p99", "uploads/s", "receipts/s", "upload ms p50 / p99", "setups / (trivial/2)",
-            "errors", "load avg"]
+            "CPU ms per setup: server / db / client", "CPU µs per receipt: server / db", "errors", "load avg"]
     rows = []
     for r in res.get("rows", []):
         st, up, tr = r["setups"], r["uploads"], r["trivial"]
@@ -725,6 +730,8 @@ def render_section(res: dict[str, Any]) -> list[str]:
                      f"{_ms(prov, 'median')} / {_ms(prov, 'p99')}", f"{up['per_second']:.0f}",
                      f"{up['receipts_per_second']:.0f}",
                      f"{_ms(up['latency_ms'], 'median')} / {_ms(up['latency_ms'], 'p99')}", f"{ratio:.2f}",
+                     _cpu_cell(st, ("server", "database", "client"), 1.0),
+                     _cpu_cell(up, ("server", "database"), 1e3 / max(1, cfg.get("receipts_per_upload") or 1)),
                      str(errs), " ".join(f"{v:.1f}" for v in r.get("load_average", [])[:1])])
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows] + [""]
@@ -743,6 +750,15 @@ def render_section(res: dict[str, Any]) -> list[str]:
         out += ["| goal | target | measured | met |", "|---|---|---|---|"]
         out += [f"| {g['goal']} | {g['target']} | {g['measured']} | {'yes' if g['met'] else '**no**'} |" for g in gs]
         out += [""]
+    cal = res.get("calibration") or {}
+    if cal:
+        b, a = cal.get("before") or {}, cal.get("after") or {}
+        out += ["Machine load during the run: an Ed25519 verification (a fixed amount of CPU work, the server's own "
+                "receipt check; about 50-70 µs on an idle core) took a median "
+                f"{b.get('ed25519_verify_us_median', 0):.0f} µs in the load generator before the run and "
+                f"{a.get('ed25519_verify_us_median', 0):.0f} µs after; load averages {b.get('load_average')} "
+                f"before and {a.get('load_average')} after. CPU per operation (from /proc, over the measured "
+                "window) is the figure least disturbed by other jobs.", ""]
     out += PROFILE_NOTES
     return out
 
