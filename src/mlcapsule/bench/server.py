@@ -196,6 +196,17 @@ def prepare_database(db_url: str, ws: Workspace, accounts: int, devices: int) ->
         engine.dispose()
 
 
+def server_env() -> dict[str, str]:
+    """The server processes' environment: ours, with ``MLCAPSULE_BENCH_SERVER_PYTHONPATH`` (if
+    set) first on their PYTHONPATH: another checkout's ``src`` to compare against, or a folder
+    with uvloop and httptools, which uvicorn then uses."""
+    env = {**os.environ, "MLCAPSULE_LOG_FORMAT": "text"}
+    extra = os.environ.get(ENV + "SERVER_PYTHONPATH")
+    if extra:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH")) if p)
+    return env
+
+
 class Server:
     """``python -m mlcapsule serve --workers N`` on 127.0.0.1, its log in ``log``."""
 
@@ -217,7 +228,7 @@ class Server:
 
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, "MLCAPSULE_LOG_FORMAT": "text"})
+                                         env=server_env())
         deadline = time.monotonic() + 120
         while True:
             if self.proc.poll() is not None:
@@ -680,9 +691,16 @@ def _stack() -> dict[str, Any]:
         except md.PackageNotFoundError:
             return None
 
-    return {k: version(k) for k in ("uvicorn", "fastapi", "starlette", "sqlalchemy", "psycopg", "httpx")} | {
-        "uvloop": importlib.util.find_spec("uvloop") is not None,
-        "httptools": importlib.util.find_spec("httptools") is not None}
+    probe = ("import importlib.util as u, json, mlcapsule; print(json.dumps({'uvloop': u.find_spec('uvloop') is not "
+             "None, 'httptools': u.find_spec('httptools') is not None, 'mlcapsule_from': mlcapsule.__file__}))")
+    try:
+        seen = json.loads(subprocess.run([sys.executable, "-c", probe], env=server_env(), capture_output=True,
+                                         text=True, timeout=60, check=True).stdout)
+    except (subprocess.SubprocessError, ValueError, OSError):
+        seen = {"uvloop": importlib.util.find_spec("uvloop") is not None,
+                "httptools": importlib.util.find_spec("httptools") is not None}
+    return {k: version(k) for k in ("uvicorn", "fastapi", "starlette", "sqlalchemy", "psycopg", "httpx")} | seen | {
+        "server_pythonpath": os.environ.get(ENV + "SERVER_PYTHONPATH")}
 
 
 def suite_server(ws: Workspace) -> dict[str, Any]:
