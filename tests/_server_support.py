@@ -281,18 +281,20 @@ def provider_db(db_url: str, files: ProviderFiles, *, devices: int, budget: int 
 
 class ServerProcess:
     """`python -m mlcapsule serve` on 127.0.0.1:``port``, accepting software evidence of
-    ``backend``'s measurement; its output goes to ``log``. :meth:`start` returns once the server
-    answers /v1/health, and can start it again on the same port after it died."""
+    ``backend``'s measurement (or ``measurement``: ``local`` is the one the server computes when
+    it starts, as a real enclave worker started then does); its output goes to ``log``.
+    :meth:`start` returns once the server answers /v1/health, and can start it again on the same
+    port after it died."""
 
     def __init__(self, db_url: str, files: ProviderFiles, backend: SoftwareBackend, log: Path, *,
-                 workers: int = 1, port: int | None = None) -> None:
+                 workers: int = 1, port: int | None = None, measurement: str | None = None) -> None:
         import sys
 
         self.port = port or free_port()
         self.log = log
         self.cmd = [sys.executable, "-m", "mlcapsule", "serve", "--port", str(self.port), "--database-url", db_url,
                     "--provider-key", str(files.key_path), "--UNSAFE-allow-software-evidence",
-                    "--allow-measurement", backend.measurement().hex(), "--workers", str(workers)]
+                    "--allow-measurement", measurement or backend.measurement().hex(), "--workers", str(workers)]
         self.proc: Any = None
 
     @property

@@ -204,7 +204,9 @@ def test_a_real_enclave_sets_up_and_syncs_through_server_crashes(
         return mlcapsule.open_capsule(provider_files.capsule_path, trust=trust, state_dir=tmp_path / "state",
                                       platform_dir=platform.dir)
 
-    srv = ServerProcess(db, provider_files, platform, tmp_path / "serve.log", workers=2)
+    # `local`: the enclave worker measures the code when it starts, as the server does; not the
+    # measurement this test process computed (and cached) at its start.
+    srv = ServerProcess(db, provider_files, platform, tmp_path / "serve.log", workers=2, measurement="local")
     srv.start(env={CRASH_ENV: "provision.after_commit", CRASH_ONCE_ENV: str(tmp_path / "crashed-1")})
     try:
         with open_capsule() as cap:
