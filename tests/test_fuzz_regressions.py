@@ -152,3 +152,25 @@ def test_admin_grant_beyond_the_database_integers_is_a_422(harnesses: Any, devic
     r = server._CLIENT.post("/v1/admin/grants", headers=server._OPERATOR, json={
         "account": "fuzz", "capsule": server._CTX["capsule_id"], "budget": budget, "devices": devices})
     assert r.status_code == 422, r.text
+
+
+# -- finding 11 (fuzz_server): a validly signed receipt whose counters exceed 64 bits answered 500 where the
+# server stores them (OverflowError on SQLite); a software-backend client can sign any receipt ----------------
+@pytest.mark.parametrize("field", ["charged", "answered", "seq"])
+def test_receipt_counter_beyond_64_bits_is_a_format_error(field: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from mlcapsule.enclave.messages.receipts import GENESIS, ChainHead, make_entry, verify_chain
+
+    key = Ed25519PrivateKey.generate()
+    big = 2**64
+    head = ChainHead(big - 1, GENESIS, 0, 0) if field == "seq" else ChainHead(0, GENESIS, 0, 0)
+    counters = {"seq": big if field == "seq" else 1, "charged": big, "answered": big if field == "answered" else 0}
+    entry = make_entry(key, prev=GENESIS, kind="setup", license_id="l", time="2030-01-01T00:00:00+00:00", **counters)
+    with pytest.raises(FormatError, match="a receipt is malformed"):
+        verify_chain([entry], key.public_key(), license_id="l", head=head)
+
+
+def test_usage_upload_with_a_counter_beyond_64_bits_is_a_4xx(harnesses: Any) -> None:
+    server = harnesses("server")
+    server.TestOneInput((FUZZ / "corpus" / "server" / "finding-11-usage-receipt-charged-2-64").read_bytes())

@@ -82,7 +82,9 @@ def verify_chain(entries: Any, receipt_key: Ed25519PublicKey, *, license_id: str
             raise FormatError("a receipt is malformed")
         body = e["body"]
         if (not isinstance(body, dict) or not _BODY_FIELDS <= set(body)
-                or not all(isinstance(body[k], t) and not isinstance(body[k], bool) for k, t in _BODY_TYPES.items())):
+                or not all(isinstance(body[k], t) and not isinstance(body[k], bool) for k, t in _BODY_TYPES.items())
+                or not all(0 <= body[k] <= _MAX_INT for k in ("seq", "charged", "answered"))):
+            # Counters beyond 64 bits were a 500 where the server stores them (fuzzing, issue 15).
             raise FormatError("a receipt is malformed")
         try:
             sig, signed = b64d(e["signature"]), _CONTEXT + canonical_json(body)
