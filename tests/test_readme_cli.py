@@ -79,7 +79,7 @@ def test_readme_command_is_accepted_by_the_cli(cmd: str, tmp_path: Path, monkeyp
     monkeypatch.chdir(tmp_path)
     for variant in _variants(cmd):
         for word in variant:  # files a command may expect to exist (click.Path(exists=True))
-            if re.search(r"\.(capsule|key|pem|pub|npy|png|json|onnx|txt|csv)$", word) and not word.startswith("-"):
+            if re.search(r"\.(capsule|key|pem|pub|npy|png|json|onnx|txt|csv|wav)$", word) and not word.startswith("-"):
                 Path(word).touch()
         try:
             _parse(variant)
