@@ -393,6 +393,8 @@ def _client(clients: int) -> Any:
 
 
 async def _trivial(url: str, clients: int, warmup: float, seconds: float, probe: Probe | None = None) -> dict[str, Any]:
+    import httpx
+
     async with _client(clients) as http:
         t_start = time.perf_counter() + warmup
         w = Window(t_start, t_start + seconds)
@@ -402,7 +404,11 @@ async def _trivial(url: str, clients: int, warmup: float, seconds: float, probe:
                 t0 = time.perf_counter()
                 if t0 >= w.end:
                     return
-                r = await http.get(url + "/v1/health")
+                try:
+                    r = await http.get(url + "/v1/health")
+                except httpx.HTTPError as e:
+                    w.error(type(e).__name__)
+                    continue
                 t1 = time.perf_counter()
                 if r.status_code != 200:
                     w.error(str(r.status_code))
@@ -415,6 +421,8 @@ async def _trivial(url: str, clients: int, warmup: float, seconds: float, probe:
 
 async def _setups(url: str, prov: Provider, backend: Any, enclaves: list[Enclave], clients: int, warmup: float,
                   seconds: float, devices: list[DeviceRef], probe: Probe | None = None) -> dict[str, Any]:
+    import httpx
+
     from ..enclave._util import b64d, b64e
     from ..enclave.messages.setup import report_data
 
@@ -431,7 +439,11 @@ async def _setups(url: str, prov: Provider, backend: Any, enclaves: list[Enclave
                 if t0 >= w.end:
                     return
                 enc = enclaves.pop()
-                r = await http.post(url + "/v1/challenge", json=challenge, headers=auth)
+                try:
+                    r = await http.post(url + "/v1/challenge", json=challenge, headers=auth)
+                except httpx.HTTPError as e:
+                    w.error(f"challenge {type(e).__name__}")
+                    continue
                 t1 = time.perf_counter()
                 if r.status_code != 200:
                     w.error(f"challenge {r.status_code}")
@@ -441,7 +453,11 @@ async def _setups(url: str, prov: Provider, backend: Any, enclaves: list[Enclave
                         "receipt_pub": b64e(enc.receipt_pub),
                         "evidence": backend.evidence(report_data(nonce, enc.hpke_pub, enc.receipt_pub))}
                 t2 = time.perf_counter()
-                r = await http.post(url + "/v1/provision", json=body, headers=auth)
+                try:
+                    r = await http.post(url + "/v1/provision", json=body, headers=auth)
+                except httpx.HTTPError as e:
+                    w.error(f"provision {type(e).__name__}")
+                    continue
                 t3 = time.perf_counter()
                 if r.status_code != 200:
                     w.error(f"provision {r.status_code}: {r.text[:120]}")
@@ -487,6 +503,8 @@ def make_chains(devices: list[DeviceRef], receipts_per_upload: int, total: int) 
 
 async def _uploads(url: str, devices: list[DeviceRef], chains: list[list[list[dict[str, Any]]]], clients: int,
                    warmup: float, seconds: float, probe: Probe | None = None) -> dict[str, Any]:
+    import httpx
+
     from ..server.schemas import USAGE_PROTOCOL
 
     async with _client(clients) as http:
@@ -506,7 +524,14 @@ async def _uploads(url: str, devices: list[DeviceRef], chains: list[list[list[di
                         return
                     body = {"protocol": USAGE_PROTOCOL, "license_id": dev.license_id, "device_id": dev.device_id,
                             "receipts": batch}
-                    r = await http.post(url + "/v1/usage", json=body, headers=auth)
+                    for _attempt in range(3):  # an upload is idempotent: after a lost answer, send it again
+                        try:
+                            r = await http.post(url + "/v1/usage", json=body, headers=auth)
+                            break
+                        except httpx.HTTPError as e:
+                            w.error(f"usage {type(e).__name__}")
+                    else:
+                        break
                     t1 = time.perf_counter()
                     if r.status_code != 200:
                         w.error(f"usage {r.status_code}: {r.text[:120]}")
