@@ -246,6 +246,21 @@ def test_per_detection_capsule_detects_in_the_enclave(spotter: Spotter, tmp_path
     assert counts["windows"] > 10 and counts["detections"] == 1
 
 
+def test_spotter_runs_in_streaming_mode_within_16_mb(spotter: Spotter, tmp_path: Path) -> None:
+    """The streaming planner (enclave/runtime/planner.py) takes STFT and MelWeightMatrix as they are."""
+    import onnxruntime as ort
+
+    audio, _ = stream_with(["yes", "table"], seed=3)
+    x = np.stack([audio[:16000], audio[8000:24000]])
+    ref = ort.InferenceSession(spotter.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"audio": x})[0]
+    with spotter.open(spotter.window, tmp_path, memory_limit_mb=16) as cap:
+        got = cap.predict(x)
+        mem = cap.status()["memory"]
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    assert mem["now"]["VmHWM"] - mem["baseline"]["VmRSS"] <= mem["limit"] == 16 << 20
+
+
 def _licensed(spotter: Spotter, res: Any, base: Path, budget: int) -> dict[str, Path]:
     """The spotter's capsule set up against a simulated provider holding its key."""
     from mlcapsule.enclave.crypto.keys import ContentKey
