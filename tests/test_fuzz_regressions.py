@@ -174,3 +174,23 @@ def test_receipt_counter_beyond_64_bits_is_a_format_error(field: str) -> None:
 def test_usage_upload_with_a_counter_beyond_64_bits_is_a_4xx(harnesses: Any) -> None:
     server = harnesses("server")
     server.TestOneInput((FUZZ / "corpus" / "server" / "finding-11-usage-receipt-charged-2-64").read_bytes())
+
+
+# -- finding 12 (fuzz_ipc, mode 3): an enclave service message nested too deep escaped recv_msg as
+# RecursionError (not its documented ValueError), killing the session thread and leaking the passed fds --
+def test_enclave_service_message_nested_too_deep_is_a_value_error_and_closes_its_fds() -> None:
+    import os
+    import socket
+
+    from mlcapsule import enclaved
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    with a, b:
+        socket.send_fds(a, [b"[" * 5000], [r])
+        before = set(os.listdir("/proc/self/fd"))
+        with pytest.raises(ValueError):
+            enclaved.recv_msg(b)
+        assert set(os.listdir("/proc/self/fd")) == before  # the descriptor it received is closed again
+    os.close(r)
+    os.close(w)

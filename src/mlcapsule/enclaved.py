@@ -74,7 +74,10 @@ def recv_msg(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     try:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise ValueError("truncated message")
-        msg = json.loads(data)
+        try:
+            msg = json.loads(data)
+        except RecursionError as e:  # nested too deep: it escaped the session and leaked the fds (fuzzing)
+            raise ValueError("nested too deep") from e
         if not isinstance(msg, dict):
             raise ValueError("not an object")
         return msg, fds
