@@ -312,3 +312,19 @@ def test_revision_0006_round_trip_keeps_devices_and_retries_work_after_it(
         assert first.status_code == again.status_code == 200 and first.json() == again.json()
         with h.service.sessions() as s:
             assert s.scalar(select(func.count(Device.id))) == 2
+
+
+def test_a_setup_that_cannot_reach_the_server_says_what_to_do() -> None:
+    """After its retries, a provisioning that never got an answer says that the lost attempt may
+    hold a device slot, and what to do."""
+    import socket
+
+    from mlcapsule.enclave.errors import TransportError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    with ProviderClient(f"http://127.0.0.1:{port}", "t", retries=2, backoff=0) as c, \
+            pytest.raises(TransportError) as e:
+        c.provision(str(uuid.uuid4()), 1, nonce=bytes(32), hpke_pub=bytes(32), receipt_pub=bytes(32), evidence={})
+    assert "after 3 attempts" in e.value.message and "device slot" in e.value.hint

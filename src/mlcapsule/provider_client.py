@@ -159,9 +159,19 @@ class ProviderClient:
         it that way); ``b64d(payload)`` gives the HPKE message for ``open_payload``. For ``tpm``
         evidence, ``credential`` is the TPM2_ActivateCredential challenge that unwraps it.
         """
-        data = self._request("POST", "/provision", {
-            "capsule_id": str(capsule_id), "version": version, "nonce": b64e(nonce), "hpke_pub": b64e(hpke_pub),
-            "receipt_pub": b64e(receipt_pub), "evidence": evidence})
+        try:
+            data = self._request("POST", "/provision", {
+                "capsule_id": str(capsule_id), "version": version, "nonce": b64e(nonce), "hpke_pub": b64e(hpke_pub),
+                "receipt_pub": b64e(receipt_pub), "evidence": evidence})
+        except E.TransportError as e:
+            # The server may have provisioned the device before the line or the server failed: a
+            # new setup is a new request, which takes another slot.
+            lost = E.TransportError(
+                f"{e.message} (after {self.retries + 1} attempts)",
+                hint="try the setup again when the server answers; if it is then refused with the device "
+                     "limit, the lost attempt may have used a device slot: ask the provider to free it")
+            lost.__dict__.update({k: v for k, v in vars(e).items() if k in ("status_code", "retry_after")})
+            raise lost from e
         payload = self._field(data, "payload", str)
         try:
             b64d(payload)
