@@ -16,7 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,18 +141,15 @@ def test_budget_is_charged_per_detection_by_the_enclave_when_the_policy_says_so(
 
 def test_per_detection_policy_needs_one_posterior_output(tmp_path: Path) -> None:
     from mlcapsule.enclave.core import _detector
-    from mlcapsule.enclave.format.manifest import TensorSpec
-
-    provider = Provider(tmp_path / "provider")
-    _, ckey = provider.pack("detect", onehot_model(), policy=Policy(charge=DETECT.to_dict()))
     from mlcapsule.enclave.format.container import CapsuleFile
+    from mlcapsule.enclave.format.manifest import TensorSpec
     from mlcapsule.enclave.format.trust import UnsafeTrustManifestKey
 
-    with CapsuleFile(tmp_path / "provider" / "detect.capsule", trust=UnsafeTrustManifestKey()) as cf:
+    provider = Provider(tmp_path / "provider")
+    path, _ = provider.pack("detect", onehot_model(), policy=Policy(charge=DETECT.to_dict()))
+    with CapsuleFile(path, trust=UnsafeTrustManifestKey()) as cf:
         m = cf.manifest
     assert _detector(m) is not None
-    from dataclasses import replace
-
     with pytest.raises(FormatError):
         _detector(replace(m, outputs=(TensorSpec("p", "float32", ("N", "C")),)))
 
@@ -263,13 +260,10 @@ def test_spotter_runs_in_streaming_mode_within_16_mb(spotter: Spotter, tmp_path:
 
 def _licensed(spotter: Spotter, res: Any, base: Path, budget: int) -> dict[str, Path]:
     """The spotter's capsule set up against a simulated provider holding its key."""
-    from mlcapsule.enclave.crypto.keys import ContentKey
+    from mlcapsule.enclave.crypto.keys import ContentKey, load_provider_key
 
     provider = Provider(base / "provider")
-    provider.key_path = spotter.key
-    from mlcapsule.enclave.crypto.keys import load_provider_key
-
-    provider.key = load_provider_key(spotter.key)
+    provider.key_path, provider.key = spotter.key, load_provider_key(spotter.key)
     return set_up_license(provider, res.capsule_path, ContentKey.load(res.key_path), base, budget=budget)
 
 
@@ -344,10 +338,11 @@ def attempt(fn):
 import numpy as np, onnxruntime as ort
 so = ort.SessionOptions(); so.intra_op_num_threads = 1
 sess = ort.InferenceSession(Path(cfg["model"]).read_bytes(), so, providers=["CPUExecutionProvider"])
-audio = np.load(cfg["audio"])  # read before hardening would be the worker's way; here it is allowed below
+audio = np.load(cfg["audio"])  # inside the state folder, which the sandbox lets it read
 out = {"report": report.as_dict(), "posteriors": sess.run(None, {"audio": audio})[0].tolist()}
 out["connect"] = attempt(lambda: socket.create_connection(("127.0.0.1", cfg["port"]), timeout=2).close())
-out["udp"] = attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"audio", ("127.0.0.1", cfg["port"])))
+udp = lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"audio", ("127.0.0.1", cfg["port"]))
+out["udp"] = attempt(udp)
 out["unix"] = attempt(lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close())
 out["write_outside"] = attempt(lambda: Path(cfg["outside"], "leak.raw").write_bytes(audio.tobytes()))
 out["write_tmp"] = attempt(lambda: Path("/tmp", "leak-%d.raw" % os.getpid()).write_bytes(b"x"))
