@@ -11,7 +11,8 @@ server request bodies as the real client sends them. The recorded SGX/TDX/SNP/Ni
 and its collateral are copied from the shared attestation vectors (Apache-2.0 / MIT; their
 README lists each origin). The output is committed: ``fuzz/data/`` (context) and
 ``fuzz/corpus/<target>/`` (seeds, each starting with the harness's mode byte where it has modes).
-Running this again replaces both (new keys: the old seeds then no longer match the context).
+Running this again replaces both (new keys: the old seeds then no longer match the context), except
+the ``finding-*`` inputs of past findings, which stay.
 """
 
 from __future__ import annotations
@@ -74,8 +75,13 @@ def main() -> int:
     from mlcapsule.enclave.messages.voucher import Voucher
     from mlcapsule.enclave.state import STATE_FILE
 
+    # The inputs of past findings stay (they must keep raising only our errors); the rest is remade.
+    findings = {p.relative_to(CORPUS): p.read_bytes() for p in CORPUS.glob("*/finding-*")}
     shutil.rmtree(DATA, ignore_errors=True)
     shutil.rmtree(CORPUS, ignore_errors=True)
+    for rel, data in findings.items():
+        (CORPUS / rel).parent.mkdir(parents=True, exist_ok=True)
+        (CORPUS / rel).write_bytes(data)
     DATA.mkdir(parents=True)
     ctx: dict[str, Any] = {"report_data": REPORT_DATA.hex()}
     work = Path(tempfile.mkdtemp(prefix="mlcapsule-corpus-"))
@@ -191,6 +197,11 @@ def main() -> int:
             seed("ipc", "40-tensors-shared", body(shared), mode=2)
         finally:
             arena.close()
+
+        for i, msg in enumerate([{"op": "info"}, {"op": "open", "arena": True, "threads": 0, "memory_limit_mb": 0.0},
+                                 {"op": "kill"}, {"ok": {"uid": 1000, "backend": "software"}},
+                                 {"error": {"type": "UsageError", "message": "m", "hint": None}}]):
+            seed("ipc", f"50-service-{i}", jbytes(msg), mode=3)  # the enclave service's socket messages
 
         # -- software evidence (the real backend) ---------------------------------------------------------
         seed("software", "00-evidence.json", jbytes(backend.evidence(REPORT_DATA)))
