@@ -274,16 +274,16 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _cpu(pids: list[int]) -> float:
-    """User + system CPU seconds of these processes (those that still exist)."""
-    total = 0
+def _cpu(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each of these processes that still exists."""
+    out = {}
     for p in pids:
         try:
             f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        total += int(f[11]) + int(f[12])
-    return total / _TICK
+        out[p] = (int(f[11]) + int(f[12])) / _TICK
+    return out
 
 
 @dataclass
@@ -294,12 +294,19 @@ class Probe:
     server_pid: int
     postmaster_pid: int | None
 
-    def snapshot(self) -> dict[str, float]:
+    def snapshot(self) -> dict[str, dict[int, float]]:
         t = os.times()
-        out = {"server": _cpu(_tree(self.server_pid)), "client": t.user + t.system}
+        out = {"server": _cpu(_tree(self.server_pid)), "client": {0: t.user + t.system}}
         if self.postmaster_pid is not None:
             out["database"] = _cpu(_tree(self.postmaster_pid))
         return out
+
+    @staticmethod
+    def used(a: dict[str, dict[int, float]], b: dict[str, dict[int, float]]) -> dict[str, float]:
+        """CPU seconds between snapshots ``a`` and ``b``, per group: the processes alive at ``b``
+        (one that ended in between, a database connection closed by the pool, is not counted;
+        one that started in between counts from its start)."""
+        return {k: sum(v - a.get(k, {}).get(p, 0.0) for p, v in b[k].items()) for k in b}
 
 
 async def _watch(w: Window, probe: Probe | None) -> None:
@@ -310,7 +317,7 @@ async def _watch(w: Window, probe: Probe | None) -> None:
     a = probe.snapshot()
     await asyncio.sleep(max(0.0, w.end - time.perf_counter()))
     b = probe.snapshot()
-    w.cpu = {k: b[k] - a[k] for k in b}
+    w.cpu = Probe.used(a, b)
 
 
 # -- the clients --------------------------------------------------------------------------------------
@@ -764,7 +771,7 @@ def _ms(s: dict[str, Any] | None, k: str) -> str:
 
 def _cpu_cell(r: dict[str, Any], keys: tuple[str, ...], scale: float) -> str:
     per = r.get("cpu_ms_per_op") or {}
-    return " / ".join("–" if per.get(k) is None else f"{per[k] * scale:.1f}" for k in keys)
+    return " / ".join("–" if per.get(k) is None or per[k] < 0 else f"{per[k] * scale:.1f}" for k in keys)
 
 
 def render_section(res: dict[str, Any]) -> list[str]:
