@@ -2,7 +2,8 @@
 
 Input: a mode byte, then one frame body (after the u32 length prefix):
   0: a JSON frame: ``protocol.decode``, then for a request ``ecalls.parse`` and the state table
-     (``EcallState.check`` in every state), as the worker does;
+     (``EcallState.check`` in every state), as the worker does; for a reply, what the host makes
+     of it (``EnclaveProcess._raise_error``: the enclave's error as one of ours);
   1: a binary tensor frame with inline tensors: ``protocol.decode_tensors`` (twice: the second
      call takes the cached-head fast path), and with ``copy``;
   2: a tensor frame against a 64 KiB shared-memory arena (``SharedArena``), as the worker decodes
@@ -24,6 +25,7 @@ from _common import instrumented, main, ours, split
 with instrumented(__name__ == "__main__"):
     from mlcapsule import enclaved
     from mlcapsule.enclave import ecalls, protocol
+    from mlcapsule.host import EnclaveProcess
 
 _ARENA = protocol.SharedArena.create("mlcapsule-fuzz")
 _ARENA.reserve(64 * 1024)
@@ -42,6 +44,8 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802
                     machine.state = state
                     with ours():
                         machine.check(req)
+            else:
+                EnclaveProcess._raise_error(msg.header)
     elif mode == 1:
         for copy in (False, True, False):
             with ours():
