@@ -170,8 +170,9 @@ class Device(Base):
     #: devices provisioned before 0006.
     nonce: Mapped[bytes | None] = mapped_column(LargeBinary(32), nullable=True)
     request_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    answer_payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
-    answer_credential: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Deferred: loaded only when a retry needs them, not with every device row (uploads, usage).
+    answer_payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    answer_credential: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, deferred=True)
 
 
 class AlarmRecord(Base):
