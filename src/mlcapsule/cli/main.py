@@ -800,7 +800,7 @@ def demo(workdir: str | None) -> None:
 
 @cli.command()
 @click.option("--suite", "suites", multiple=True,
-              type=click.Choice(["dense", "conv", "networks", "fixed", "tpm", "defenses", "server"]),
+              type=click.Choice(["dense", "conv", "networks", "fixed", "tpm", "defenses", "server", "kws"]),
               help="Run only this suite (repeatable) [default: all].")
 @click.option("--quick", is_flag=True,
               help="Small models, few repetitions: a smoke run (results go to benchmarks/results/quick).")
