@@ -8,7 +8,8 @@ Input: a mode byte, then
      ``OodStats.from_bytes`` (the OOD statistics the capsule carries, same container).
 Then what ``EnclaveCore.load`` does with it, in its order, without the model: ``SealedStore.load``
 (``EnclaveState.from_bytes``), the capsule check, ``bind`` (the counters), the receipt key, the
-license (``verify_license`` under the provider key), ``Ledger.open`` and a charge and a report,
+license (``verify_license`` under the provider key), ``Ledger.open``, then a charge, a voucher, a
+recorded defense gap, a report and its acknowledgement, the status and a close,
 and ``DefenseState.from_bytes`` under the capsule's defense policy as the license tightens it.
 Seeds: the state the real enclave core sealed after a setup, three queries, a voucher and a report,
 its defenses' blob, and the OOD statistics of the real packer's capsule.
@@ -32,7 +33,10 @@ with instrumented(__name__ == "__main__"):
     from mlcapsule.enclave.defenses.pipeline import DefenseState
     from mlcapsule.enclave.defenses.policy import DefensePolicy, tighten
     from mlcapsule.enclave.ledger import Ledger
+    from mlcapsule.enclave.messages import receipts as R
     from mlcapsule.enclave.messages.license import verify_license
+    from mlcapsule.enclave.messages.receipts import Ack
+    from mlcapsule.enclave.messages.voucher import Voucher
     from mlcapsule.enclave.state import STATE_FILE, SealedStore
 
 _CTX = context()
@@ -69,7 +73,19 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802
         with ours():
             ledger.charge(1, _NOW)
         with ours():
-            ledger.report()
+            ledger.voucher(Voucher(state.license_id, state.device_id, state.voucher_seq + 1, 10))
+        with ours():
+            ledger.record("defense-gap", {"queries": 1, "reason": "crash"})
+        with ours():
+            receipts, _ = ledger.report()
+            last = receipts[-1] if receipts and isinstance(receipts[-1], dict) else {}
+            seq = last.get("body", {}).get("seq") if isinstance(last.get("body"), dict) else None
+            if type(seq) is int:  # an acknowledgement as verify_ack returns them: of the head it was sent
+                ledger.ack(Ack(state.license_id, state.device_id, seq, R.entry_hash(last)))
+        with ours():
+            ledger.status(rollback_protected=False)
+        with ours():
+            ledger.close()
         if extra:
             DefenseState.from_bytes(extra, policy)
 
