@@ -761,7 +761,48 @@ def suite_server(ws: Workspace) -> dict[str, Any]:
 # -- BENCHMARKS.md ------------------------------------------------------------------------------------
 #: Where a setup's time goes, from profiling the workers (py-spy) under the headline load; kept
 #: by hand beside the numbers (see BENCHMARKS.md).
-PROFILE_NOTES: list[str] = []
+PROFILE_NOTES: list[str] = [
+    "### Where the time goes",
+    "",
+    "Profiled with py-spy on a worker under 16 clients, cProfile of `ProviderService` without HTTP, and the "
+    "statements counted in psycopg (`/tmp`-style scripts, not part of the suite):",
+    "",
+    "* **The goals are out of reach of this stack on this machine, whatever the server does.** The load generator, "
+    "the server and PostgreSQL share 2 vCPUs (with other agents' jobs: load averages 7-17 during these runs). At "
+    "the measured CPU cost, server + database + client ≈ 19-23 ms per setup on this loaded VM (about half that on "
+    "idle cores, going by the Ed25519 calibration), 2 cores give at most about 100-200 setups/s, not 300. And with "
+    "64 clients in a closed loop, Little's law ties the latency to the throughput: mean setup latency = 64 / "
+    "(setups/s), so p99 < 100 ms at 64 clients needs more than 640 setups/s. The trivial endpoint (the ceiling of "
+    "uvicorn + FastAPI here) ran at 230-660 requests/s.",
+    "* **A setup is two HTTP requests and was 31 PostgreSQL round trips in 5 transactions**: per transaction a "
+    "BEGIN and a COMMIT, a `pool_pre_ping` SELECT 1 at every connection checkout (5), and 16 statements (the "
+    "token looked up twice, the capsule row three times, the grant twice, the device-by-nonce idempotency check "
+    "twice, the open-challenge count, the nonce insert, read and update, a sweep of expired nonces, every slot of "
+    "the grant read to find a free one, the device insert). The worker's threads spent about 84% of their samples "
+    "waiting on PostgreSQL; in the busy samples, SQLAlchemy ORM compile/execute about 25%, the handoff of sync "
+    "endpoints (and the sync `account` dependency) to anyio's thread pool about 19%, the crypto (Ed25519 evidence "
+    "check, license signature, HPKE seal, the X25519 low-order check) about 6%, logging 3%. On this VM each "
+    "round trip also costs the sender about 0.3-1 ms of CPU in libpq's send/receive system calls (waking the "
+    "PostgreSQL backend on another vCPU).",
+    "* **Fixed (ours), no check weakened:** the token lookup is one autocommit SELECT on PostgreSQL (no "
+    "BEGIN/COMMIT); a pooled connection is pinged only after it sat idle for 1 s (not at every checkout); expired "
+    "nonces are swept at most once a minute per process (an expired nonce is refused either way); the free device "
+    "slot comes from `count`+`max` instead of reading every slot of the grant (which grew with the grant); the "
+    "PostgreSQL pool keeps 40 connections per worker, as many as the threads that run the endpoints (with 20, "
+    "busy workers opened and closed overflow connections all the time: a backend forked per connection). "
+    "31 → 21 round trips per setup. In the load generator: one connection per client (one shared httpx pool of "
+    "64 connections cost the generator 125 ms of CPU per setup, and made 64 clients look slower than 16).",
+    "* **Uploads:** about 250-400 µs of server CPU per receipt on this VM; a third is the Ed25519 verification of "
+    "each receipt (the check itself), the rest canonical JSON twice per receipt (signature and chain hash), "
+    "pydantic parsing of the body and SQLAlchemy. 5,000 receipts/s would need about 200 µs of CPU per receipt "
+    "for the whole machine.",
+    "* **Left as they are:** the capsule row is read in each of the three transactions and the token in each of "
+    "the two requests (caching them in the process would outlive a revocation or a re-registration); sync "
+    "endpoints on anyio's thread pool (async endpoints need an async database driver throughout the service); "
+    "uvloop and httptools are not in the environment (`uvicorn[standard]`; measured below when present); "
+    "uvicorn's access log at INFO.",
+    "",
+]
 
 
 def _ms(s: dict[str, Any] | None, k: str) -> str:
@@ -818,6 +859,21 @@ def render_section(res: dict[str, Any]) -> list[str]:
     if gs:
         out += ["| goal | target | measured | met |", "|---|---|---|---|"]
         out += [f"| {g['goal']} | {g['target']} | {g['measured']} | {'yes' if g['met'] else '**no**'} |" for g in gs]
+        out += [""]
+    variants = res.get("variants") or []
+    if variants:
+        out += ["Variants, each a separate run of one cell (`python -m mlcapsule.bench.server --workers W --clients C` "
+                "with `MLCAPSULE_BENCH_SERVER_PYTHONPATH` pointing the server processes at another checkout or at "
+                "extra packages); raw results in `benchmarks/results/server-variants/`:", "",
+                "| variant | workers | clients | trivial req/s | setups/s | setup ms p50 / p99 | receipts/s | "
+                "CPU ms per setup: server / db / client |", "|---|---|---|---|---|---|---|---|"]
+        for v in variants:
+            for r in v.get("rows", []):
+                st, lat = r["setups"], r["setups"]["latency_ms"]
+                out.append(f"| {v['name']} | {r['workers']} | {r['clients']} | {r['trivial']['per_second']:.0f} | "
+                           f"{st['per_second']:.0f} | {_ms(lat, 'median')} / {_ms(lat, 'p99')}"
+                           f" | {r['uploads']['receipts_per_second']:.0f} | "
+                           f"{_cpu_cell(st, ('server', 'database', 'client'), 1.0)} |")
         out += [""]
     cal = res.get("calibration") or {}
     if cal:
