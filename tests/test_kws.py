@@ -223,7 +223,7 @@ def test_tiny_spotter_trains_packs_and_detects_a_keyword_in_a_stream(spotter: Sp
     audio, spoken = stream_with(["table", "yes", "morning"], seed=5)
     said = next(s for s in spoken if s.word == "yes")
     with spotter.open(spotter.window, tmp_path) as cap:
-        dets = list(cap.stream(stream.chunks(audio, 800), hop=0.25))
+        dets = list(cap.stream(stream.chunks(audio, 800), hop=0.25, threshold=0.7, refractory=1.0))
     assert [d.label for d in dets] == ["yes"], (dets, spotter.accuracy)
     assert said.start <= dets[0].time <= said.end + 1.5
     assert dets[0].score is not None and dets[0].score >= 0.7
@@ -277,7 +277,7 @@ def test_stream_charges_per_window_or_per_detection(spotter: Spotter, tmp_path: 
         counts: dict[str, int] = {}
         with mlcapsule.open_capsule(res.capsule_path, trust=TrustProviderKey(res.manifest.provider_key),
                                     **dirs) as cap:
-            list(cap.stream(stream.chunks(audio), counter=counts))
+            list(cap.stream(stream.chunks(audio), threshold=0.7, refractory=1.0, counter=counts))
             charged[name] = (license_status(cap)["answered"], counts["windows"], counts["detections"])
     assert charged["window"][0] == charged["window"][1] > 10
     assert charged["detect"][0] == charged["detect"][2] >= 1
@@ -291,7 +291,8 @@ def test_listen_on_a_wav_without_keywords_reports_no_detection(spotter: Spotter,
     wav = tmp_path / "no-keyword.wav"
     stream.write_wav(wav, audio)
     r = cli("listen", spotter.window.capsule_path, "--wav", wav, "--unsafe-dev-key", spotter.window.key_path,
-            "--trust", str(spotter.key) + ".pub", "--state-dir", tmp_path / "state", "--json")
+            "--trust", str(spotter.key) + ".pub", "--state-dir", tmp_path / "state", "--json",
+            "--threshold", "0.7", "--refractory", "1.0")
     assert r.code == 0, r.err
     lines = [json.loads(ln) for ln in r.out.splitlines() if ln.strip()]
     assert lines[-1]["summary"]["detections"] == 0 and lines[-1]["summary"]["windows"] > 10
@@ -300,7 +301,7 @@ def test_listen_on_a_wav_without_keywords_reports_no_detection(spotter: Spotter,
     audio, _ = stream_with(["table", "yes", "morning"], seed=5)
     stream.write_wav(wav, audio)
     r = cli("listen", spotter.window.capsule_path, "--wav", wav, "--unsafe-dev-key", spotter.window.key_path,
-            "--trust", str(spotter.key) + ".pub", "--state-dir", tmp_path / "state")
+            "--trust", str(spotter.key) + ".pub", "--state-dir", tmp_path / "state", "--threshold", "0.7")
     assert r.code == 0, r.err
     assert "yes" in r.out
 
@@ -374,7 +375,7 @@ def test_listen_worker_cannot_open_a_socket_or_write_outside_its_state_dir(spott
                     seen["status"] = _status(pid)
                 yield chunk
 
-        list(cap.stream(frames()))
+        list(cap.stream(frames(), threshold=0.7))
         report = cap.status()["hardening"]
     assert seen["status"]["Seccomp"] == "2" and seen["status"]["NoNewPrivs"] == "1"
     assert not str(report["seccomp"]).startswith(("unavailable", "partial", "off")), report

@@ -244,8 +244,8 @@ class Capsule:
         """Keyword spotting on an audio stream: a generator of detections (issue 16).
 
         ``frames``: chunks of 16 kHz mono audio (int16, or float in [-1, 1]) of any size; options
-        ``hop`` (seconds, 0.25), ``smoothing`` (windows, 3), ``threshold`` (0.7), ``refractory``
-        (seconds, 1.0). See :func:`mlcapsule.kws.stream.detect` for what is charged."""
+        ``hop`` (seconds, 0.25), ``smoothing`` (windows, 3), ``threshold`` (0.6), ``refractory``
+        (seconds, 0.75). See :func:`mlcapsule.kws.stream.detect` for what is charged."""
         from .kws.stream import detect
 
         return detect(self, frames, **options)

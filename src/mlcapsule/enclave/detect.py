@@ -28,8 +28,8 @@ from .errors import FormatError
 class ChargePolicy:
     per: str = "query"  # "query" (every row answered) or "detection"
     smoothing: int = 3  # windows averaged
-    threshold: float = 0.7
-    refractory: int = 4  # windows without a detection after one
+    threshold: float = 0.6
+    refractory: int = 3  # windows without a detection after one
     background: tuple[int, ...] = ()  # classes never detected
 
     def to_dict(self) -> dict[str, Any]:
@@ -42,8 +42,8 @@ class ChargePolicy:
             raise FormatError(f"manifest: {where} must be an object with per, smoothing, threshold, "
                               "refractory and background")
         per = d.get("per", "query")
-        smoothing, refractory = d.get("smoothing", 3), d.get("refractory", 4)
-        threshold, background = d.get("threshold", 0.7), d.get("background", [])
+        smoothing, refractory = d.get("smoothing", 3), d.get("refractory", 3)
+        threshold, background = d.get("threshold", 0.6), d.get("background", [])
         if per not in ("query", "detection"):
             raise FormatError(f"manifest: {where}.per must be 'query' or 'detection'")
         for name, v, lo, hi in (("smoothing", smoothing, 1, 1000), ("refractory", refractory, 0, 100_000)):

@@ -18,9 +18,9 @@ import click
               help="Seconds between two one-second windows.")
 @click.option("--smoothing", type=click.IntRange(1, 1000), default=3, show_default=True,
               help="Windows whose posteriors are averaged.")
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.7, show_default=True,
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.6, show_default=True,
               help="Smoothed posterior at which a keyword is detected.")
-@click.option("--refractory", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--refractory", type=click.FloatRange(min=0), default=0.75, show_default=True,
               help="Seconds after a detection in which no other is reported.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per detection, then a summary.")
 @click.option("--unsafe-dev-key", type=click.Path(exists=True, dir_okay=False),
