@@ -240,7 +240,9 @@ def render_section(res: dict[str, Any]) -> list[str]:
             "| charged per | precision | recall | detections | windows charged |", "|---|---|---|---|---|"]
     for name, d in res["detections"].items():
         charged = d["windows"] if name == "per_window" else d["detections"]
-        out.append(f"| {name.replace('per_', '')} | {d['precision']:.2f} | {d['recall']:.2f} | {d['detections']} "
+        prec = d["true_positives"] / d["detections"] if d["detections"] else 1.0
+        rec = d["true_positives"] / d["keywords_spoken"] if d["keywords_spoken"] else 1.0
+        out.append(f"| {name.replace('per_', '')} | {prec:.2f} | {rec:.2f} | {d['detections']} "
                    f"({d['true_positives']} right) | {charged} |")
     out += ["", res["omg"], ""]
     unmet = [g for g in goals(res) if not g["met"]]
