@@ -32,9 +32,9 @@ TARGETS = ("container", "manifest", "state", "license", "voucher", "setup", "rec
 
 
 def run_one(target: str, *, seconds: int, seed: int, timeout: int, work: Path, python: str) -> tuple[bool, str]:
-    scratch, artifacts = work / target / "corpus", work / target / "artifacts"
-    scratch.mkdir(parents=True)
-    artifacts.mkdir(parents=True)
+    scratch, artifacts, tmp = work / target / "corpus", work / target / "artifacts", work / target / "tmp"
+    for d in (scratch, artifacts, tmp):
+        d.mkdir(parents=True)
     cmd = [python, str(FUZZ / f"fuzz_{target}.py"), f"-max_total_time={seconds}", f"-seed={seed}",
            f"-timeout={timeout}", "-rss_limit_mb=4096", f"-artifact_prefix={artifacts}/", str(scratch),
            str(FUZZ / "corpus" / target)]
@@ -44,7 +44,9 @@ def run_one(target: str, *, seconds: int, seed: int, timeout: int, work: Path, p
         # A hard stop well past the budget: a harness that does not stop on its own is a finding too.
         try:
             rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=FUZZ, timeout=seconds + timeout + 120,
-                                env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=False).returncode
+                                # TMPDIR: the harnesses' scratch (databases, sealed files) goes with the run's folder.
+                                env={**os.environ, "PYTHONWARNINGS": "ignore", "TMPDIR": str(tmp)},
+                                check=False).returncode
         except subprocess.TimeoutExpired:
             rc = -1
     text = log.read_text(errors="replace")
