@@ -18,6 +18,7 @@ an exception out of the app, is a finding.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import shutil
@@ -53,6 +54,7 @@ _PATHS = ["/v1/challenge", "/v1/provision", "/v1/usage", "/v1/admin/accounts", "
           "/v1/admin/grants", "/v1/admin/revocations", "/v1/admin/vouchers", "/v1/admin/unlocks",
           "/v1/admin/receipts", "/v1/admin/tokens"]
 _WORK = Path(tempfile.mkdtemp(prefix="mlcapsule-fuzz-server-"))
+atexit.register(shutil.rmtree, _WORK, ignore_errors=True)  # a replay in pytest; run.py sets TMPDIR
 shutil.copytree(DATA / "platform", _WORK / "platform")
 _BACKEND = SoftwareBackend(platform_dir=_WORK / "platform")
 _HPKE = X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)

@@ -17,6 +17,7 @@ its defenses' blob, and the OOD statistics of the real packer's capsule.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import shutil
 import sys
@@ -41,6 +42,7 @@ with instrumented(__name__ == "__main__"):
 
 _CTX = context()
 _WORK = Path(tempfile.mkdtemp(prefix="mlcapsule-fuzz-state-"))
+atexit.register(shutil.rmtree, _WORK, ignore_errors=True)  # a replay in pytest; run.py sets TMPDIR
 shutil.copytree(DATA / "platform", _WORK / "platform")  # the counters move: never in fuzz/data
 _BACKEND = SoftwareBackend(platform_dir=_WORK / "platform")
 _CAPSULE_ID, _VERSION = _CTX["capsule_id"], _CTX["version"]
