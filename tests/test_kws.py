@@ -412,3 +412,21 @@ def test_listen_worker_cannot_open_a_socket_or_write_outside_its_state_dir(spott
         assert out[name]["ok"] is False, (name, out[name])
     assert out["write_state"]["ok"] is True
     assert not got_connection and not (outside / "leak.raw").exists()
+
+
+@needs_espeak
+def test_bench_kws_quick_writes_json_and_markdown(tmp_path: Path) -> None:
+    """`mlcapsule bench --suite kws --quick` (the tiny spotter): every figure BENCHMARKS.md shows."""
+    pytest.importorskip("torch")
+    from mlcapsule.bench import run
+
+    md = tmp_path / "BENCHMARKS.md"
+    run(["kws"], quick=True, results_dir=tmp_path / "results", markdown=md, workdir=tmp_path / "work",
+        log=lambda _m: None)
+    res = json.loads((tmp_path / "results" / "kws.json").read_text())
+    assert len(res["per_window"]) == 2 and all(r["capsule_ms"]["n"] > 0 and r["ratio"] for r in res["per_window"])
+    assert res["accuracy"]["capsule"] == res["accuracy"]["plain_ort"] and res["streaming"]["memory"]["peak_growth_mb"]
+    assert set(res["detections"]) == {"per_window", "per_detection"}
+    assert res["detections"]["per_detection"]["detections"] == res["detections"]["per_window"]["detections"]
+    text = md.read_text()
+    assert "## Keyword spotting" in text and "not quoted" in text

@@ -27,25 +27,27 @@ OMG_NOTE = ("Offline Model Guard (Bayerl et al., DATE 2020) ran keyword spotting
             "paper on this machine. The comparison is therefore with plain ONNX Runtime on the same windows only.")
 
 
-def spotter(log: Any = print, *, cache: Path | None = None) -> dict[str, Any]:
-    """The full spotter: trained once per recipe and training parameters, then cached (ONNX + JSON)."""
+def spotter(log: Any = print, *, cache: Path | None = None, quick: bool = False) -> dict[str, Any]:
+    """The full spotter (``quick``: the tests' tiny one): trained once per recipe and training
+    parameters, then cached (ONNX + JSON)."""
     import onnx
 
     from .data import Recipe, cache_dir, load
-    from .pipeline import FULL_TRAINING, train_model
+    from .pipeline import FULL_TRAINING, TINY_TRAINING, train_model
 
-    recipe = Recipe()
+    recipe = Recipe.tiny() if quick else Recipe()
+    training = TINY_TRAINING if quick else FULL_TRAINING
     folder = cache or cache_dir()
-    tag = f"{recipe.digest()}-" + "-".join(f"{k}{v}" for k, v in sorted(FULL_TRAINING.items()))
+    tag = f"{recipe.digest()}-" + "-".join(f"{k}{v}" for k, v in sorted(training.items()))
     onnx_path, info_path = folder / f"spotter-{tag}.onnx", folder / f"spotter-{tag}.json"
     if onnx_path.exists() and info_path.exists():
         info = json.loads(info_path.read_text())
         info["cached"] = True
         return {**info, "onnx": onnx.load(str(onnx_path)), "recipe": recipe, "dataset": load(recipe, cache=cache)}
     ds = load(recipe, cache=cache, log=log)
-    m = train_model(recipe, dataset=ds, log=log, **FULL_TRAINING)
+    m = train_model(recipe, dataset=ds, log=log, **training)
     info = {"classes": list(m.classes), "train_accuracy_on_held_out": m.test_accuracy, "per_class": m.per_class,
-            "train_seconds": m.train_seconds, "n_train": m.n_train, "n_test": m.n_test, "training": FULL_TRAINING}
+            "train_seconds": m.train_seconds, "n_train": m.n_train, "n_test": m.n_test, "training": training}
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save(m.onnx, str(onnx_path))
     info_path.write_text(json.dumps(info, indent=1))
@@ -87,7 +89,7 @@ def suite(ws: Any) -> dict[str, Any]:
 
     log = ws.log
     t0 = time.perf_counter()
-    sp = spotter(log)
+    sp = spotter(log, quick=ws.quick)
     ds, classes, recipe = sp["dataset"], tuple(sp["classes"]), sp["recipe"]
     model = sp["onnx"]
     packed = ws.pack(model, "kws", class_names=list(classes))
