@@ -287,7 +287,10 @@ def make_engine(database_url: str, *, echo: bool = False) -> Engine:
 
         return engine
     if backend == "postgresql":
-        engine = create_engine(url, echo=echo, pool_size=20, max_overflow=40, pool_timeout=60)
+        # pool_size matches the 40 threads that run a worker's (sync) endpoints: with 20, a busy
+        # worker opened and closed overflow connections all the time (a PostgreSQL backend forked
+        # per connection). At most 60 connections per process, as before.
+        engine = create_engine(url, echo=echo, pool_size=40, max_overflow=20, pool_timeout=60)
         _ping_when_idle(engine)
         return engine
     raise UsageError(f"database {backend!r} is not supported", hint="use sqlite:///PATH or postgresql+psycopg://...")
