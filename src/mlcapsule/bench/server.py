@@ -509,6 +509,7 @@ def make_chains(devices: list[DeviceRef], receipts_per_upload: int, total: int) 
 
     t0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
     per_device = max(1, -(-total // max(1, len(devices))))
+    per_device = -(-per_device // receipts_per_upload) * receipts_per_upload  # whole uploads only
     out = []
     for d in devices:
         prev, charged, answered, entries = GENESIS, 0, 0, []
@@ -792,7 +793,8 @@ PROFILE_NOTES: list[str] = [
     "slot comes from `count`+`max` instead of reading every slot of the grant (which grew with the grant); the "
     "PostgreSQL pool keeps 40 connections per worker, as many as the threads that run the endpoints (with 20, "
     "busy workers opened and closed overflow connections all the time: a backend forked per connection). "
-    "31 → 21 round trips per setup. In the load generator: one connection per client (one shared httpx pool of "
+    "31 → 21 round trips per setup (the main table above ran before the pool-size change; the `after` variant "
+    "has every fix). In the load generator: one connection per client (one shared httpx pool of "
     "64 connections cost the generator 125 ms of CPU per setup, and made 64 clients look slower than 16).",
     "* **Uploads:** about 250-400 µs of server CPU per receipt on this VM; a third is the Ed25519 verification of "
     "each receipt (the check itself), the rest canonical JSON twice per receipt (signature and chain hash), "
@@ -823,7 +825,8 @@ def render_section(res: dict[str, Any]) -> list[str]:
     out = ["## Server under load", "",
            "`mlcapsule bench --suite server`: `mlcapsule serve --workers N` as real processes on 127.0.0.1, on "
            f"{cfg.get('database', 'PostgreSQL')}, driven by httpx async clients in one process on the same "
-           f"machine ({cfg.get('logical_cpus')} logical CPUs, shared with other jobs: see the load averages). A "
+           f"machine ({cfg.get('logical_cpus')} logical CPUs). **The machine was shared with other agents' jobs "
+           "(tests, fuzzers, training) while this ran**: see the load averages and the calibration below. A "
            "setup is `POST /v1/challenge` + software evidence signed by the real backend + `POST /v1/provision` "
            "(evidence verified, a device slot taken, content key and signed license sealed by HPKE); an upload "
            f"is `POST /v1/usage` with {cfg.get('receipts_per_upload')} signed receipts continuing the device's "
