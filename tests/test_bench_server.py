@@ -12,7 +12,6 @@ from sqlalchemy import func, select
 
 from mlcapsule.bench import run
 from mlcapsule.server.db import Device, make_engine, session_factory
-
 from pg import pg_server, pg_url  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.postgres
