@@ -56,6 +56,15 @@ def test_sealed_state_with_a_time_that_is_not_aware_iso_is_a_format_error(field:
         EnclaveState.from_bytes(_state(**{field: value}))
 
 
+# -- finding 13 (fuzz_state, by libFuzzer): a license id with a lone surrogate escaped where the license's
+# counters are named (UnicodeEncodeError from str.encode) -------------------------------------------------------
+@pytest.mark.parametrize("field", ["license_id", "device_id", "capsule_id"])
+def test_sealed_state_with_text_that_has_no_utf8_is_a_format_error(field: str) -> None:
+    raw = _state().replace(b'"%s": "' % field.encode(), b'"%s": "\\ud800' % field.encode())
+    with pytest.raises(FormatError, match="sealed state is malformed"):
+        EnclaveState.from_bytes(raw)
+
+
 # -- every seed, through its harness ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def harnesses() -> Any:

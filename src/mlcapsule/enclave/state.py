@@ -104,6 +104,9 @@ class EnclaveState:
             raise FormatError("the sealed state is malformed")
         d = {k: v for k, v in d.items() if k != "format"}
         try:
+            # Text that has no UTF-8 (a lone surrogate from JSON "\ud800") escaped later, where a
+            # license id is hashed, as UnicodeEncodeError (fuzzing, issue 15).
+            json.dumps(d, ensure_ascii=False).encode("utf-8")
             d["content_key"] = b64d(d["content_key"])
             d["receipt_key"] = b64d(d["receipt_key"])
             state = cls(**d)
