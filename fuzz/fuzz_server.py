@@ -48,7 +48,8 @@ with instrumented(__name__ == "__main__"):
     from mlcapsule.server.app import create_app
     from mlcapsule.server.settings import ServerSettings
 
-logging.disable(logging.CRITICAL)  # the app logs every refusal: not this harness's output
+if __name__ == "__main__":  # the app logs every refusal: not this harness's output (and not when pytest imports it)
+    logging.disable(logging.CRITICAL)
 _CTX = context()
 _PATHS = ["/v1/challenge", "/v1/provision", "/v1/usage", "/v1/admin/accounts", "/v1/admin/capsules",
           "/v1/admin/grants", "/v1/admin/revocations", "/v1/admin/vouchers", "/v1/admin/unlocks",
