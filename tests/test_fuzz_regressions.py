@@ -47,10 +47,13 @@ def test_sealed_state_with_a_key_of_another_length_is_a_format_error(field: str)
         EnclaveState.from_bytes(_state(**{field: base64.b64encode(bytes(16)).decode()}))
 
 
-# -- findings 2-4 (fuzz_state): a time the ledger cannot compare escaped as ValueError / TypeError ---------
+# -- findings 2-4 and 14 (fuzz_state): a time the ledger cannot compare escaped as ValueError / TypeError ----
+# (14, libFuzzer's: an empty ``expires``, which the first fix let through)
 @pytest.mark.parametrize(("field", "value"), [("last_time", "yesterday"), ("last_time", "2030-01-01T00:00:00"),
-                                              ("expires", "never"), ("expires", "2030-01-01T00:00:00")],
-                         ids=["last-time-not-iso", "last-time-naive", "expires-not-iso", "expires-naive"])
+                                              ("expires", "never"), ("expires", "2030-01-01T00:00:00"),
+                                              ("expires", "")],
+                         ids=["last-time-not-iso", "last-time-naive", "expires-not-iso", "expires-naive",
+                              "expires-empty"])
 def test_sealed_state_with_a_time_that_is_not_aware_iso_is_a_format_error(field: str, value: str) -> None:
     with pytest.raises(FormatError, match="sealed state is malformed"):
         EnclaveState.from_bytes(_state(**{field: value}))

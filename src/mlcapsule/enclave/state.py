@@ -113,7 +113,8 @@ class EnclaveState:
             # What the ledger and the receipt key use later, checked now (fuzzing, issue 15): a
             # key of another length, or a time that is not an aware ISO 8601 one, escaped from
             # load() as pyca's ValueError or datetime's ValueError / TypeError.
-            times = [t for t in (state.last_time, state.expires) if t]
+            # As the ledger reads them: last_time when not empty, expires when not None.
+            times = [t for t in (state.last_time or None, state.expires) if t is not None]
             if (len(state.content_key) != 32 or len(state.receipt_key) != 32
                     or any(dt.datetime.fromisoformat(t).tzinfo is None for t in times)):
                 raise ValueError("bad key length or time")
