@@ -59,6 +59,13 @@ def test_sealed_state_with_a_time_that_is_not_aware_iso_is_a_format_error(field:
         EnclaveState.from_bytes(_state(**{field: value}))
 
 
+# -- finding 15 (fuzz_state, by libFuzzer): a lease size of 0 divided by zero at the next charge -------------
+@pytest.mark.parametrize("lease_size", [0, -1, 1_000_001])
+def test_sealed_state_with_a_lease_size_out_of_range_is_a_format_error(lease_size: int) -> None:
+    with pytest.raises(FormatError, match="sealed state is malformed"):
+        EnclaveState.from_bytes(_state(lease_size=lease_size))
+
+
 # -- finding 13 (fuzz_state, by libFuzzer): a license id with a lone surrogate escaped where the license's
 # counters are named (UnicodeEncodeError from str.encode) -------------------------------------------------------
 @pytest.mark.parametrize("field", ["license_id", "device_id", "capsule_id"])

@@ -115,9 +115,9 @@ class EnclaveState:
             # load() as pyca's ValueError or datetime's ValueError / TypeError.
             # As the ledger reads them: last_time when not empty, expires when not None.
             times = [t for t in (state.last_time or None, state.expires) if t is not None]
-            if (len(state.content_key) != 32 or len(state.receipt_key) != 32
+            if (len(state.content_key) != 32 or len(state.receipt_key) != 32 or not 1 <= state.lease_size <= 1_000_000
                     or any(dt.datetime.fromisoformat(t).tzinfo is None for t in times)):
-                raise ValueError("bad key length or time")
+                raise ValueError("bad key length, lease size or time")  # a lease of 0 divided by zero
             return state
         except (ValueError, KeyError, TypeError) as e:  # not base64, or a required field missing
             raise FormatError("the sealed state is malformed") from e
