@@ -768,10 +768,11 @@ PROFILE_NOTES: list[str] = [
     "Profiled with py-spy on a worker under 16 clients, cProfile of `ProviderService` without HTTP, and the "
     "statements counted in psycopg (`/tmp`-style scripts, not part of the suite):",
     "",
-    "* **The goals are out of reach of this stack on this machine, whatever the server does.** The load generator, "
-    "the server and PostgreSQL share 2 vCPUs (with other agents' jobs: load averages 7-17 during these runs). At "
-    "the measured CPU cost, server + database + client ≈ 19-23 ms per setup on this loaded VM (about half that on "
-    "idle cores, going by the Ed25519 calibration), 2 cores give at most about 100-200 setups/s, not 300. And with "
+    "* **The setup goals are out of reach of this stack on this machine.** The load generator, the server and "
+    "PostgreSQL share 2 vCPUs. The tables above are from a run on a quiet machine (load average 0.3 before it), "
+    "with every fix below and uvloop + httptools; an earlier run with other agents' jobs on the machine (load "
+    "averages 7-17) gave 49 setups/s and 2,542 receipts/s at the headline. At the measured CPU cost, server + "
+    "database + client ≈ 18-23 ms per setup, 2 cores give at most about 100 setups/s, not 300. And with "
     "64 clients in a closed loop, Little's law ties the latency to the throughput: mean setup latency = 64 / "
     "(setups/s), so p99 < 100 ms at 64 clients needs more than 640 setups/s. The trivial endpoint (the ceiling of "
     "uvicorn + FastAPI here) ran at 230-660 requests/s.",
@@ -793,8 +794,8 @@ PROFILE_NOTES: list[str] = [
     "slot comes from `count`+`max` instead of reading every slot of the grant (which grew with the grant); the "
     "PostgreSQL pool keeps 40 connections per worker, as many as the threads that run the endpoints (with 20, "
     "busy workers opened and closed overflow connections all the time: a backend forked per connection). "
-    "31 → 21 round trips per setup (the main table above ran before the pool-size change; the `after` variant "
-    "has every fix). In the load generator: one connection per client (one shared httpx pool of "
+    "31 → 21 round trips per setup. uvloop and httptools are in the `server` extra now (uvicorn picks them up). "
+    "In the load generator: one connection per client (one shared httpx pool of "
     "64 connections cost the generator 125 ms of CPU per setup, and made 64 clients look slower than 16).",
     "* **Uploads:** about 250-400 µs of server CPU per receipt on this VM; a third is the Ed25519 verification of "
     "each receipt (the check itself), the rest canonical JSON twice per receipt (signature and chain hash), "
@@ -803,9 +804,7 @@ PROFILE_NOTES: list[str] = [
     "* **Left as they are:** the capsule row is read in each of the three transactions and the token in each of "
     "the two requests (caching them in the process would outlive a revocation or a re-registration); sync "
     "endpoints on anyio's thread pool (async endpoints need an async database driver throughout the service); "
-    "uvloop and httptools are not in the environment: with them (`uvicorn[standard]`), a worker's CPU per setup "
-    "fell from 16.9 to 13.2 ms in the variant runs below, worth adding to the `server` extra; uvicorn's access log "
-    "at INFO (`MLCAPSULE_LOG_LEVEL=warning` drops it, with the server's other INFO lines).",
+    "uvicorn's access log at INFO (`MLCAPSULE_LOG_LEVEL=warning` drops it, with the server's other INFO lines).",
     "",
 ]
 
