@@ -213,3 +213,18 @@ def test_enclave_service_message_nested_too_deep_is_a_value_error_and_closes_its
         assert set(os.listdir("/proc/self/fd")) == before  # the descriptor it received is closed again
     os.close(r)
     os.close(w)
+
+
+def test_local_admin_grant_beyond_the_database_integers_is_a_usage_error(tmp_path: Path) -> None:
+    """Finding 10 again, through the service the local CLI calls (the API bounded its model only)."""
+    from mlcapsule.enclave.errors import UsageError
+    from mlcapsule.server.db import make_engine, session_factory
+    from mlcapsule.server.service import ProviderService
+    from mlcapsule.attestation import AttestationPolicy
+
+    engine = make_engine(f"sqlite:///{tmp_path / 's.db'}")
+    svc = ProviderService(session_factory(engine), policy=AttestationPolicy())
+    for devices, budget in ((2**31, 10), (1, 2**63)):
+        with pytest.raises(UsageError, match="below 2"):
+            svc.grant("nobody", "00000000-0000-4000-8000-000000000000", budget=budget, devices=devices, expires=None)
+    engine.dispose()

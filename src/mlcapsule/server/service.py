@@ -791,6 +791,8 @@ class ProviderService:
         """
         if devices < 1 or (budget is not None and budget < 0):
             raise UsageError("--devices must be at least 1 and --budget at least 0")
+        if devices > 2**31 - 1 or (budget is not None and budget > 2**63 - 1):  # the database's integer columns
+            raise UsageError("--devices must be below 2^31 and --budget below 2^63")
         if expires is not None and expires.tzinfo is None:
             raise UsageError("--expires must carry a time zone")
         specs = _grant_specs(defenses)
