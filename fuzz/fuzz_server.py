@@ -64,15 +64,23 @@ _RECEIPT = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, 
 _CHAIN_KEY = Ed25519PrivateKey.from_private_bytes(b64(_CTX["receipt_private"]))
 
 
+def _private_copy(name: str) -> Path:
+    """A 0600 copy of a key file from fuzz/data (git checks files out 0644, which the key loaders refuse)."""
+    dst = _WORK / name
+    dst.write_bytes((DATA / name).read_bytes())
+    dst.chmod(0o600)
+    return dst
+
+
 def _start() -> tuple[TestClient, dict[str, str], dict[str, str], dict[bytes, bytes]]:
-    key_path = DATA / "provider-key.pem"
+    key_path = _private_copy("provider-key.pem")
     settings = ServerSettings(database_url=f"sqlite:///{_WORK / 'server.db'}", provider_key_path=key_path,
                               allow_software_evidence=True,
                               allowed_measurements=frozenset({measurement().hex(), _CTX["measurement"]}))
     app = create_app(settings)
     service = app.state.service
     _, token = service.add_account("fuzz")
-    service.register_capsule(DATA / "tiny.capsule", DATA / "tiny.capsule.key",
+    service.register_capsule(DATA / "tiny.capsule", _private_copy("tiny.capsule.key"),
                              provider_public=raw_public(load_provider_key(key_path).public_key()))
     service.grant("fuzz", _CTX["capsule_id"], budget=1000, devices=1_000_000, expires=None)
     _, admin = AdminTokens(service).create("fuzz-operator", "operator")
