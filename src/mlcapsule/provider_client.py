@@ -47,6 +47,31 @@ def _error_class(name: Any) -> type[E.MlcapsuleError]:
     return E.ServerError
 
 
+def exchange(http: httpx.Client, url: str, method: str, path: str, **kwargs: Any) -> tuple[httpx.Response, Any]:
+    """One request on ``http``: (the response, its JSON body or None). TransportError when the
+    server at ``url`` cannot be reached or does not answer in time."""
+    try:
+        r = http.request(method, path, **kwargs)
+    except httpx.TimeoutException as e:
+        raise E.TransportError(f"the server at {url} did not answer in time ({type(e).__name__})") from e
+    except httpx.HTTPError as e:
+        raise E.TransportError(f"cannot reach the server at {url}: {e}") from e
+    try:
+        return r, r.json()
+    except ValueError:
+        return r, None
+
+
+def refusal(r: httpx.Response, data: Any, *, url: str, path: str, hint: str) -> E.MlcapsuleError:
+    """The error a failed answer stands for: the server's own (type, message, hint) when it sent
+    one, else a ServerError naming the status (``hint`` says what to check)."""
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        given = err.get("hint") if isinstance(err.get("hint"), str) else None
+        return _error_class(err.get("type"))(err["message"], hint=given or None)
+    return E.ServerError(f"the server at {url} answered {path} with HTTP {r.status_code}", hint=hint)
+
+
 class ProviderClient:
     """Talks to a provider's server at ``url`` (e.g. ``https://models.example.com``) as the
     account whose bearer ``token`` the provider issued. Use as a context manager, or call
@@ -101,27 +126,13 @@ class ProviderClient:
             attempt += 1
 
     def _request_once(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        try:
-            r = self._http.request(method, API + path, json=body)
-        except httpx.TimeoutException as e:
-            raise E.TransportError(f"the server at {self.url} did not answer in time ({type(e).__name__})") from e
-        except httpx.HTTPError as e:
-            raise E.TransportError(f"cannot reach the server at {self.url}: {e}") from e
-        try:
-            data = r.json()
-        except ValueError:
-            data = None
+        r, data = exchange(self._http, self.url, method, API + path, json=body)
         if r.is_success:
             if not isinstance(data, dict):
                 raise E.ProtocolError(f"the server at {self.url} answered {path} with something that is not JSON")
             return data
-        err = data.get("error") if isinstance(data, dict) else None
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            hint = err.get("hint") if isinstance(err.get("hint"), str) else None
-            exc = _error_class(err.get("type"))(err["message"], hint=hint or None)
-        else:
-            exc = E.ServerError(f"the server at {self.url} answered {path} with HTTP {r.status_code}",
-                                hint="check the server URL; is it an mlcapsule provider server?")
+        exc = refusal(r, data, url=self.url, path=path,
+                      hint="check the server URL; is it an mlcapsule provider server?")
         exc.status_code = r.status_code  # type: ignore[attr-defined]
         after = r.headers.get("Retry-After", "")
         exc.retry_after = float(after) if after.isdigit() else None  # type: ignore[attr-defined]

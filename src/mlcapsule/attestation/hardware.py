@@ -213,32 +213,32 @@ def _log_advisories(kind: str, status: str, advisories: tuple[str, ...]) -> None
                     ", ".join(advisories) or "none")
 
 
+def _verify_dcap(kind: str, evidence: Mapping[str, Any], expected_report_data: bytes, policy: AttestationPolicy,
+                 now: dt.datetime | None) -> VerifiedEvidence:
+    from .dcap import verify_sgx, verify_tdx
+
+    quote, collateral = _dcap(kind, evidence, policy)
+    verify = verify_sgx if kind == "sgx" else verify_tdx
+    claims: Any = verify(quote, collateral, policy=getattr(policy, kind), now=int(_now(now).timestamp()),
+                         expected_report_data=expected_report_data)
+    name = kind.upper()
+    measurement = _measurement_of(name, claims.report_data, expected_report_data)
+    _log_advisories(name, claims.tcb_status, claims.advisory_ids)
+    identity = ({"hardware_measurement": claims.mr_enclave.hex(), "mr_signer": claims.body.mr_signer.hex()}
+                if kind == "sgx" else
+                {"hardware_measurement": claims.mr_td.hex(), "rtmrs": [r.hex() for r in claims.body.rtmrs]})
+    return VerifiedEvidence(kind, measurement, hashlib.sha256(claims.ppid).hexdigest(), details={
+        **identity, "tcb_status": claims.tcb_status, "advisories": list(claims.advisory_ids)})
+
+
 def verify_sgx_evidence(evidence: Mapping[str, Any], *, expected_report_data: bytes, policy: AttestationPolicy,
                         now: dt.datetime | None = None) -> VerifiedEvidence:
-    from .dcap import verify_sgx
-
-    quote, collateral = _dcap("sgx", evidence, policy)
-    claims = verify_sgx(quote, collateral, policy=policy.sgx, now=int(_now(now).timestamp()),
-                        expected_report_data=expected_report_data)
-    measurement = _measurement_of("SGX", claims.report_data, expected_report_data)
-    _log_advisories("SGX", claims.tcb_status, claims.advisory_ids)
-    return VerifiedEvidence("sgx", measurement, hashlib.sha256(claims.ppid).hexdigest(), details={
-        "hardware_measurement": claims.mr_enclave.hex(), "mr_signer": claims.body.mr_signer.hex(),
-        "tcb_status": claims.tcb_status, "advisories": list(claims.advisory_ids)})
+    return _verify_dcap("sgx", evidence, expected_report_data, policy, now)
 
 
 def verify_tdx_evidence(evidence: Mapping[str, Any], *, expected_report_data: bytes, policy: AttestationPolicy,
                         now: dt.datetime | None = None) -> VerifiedEvidence:
-    from .dcap import verify_tdx
-
-    quote, collateral = _dcap("tdx", evidence, policy)
-    claims = verify_tdx(quote, collateral, policy=policy.tdx, now=int(_now(now).timestamp()),
-                        expected_report_data=expected_report_data)
-    measurement = _measurement_of("TDX", claims.report_data, expected_report_data)
-    _log_advisories("TDX", claims.tcb_status, claims.advisory_ids)
-    return VerifiedEvidence("tdx", measurement, hashlib.sha256(claims.ppid).hexdigest(), details={
-        "hardware_measurement": claims.mr_td.hex(), "rtmrs": [r.hex() for r in claims.body.rtmrs],
-        "tcb_status": claims.tcb_status, "advisories": list(claims.advisory_ids)})
+    return _verify_dcap("tdx", evidence, expected_report_data, policy, now)
 
 
 SNP_FIELDS = frozenset({"type", "version", "report", "vcek", "chain"})

@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ..enclave.errors import AttestationError
+from .policy import hex_allow_list
 
 __all__ = ["AWS_NITRO_ROOT_DER", "AWS_NITRO_ROOT_SHA256", "NitroClaims", "NitroDocument", "NitroPolicy",
            "parse_nitro_document", "verify_nitro"]
@@ -167,15 +168,7 @@ def parse_nitro_document(document: bytes) -> NitroDocument:
 
 
 def _pcr_values(values: Iterable[str]) -> frozenset[str]:
-    if isinstance(values, str):
-        values = [values]
-    out = set()
-    for v in values:
-        m = v.strip().lower() if isinstance(v, str) else ""
-        if len(m) != PCR_HEX_LEN or any(c not in "0123456789abcdef" for c in m):
-            raise AttestationError(f"{str(v)[:100]!r} is not a Nitro PCR value (96 hex digits)")
-        out.add(m)
-    return frozenset(out)
+    return hex_allow_list(values, PCR_HEX_LEN // 2, "a Nitro PCR value")
 
 
 @dataclass(frozen=True)

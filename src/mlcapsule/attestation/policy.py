@@ -29,6 +29,20 @@ def normalize_measurement(value: str) -> str:
     return v
 
 
+def hex_allow_list(values: Iterable[str], length: int, what: str) -> frozenset[str]:
+    """Lower-case hex strings of ``length`` bytes (a single string counts as one value);
+    AttestationError naming ``what`` for anything else."""
+    if isinstance(values, str):  # a single string would otherwise iterate over its characters
+        values = [values]
+    out = set()
+    for v in values:
+        m = v.strip().lower() if isinstance(v, str) else ""
+        if len(m) != 2 * length or any(c not in "0123456789abcdef" for c in m):
+            raise AttestationError(f"{str(v)[:100]!r} is not {what} ({2 * length} hex digits)")
+        out.add(m)
+    return frozenset(out)
+
+
 def _measurements(values: Iterable[str]) -> frozenset[str]:
     if isinstance(values, str):  # a single string would otherwise iterate over its characters
         values = [values]

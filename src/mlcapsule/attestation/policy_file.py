@@ -87,18 +87,23 @@ class PolicyFile:
         self.capsules = dict(capsules)
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """The TOML table in ``path``; UsageError naming ``what`` ("policy file") when it is missing,
+    unreadable or not TOML."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise UsageError(f"no {what} at {path}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the {what} {path}: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"the {what} {path} is not valid TOML: {e}") from e
+
+
 def load_policy_file(path: str | Path, *, base: AttestationPolicy) -> PolicyFile:
     """Read and parse ``path`` over ``base`` (the policy the server's other settings give)."""
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise UsageError(f"no policy file at {p}") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read the policy file {p}: {e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"the policy file {p} is not valid TOML: {e}") from e
-    return parse_policy(data, base=base, root=p.parent, name=str(p))
+    return parse_policy(read_toml(p, "policy file"), base=base, root=p.parent, name=str(p))
 
 
 def parse_policy(data: Mapping[str, Any], *, base: AttestationPolicy, root: Path = Path("."),

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..enclave.errors import AttestationError
+from .policy import hex_allow_list
 
 __all__ = ["PINNED_ARKS", "REPORT_SIZE", "SnpClaims", "SnpPolicy", "SnpReport", "SnpTcb", "parse_snp_report",
            "verify_snp"]
@@ -182,15 +183,7 @@ def parse_snp_report(report: bytes) -> SnpReport:
 
 
 def _measurements(values: Iterable[str]) -> frozenset[str]:
-    if isinstance(values, str):
-        values = [values]
-    out = set()
-    for v in values:
-        m = v.strip().lower() if isinstance(v, str) else ""
-        if len(m) != MEASUREMENT_HEX_LEN or any(c not in "0123456789abcdef" for c in m):
-            raise AttestationError(f"{str(v)[:100]!r} is not an SEV-SNP measurement (96 hex digits)")
-        out.add(m)
-    return frozenset(out)
+    return hex_allow_list(values, MEASUREMENT_HEX_LEN // 2, "an SEV-SNP measurement")
 
 
 @dataclass(frozen=True)

@@ -529,28 +529,13 @@ class AdminClient:
         self._http.close()
 
     def _call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
-        import httpx
+        from ..provider_client import exchange, refusal
 
-        from ..provider_client import _error_class
-
-        try:
-            r = self._http.request(method, "/v1/admin" + path, json=body, params=params)
-        except httpx.TimeoutException as e:
-            raise E.TransportError(f"the server at {self.url} did not answer in time ({type(e).__name__})") from e
-        except httpx.HTTPError as e:
-            raise E.TransportError(f"cannot reach the server at {self.url}: {e}") from e
-        try:
-            data = r.json()
-        except ValueError:
-            data = None
+        r, data = exchange(self._http, self.url, method, "/v1/admin" + path, json=body, params=params)
         if r.is_success and data is not None:
             return _times(data)
-        err = data.get("error") if isinstance(data, dict) else None
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            hint = err.get("hint") if isinstance(err.get("hint"), str) else None
-            raise _error_class(err.get("type"))(err["message"], hint=hint or None)
-        raise E.ServerError(f"the server at {self.url} answered {path} with HTTP {r.status_code}",
-                            hint="check --server: is it an mlcapsule provider server of this version?")
+        raise refusal(r, data, url=self.url, path=path,
+                      hint="check --server: is it an mlcapsule provider server of this version?")
 
     # -- the ProviderService methods the commands use ----------------------------------------
     def list_accounts(self) -> list[dict[str, Any]]:

@@ -29,7 +29,6 @@ Environment: ``MLCAPSULE_SERVER_DATABASE_URL``, ``..._PROVIDER_KEY_PATH``, ``...
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -176,14 +175,9 @@ def _from_toml(config_file: str | os.PathLike[str] | None, environ: Mapping[str,
     path = Path(explicit) if explicit else default_config_path()
     if not explicit and not path.is_file():
         return {}
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise UsageError(f"no server config file at {path}") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read the server config file {path}: {e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"the server config file {path} is not valid TOML: {e}") from e
+    from ..attestation.policy_file import read_toml
+
+    data = read_toml(path, "server config file")
     if isinstance(data.get("server"), dict):
         data = data["server"]
     known = {f.name for f in fields(ServerSettings)} | {"passphrase_file"}
